@@ -1,0 +1,243 @@
+//! `petrel-broker` configuration: flags, `PETREL_*` environment variables
+//! and an optional TOML file (flags and env win over the file).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7410";
+pub const DEFAULT_HEARTBEAT_MS: u64 = 250;
+pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 20_000;
+pub const DEFAULT_MAX_RECORD_BYTES: usize = petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES;
+
+/// Petrel storage broker: stores queues in RocksDB, replicated with one Raft
+/// group per queue. Every broker is identical; there is no master.
+#[derive(Debug, Clone, Parser, Default)]
+#[command(name = "petrel-broker", version)]
+pub struct BrokerArgs {
+    /// This broker's id: a positive integer unique in the cluster.
+    #[arg(long, env = "PETREL_ID")]
+    pub id: Option<u64>,
+    /// Directory for this broker's RocksDB (created if missing).
+    #[arg(long, env = "PETREL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on for proxies and peer brokers [default: 127.0.0.1:7410].
+    #[arg(long, env = "PETREL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address peers and proxies use to reach this broker [default: the
+    /// --listen address, or this broker's entry in --peers].
+    #[arg(long, env = "PETREL_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Every broker of the static cluster as ID=HOST:PORT, comma-separated,
+    /// including this one, e.g. `1=10.0.0.1:7410,2=10.0.0.2:7410,3=10.0.0.3:7410`.
+    /// The three lowest ids form the meta group.
+    #[arg(long, env = "PETREL_PEERS")]
+    pub peers: Option<String>,
+    /// TOML file with any of these settings (keys as the flags, with `_`).
+    #[arg(long, env = "PETREL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Raft heartbeat interval in milliseconds [default: 250].
+    #[arg(long, env = "PETREL_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Minimum Raft election timeout in milliseconds; the maximum is twice
+    /// this [default: 1000].
+    #[arg(long, env = "PETREL_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// Take a state snapshot (and purge the Raft log) every N entries per
+    /// group [default: 20000].
+    #[arg(long, env = "PETREL_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+    /// Largest record accepted, in bytes [default: 4194304].
+    #[arg(long, env = "PETREL_MAX_RECORD_BYTES")]
+    pub max_record_bytes: Option<usize>,
+    /// Log filter, e.g. `info` or `petrel_broker=debug` [default: info].
+    #[arg(long, env = "PETREL_LOG")]
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    peers: Option<String>,
+    heartbeat_ms: Option<u64>,
+    election_timeout_ms: Option<u64>,
+    snapshot_every: Option<u64>,
+    max_record_bytes: Option<usize>,
+    log: Option<String>,
+}
+
+/// Validated, effective configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub advertise: String,
+    /// id → address, including this broker.
+    pub peers: BTreeMap<u64, String>,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    pub snapshot_every: u64,
+    pub max_record_bytes: usize,
+    pub log: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("missing required setting --{0}")]
+    Missing(&'static str),
+    #[error("invalid --peers entry {0:?}: expected ID=HOST:PORT")]
+    BadPeer(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("reading config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadPeer(part.into()))?;
+        let id: u64 = id.trim().parse().map_err(|_| ConfigError::BadPeer(part.into()))?;
+        let addr = addr.trim();
+        if id == 0 || addr.is_empty() || !addr.contains(':') {
+            return Err(ConfigError::BadPeer(part.into()));
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(ConfigError::Invalid(format!("broker id {id} appears twice in --peers")));
+        }
+    }
+    Ok(out)
+}
+
+impl BrokerArgs {
+    pub fn resolve(self) -> Result<BrokerConfig, ConfigError> {
+        let file = match &self.config {
+            None => FileConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::File {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+        };
+        let id = self.id.or(file.id).ok_or(ConfigError::Missing("id"))?;
+        if id == 0 {
+            return Err(ConfigError::Invalid("--id must be positive".into()));
+        }
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .ok_or(ConfigError::Missing("data-dir"))?;
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        let mut peers = match self.peers.or(file.peers) {
+            Some(p) => parse_peers(&p)?,
+            None => BTreeMap::new(),
+        };
+        let advertise = match self.advertise.or(file.advertise) {
+            Some(a) => a,
+            None => match peers.get(&id) {
+                Some(a) => a.clone(),
+                None if listen.ip().is_unspecified() => {
+                    return Err(ConfigError::Invalid(
+                        "--advertise is required when listening on an unspecified address".into(),
+                    ))
+                }
+                None => listen.to_string(),
+            },
+        };
+        match peers.get(&id) {
+            Some(a) if *a != advertise => {
+                return Err(ConfigError::Invalid(format!(
+                    "--peers says broker {id} is at {a} but it advertises {advertise}"
+                )))
+            }
+            Some(_) => {}
+            None => {
+                peers.insert(id, advertise.clone());
+            }
+        }
+        let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(DEFAULT_HEARTBEAT_MS);
+        let election_timeout_ms = self
+            .election_timeout_ms
+            .or(file.election_timeout_ms)
+            .unwrap_or(DEFAULT_ELECTION_TIMEOUT_MS);
+        if heartbeat_ms == 0 || election_timeout_ms <= heartbeat_ms {
+            return Err(ConfigError::Invalid(
+                "--election-timeout-ms must be greater than --heartbeat-ms (> 0)".into(),
+            ));
+        }
+        let max_record_bytes = self
+            .max_record_bytes
+            .or(file.max_record_bytes)
+            .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
+        if max_record_bytes == 0 || max_record_bytes > 64 << 20 {
+            return Err(ConfigError::Invalid("--max-record-bytes must be 1..=64MiB".into()));
+        }
+        Ok(BrokerConfig {
+            id,
+            data_dir,
+            listen,
+            advertise,
+            peers,
+            heartbeat_ms,
+            election_timeout_ms,
+            snapshot_every: self
+                .snapshot_every
+                .or(file.snapshot_every)
+                .unwrap_or(DEFAULT_SNAPSHOT_EVERY)
+                .max(100),
+            max_record_bytes,
+            log: self.log.or(file.log).unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("1=127.0.0.1:1, 2=h:2,3=h:3").unwrap();
+        assert_eq!(p.len(), 3);
+        for bad in ["1", "x=h:1", "0=h:1", "1=", "1=h:1,1=h:2", "1=nohost"] {
+            assert!(parse_peers(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resolve_requires_id_and_checks_advertise() {
+        assert!(BrokerArgs::default().resolve().is_err());
+        let a = BrokerArgs {
+            id: Some(2),
+            data_dir: Some("/tmp/x".into()),
+            peers: Some("1=h:1,2=h:2".into()),
+            ..Default::default()
+        };
+        let c = a.clone().resolve().unwrap();
+        assert_eq!(c.advertise, "h:2");
+        let bad = BrokerArgs {
+            advertise: Some("other:9".into()),
+            ..a
+        };
+        assert!(bad.resolve().is_err());
+    }
+}

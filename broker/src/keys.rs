@@ -1,0 +1,112 @@
+//! Every key layout in the broker's RocksDB, in one place.
+//!
+//! All Raft groups share the column families; every key starts with the
+//! group id (u64 big-endian) so one group's data is one contiguous range that
+//! a range delete can drop. Integers are big-endian so byte order is numeric
+//! order.
+
+/// Length of a `[group][u64]` key.
+pub const GROUP_U64_KEY_LEN: usize = 16;
+
+/// `raft_log` CF: `[group][log index]` → bincode(openraft Entry).
+pub fn log_key(group: u64, index: u64) -> [u8; GROUP_U64_KEY_LEN] {
+    group_u64(group, index)
+}
+
+/// `records` CF: `[group][queue offset]` → encoded record (see
+/// `petrel_proto::record`).
+pub fn record_key(group: u64, offset: u64) -> [u8; GROUP_U64_KEY_LEN] {
+    group_u64(group, offset)
+}
+
+/// Decodes the index/offset half of a `[group][u64]` key.
+pub fn decode_group_u64(key: &[u8]) -> Option<(u64, u64)> {
+    if key.len() != GROUP_U64_KEY_LEN {
+        return None;
+    }
+    let g = u64::from_be_bytes(key[0..8].try_into().ok()?);
+    let v = u64::from_be_bytes(key[8..16].try_into().ok()?);
+    Some((g, v))
+}
+
+fn group_u64(group: u64, v: u64) -> [u8; GROUP_U64_KEY_LEN] {
+    let mut k = [0u8; GROUP_U64_KEY_LEN];
+    k[0..8].copy_from_slice(&group.to_be_bytes());
+    k[8..16].copy_from_slice(&v.to_be_bytes());
+    k
+}
+
+/// First key of a group's range in any CF.
+pub fn group_start(group: u64) -> [u8; 8] {
+    group.to_be_bytes()
+}
+
+/// First key after a group's range in any CF (exclusive end).
+pub fn group_end(group: u64) -> [u8; 9] {
+    // [group][0xFF..] is not enough for variable-length suffixes, so use
+    // [group + 1] with a trailing zero: every key of `group` sorts before it.
+    let mut k = [0u8; 9];
+    k[0..8].copy_from_slice(&group.wrapping_add(1).to_be_bytes());
+    if group == u64::MAX {
+        k = [0xFF; 9];
+    }
+    k
+}
+
+/// `raft_state` CF suffixes: one small value each per group.
+pub mod raft_state {
+    /// bincode(Vote)
+    pub const VOTE: u8 = 1;
+    /// bincode(Option<LogId>) of the last purged log entry.
+    pub const LAST_PURGED: u8 = 2;
+    /// bincode(Option<LogId>) of the last committed entry.
+    pub const COMMITTED: u8 = 3;
+}
+
+/// `sm_state` CF suffixes. Written with the WAL off together with the
+/// records CF; atomic flush keeps them consistent with each other.
+pub mod sm_state {
+    /// bincode((Option<LogId>, StoredMembership)): last applied + membership.
+    pub const APPLIED: u8 = 1;
+    /// bincode(QueueHeader): start and next offset.
+    pub const QUEUE_HEADER: u8 = 2;
+    /// `[group][3][consumer group name]` → bincode(ConsumerState).
+    pub const CONSUMER: u8 = 3;
+    /// `[group][4][producer id]` → bincode(ProducerWindow).
+    pub const PRODUCER: u8 = 4;
+    /// bincode(ClusterMap), meta group only.
+    pub const CLUSTER_MAP: u8 = 5;
+}
+
+/// `[group][kind]`
+pub fn state_key(group: u64, kind: u8) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0..8].copy_from_slice(&group.to_be_bytes());
+    k[8] = kind;
+    k
+}
+
+/// `[group][kind][name]`
+pub fn named_state_key(group: u64, kind: u8, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + name.len());
+    k.extend_from_slice(&state_key(group, kind));
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_numerically_and_stay_in_group_range() {
+        assert!(log_key(1, 255) < log_key(1, 256));
+        assert!(log_key(1, u64::MAX) < log_key(2, 0));
+        assert_eq!(decode_group_u64(&log_key(7, 9)), Some((7, 9)));
+        let end = group_end(1);
+        assert!(log_key(1, u64::MAX).as_slice() < end.as_slice());
+        assert!(named_state_key(1, 3, "zzzz").as_slice() < end.as_slice());
+        assert!(log_key(2, 0).as_slice() >= end.as_slice());
+        assert!(group_start(1).as_slice() <= log_key(1, 0).as_slice());
+    }
+}

@@ -1,0 +1,576 @@
+//! The broker's gRPC services: `BrokerData` for proxies, `RaftTransport`
+//! for peers. Handlers validate what they receive, clone a group handle out
+//! of the registry before awaiting, and map every failure to a typed error.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use petrel_proto::pb;
+use petrel_proto::pb::broker as bpb;
+use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
+use petrel_proto::pb::broker::broker_data_server::{BrokerData, BrokerDataServer};
+use petrel_proto::pb::broker::raft_transport_server::{RaftTransport, RaftTransportServer};
+use petrel_proto::record::RecordData;
+use petrel_proto::{validate, PetrelError};
+use rocksdb::{Direction, IteratorMode};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response as TResponse, Status};
+
+use crate::keys;
+use crate::meta::{ClusterMap, TopicSpec};
+use crate::network::{encode_result, KIND_APPEND, KIND_SNAPSHOT, KIND_VOTE, MAX_RAFT_MESSAGE};
+use crate::node::{GroupHandle, Node};
+use crate::storage::CF_RECORDS;
+use crate::types::{Command, Response, META_GROUP};
+
+/// Largest gRPC message a proxy may send to a broker.
+pub const MAX_DATA_MESSAGE: usize = 64 << 20;
+const FORWARDED: &str = "x-petrel-forwarded";
+
+pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let svc = Service { node };
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            BrokerDataServer::new(svc.clone())
+                .max_decoding_message_size(MAX_DATA_MESSAGE)
+                .max_encoding_message_size(MAX_DATA_MESSAGE),
+        )
+        .add_service(
+            RaftTransportServer::new(svc)
+                .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct Service {
+    node: Arc<Node>,
+}
+
+type R<T> = Result<TResponse<T>, Status>;
+
+fn queue_of(h: &GroupHandle, group: u64) -> Result<&Arc<crate::sm::QueueShared>, PetrelError> {
+    h.queue
+        .as_ref()
+        .ok_or_else(|| PetrelError::InvalidArgument(format!("group {group} is not a queue")))
+}
+
+impl Service {
+    fn leader(&self, group: u64) -> Result<GroupHandle, PetrelError> {
+        if group == META_GROUP {
+            return Err(PetrelError::InvalidArgument("group 0 is the meta group".into()));
+        }
+        self.node.ensure_leader(group)
+    }
+
+    async fn append_one(&self, g: bpb::AppendRecords) -> bpb::AppendedOffsets {
+        let group = g.group_id;
+        match self.append_inner(g).await {
+            Ok(v) => bpb::AppendedOffsets {
+                group_id: group,
+                error: None,
+                offsets: v.iter().map(|x| x.0).collect(),
+                duplicate: v.iter().map(|x| x.1).collect(),
+            },
+            Err(e) => bpb::AppendedOffsets {
+                group_id: group,
+                error: Some(e.to_detail()),
+                offsets: vec![],
+                duplicate: vec![],
+            },
+        }
+    }
+
+    async fn append_inner(&self, g: bpb::AppendRecords) -> Result<Vec<(u64, bool)>, PetrelError> {
+        let h = self.leader(g.group_id)?;
+        validate::producer_id(&g.producer_id)?;
+        if g.messages.is_empty() {
+            return Ok(vec![]);
+        }
+        let now = petrel_proto::now_ms();
+        let mut records = Vec::with_capacity(g.messages.len());
+        for m in g.messages {
+            validate::message(&m, self.node.config.max_record_bytes)?;
+            let mut properties: Vec<(String, String)> = m.properties.into_iter().collect();
+            properties.sort();
+            let rec = RecordData {
+                producer_id: g.producer_id.clone(),
+                sequence: m.sequence,
+                born_timestamp_ms: m.born_timestamp_ms,
+                store_timestamp_ms: now,
+                key: m.key,
+                tag: m.tag,
+                properties,
+                body: m.body,
+            };
+            records.push((m.sequence, rec.encode()));
+        }
+        let cmd = Command::Append {
+            producer_id: g.producer_id,
+            records,
+        };
+        match self.node.write(g.group_id, &h, cmd).await? {
+            Response::Appended(v) => Ok(v),
+            other => Err(PetrelError::Internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    /// Reads stored bytes of `offset`, verifying the CRC.
+    fn read_record(&self, group: u64, offset: u64) -> Result<Bytes, PetrelError> {
+        let v = self
+            .node
+            .store
+            .get(CF_RECORDS, &keys::record_key(group, offset))
+            .map_err(|e| storage_err(group, offset, e.to_string()))?
+            .ok_or_else(|| PetrelError::Internal(format!("group {group} offset {offset} is missing")))?;
+        if let Err(e) = petrel_proto::record::verify(&v) {
+            tracing::error!(group, offset, error = %e, "corrupt record on read");
+            return Err(PetrelError::Corrupt(format!(
+                "record at group {group} offset {offset} failed its checksum: {e}"
+            )));
+        }
+        Ok(Bytes::from(v))
+    }
+
+    async fn meta_write(&self, req: bpb::MetaWriteRequest) -> Result<bpb::MetaWriteResponse, PetrelError> {
+        let meta = self.node.meta();
+        let h = GroupHandle { raft: meta.clone(), queue: None };
+        let map = self.node.map_rx.borrow().clone();
+        let (cmd, name) = match req.op {
+            None => return Err(PetrelError::InvalidArgument("empty meta write".into())),
+            Some(bpb::meta_write_request::Op::CreateTopic(c)) => {
+                validate::topic_name(&c.name)?;
+                validate::topic_shape(c.queue_count, c.replication_factor, map.brokers.len())?;
+                let mt = match pb::MessageType::try_from(c.message_type) {
+                    Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => pb::MessageType::Normal,
+                    Ok(other) => {
+                        return Err(PetrelError::InvalidArgument(format!(
+                            "message type {other:?} is not supported yet; use NORMAL"
+                        )))
+                    }
+                    Err(_) => return Err(PetrelError::InvalidArgument("unknown message type".into())),
+                };
+                if map.topics.contains_key(&c.name) {
+                    return Err(PetrelError::AlreadyExists(format!("topic {:?} already exists", c.name)));
+                }
+                let spec = TopicSpec {
+                    name: c.name.clone(),
+                    queue_count: c.queue_count,
+                    replication_factor: c.replication_factor,
+                    message_type: mt as i32,
+                    retention_ms: c.retention_ms,
+                    retention_bytes: c.retention_bytes,
+                };
+                let placements = map.place(c.queue_count, c.replication_factor);
+                (
+                    Command::CreateTopic {
+                        spec,
+                        placements,
+                        now_ms: petrel_proto::now_ms(),
+                    },
+                    c.name,
+                )
+            }
+            Some(bpb::meta_write_request::Op::UpdateTopic(u)) => {
+                validate::topic_name(&u.name)?;
+                let Some(t) = map.topics.get(&u.name) else {
+                    return Err(PetrelError::NotFound(format!("topic {:?} does not exist", u.name)));
+                };
+                let cur = t.queues.len() as u32;
+                let add = if u.queue_count == 0 || u.queue_count == cur {
+                    vec![]
+                } else if u.queue_count < cur {
+                    return Err(PetrelError::InvalidArgument(format!(
+                        "queue count can only grow (topic has {cur}, asked for {})",
+                        u.queue_count
+                    )));
+                } else {
+                    validate::topic_shape(u.queue_count, t.spec.replication_factor, map.brokers.len())?;
+                    map.place(u.queue_count - cur, t.spec.replication_factor)
+                };
+                (
+                    Command::UpdateTopic {
+                        name: u.name.clone(),
+                        retention_ms: u.retention_ms,
+                        retention_bytes: u.retention_bytes,
+                        add_queues: add,
+                    },
+                    u.name,
+                )
+            }
+            Some(bpb::meta_write_request::Op::DeleteTopic(name)) => {
+                validate::topic_name(&name)?;
+                (Command::DeleteTopic { name: name.clone() }, name)
+            }
+        };
+        match self.node.write(META_GROUP, &h, cmd).await? {
+            Response::Meta(Ok(version)) => {
+                let map = self.node.map_rx.borrow().clone();
+                Ok(bpb::MetaWriteResponse {
+                    topic: map.topics.get(&name).map(|t| topic_route(t)),
+                    map_version: version,
+                })
+            }
+            Response::Meta(Err(e)) => Err(e.into()),
+            other => Err(PetrelError::Internal(format!("unexpected response {other:?}"))),
+        }
+    }
+}
+
+fn storage_err(group: u64, offset: u64, e: String) -> PetrelError {
+    tracing::error!(group, offset, error = %e, "storage read failed");
+    if e.contains("Corruption") {
+        PetrelError::Corrupt(format!("group {group} offset {offset}: {e}"))
+    } else {
+        PetrelError::Internal(format!("group {group} offset {offset}: {e}"))
+    }
+}
+
+pub fn topic_route(t: &crate::meta::Topic) -> bpb::TopicRoute {
+    bpb::TopicRoute {
+        config: Some(t.spec.to_pb()),
+        queues: t
+            .queues
+            .iter()
+            .map(|q| bpb::QueueAssignment {
+                queue: q.queue,
+                group_id: q.group_id,
+                replicas: q.replicas.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn routes(node: &Node, map: &ClusterMap) -> bpb::RoutesResponse {
+    let mut leading = Vec::new();
+    let mut hosting = Vec::new();
+    let mut meta_leader = 0;
+    for e in node.groups.iter() {
+        let m = e.raft.metrics().borrow().clone();
+        if *e.key() == META_GROUP {
+            meta_leader = m.current_leader.unwrap_or(0);
+            continue;
+        }
+        hosting.push(*e.key());
+        if m.current_leader == Some(node.id) {
+            leading.push(bpb::LeaderClaim {
+                group_id: *e.key(),
+                term: m.current_term,
+            });
+        }
+    }
+    bpb::RoutesResponse {
+        broker_id: node.id,
+        map_version: map.version,
+        brokers: map
+            .brokers
+            .iter()
+            .map(|(id, a)| bpb::BrokerAddress {
+                id: *id,
+                address: a.clone(),
+            })
+            .collect(),
+        topics: map.topics.values().map(topic_route).collect(),
+        leading,
+        meta_leader,
+        hosting,
+    }
+}
+
+#[tonic::async_trait]
+impl BrokerData for Service {
+    async fn append(&self, req: Request<bpb::AppendRequest>) -> R<bpb::AppendResponse> {
+        let req = req.into_inner();
+        let futs = req.groups.into_iter().map(|g| self.append_one(g));
+        let groups = futures::future::join_all(futs).await;
+        Ok(TResponse::new(bpb::AppendResponse { groups }))
+    }
+
+    async fn pop(&self, req: Request<bpb::PopRequest>) -> R<bpb::PopResponse> {
+        let req = req.into_inner();
+        let group = req.group_id;
+        validate::group_name(&req.consumer_group)?;
+        let h = self.leader(group)?;
+        let q = queue_of(&h, group)?;
+        let now = petrel_proto::now_ms();
+        if req.max_messages == 0 || !q.read().has_deliverable(&req.consumer_group, now) {
+            return Ok(TResponse::new(bpb::PopResponse { records: vec![] }));
+        }
+        let cmd = Command::Pop {
+            consumer: req.consumer_group,
+            max: req.max_messages.min(1024),
+            now_ms: now,
+            invisible_ms: req.invisible_duration_ms,
+        };
+        let leases = match self.node.write(group, &h, cmd).await? {
+            Response::Leased(v) => v,
+            other => return Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+        };
+        let mut records = Vec::with_capacity(leases.len());
+        let mut corrupt = None;
+        for l in leases {
+            match self.read_record(group, l.offset) {
+                Ok(encoded) => records.push(bpb::LeasedRecord {
+                    offset: l.offset,
+                    attempt: l.attempt,
+                    lease_id: l.lease_id,
+                    deadline_ms: l.deadline_ms,
+                    encoded,
+                }),
+                // Not served; the lease expires and the record stays
+                // visible to operators. Other records keep flowing.
+                Err(e) => corrupt = Some(e),
+            }
+        }
+        if records.is_empty() {
+            if let Some(e) = corrupt {
+                return Err(e.into());
+            }
+        }
+        Ok(TResponse::new(bpb::PopResponse { records }))
+    }
+
+    async fn ack(&self, req: Request<bpb::BrokerAckRequest>) -> R<bpb::BrokerAckResponse> {
+        let req = req.into_inner();
+        validate::group_name(&req.consumer_group)?;
+        let h = self.leader(req.group_id)?;
+        let cmd = Command::Ack {
+            consumer: req.consumer_group,
+            leases: req.leases.iter().map(|l| (l.offset, l.lease_id)).collect(),
+        };
+        match self.node.write(req.group_id, &h, cmd).await? {
+            Response::Acked(v) => Ok(TResponse::new(bpb::BrokerAckResponse {
+                results: v
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(()) => pb::Status::default(),
+                        Err(e) => {
+                            let d = PetrelError::from(e).to_detail();
+                            pb::Status {
+                                code: d.code,
+                                message: d.message,
+                            }
+                        }
+                    })
+                    .collect(),
+            })),
+            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+        }
+    }
+
+    async fn change_invisible(
+        &self,
+        req: Request<bpb::BrokerChangeInvisibleRequest>,
+    ) -> R<bpb::BrokerChangeInvisibleResponse> {
+        let req = req.into_inner();
+        validate::group_name(&req.consumer_group)?;
+        let lease = req
+            .lease
+            .ok_or_else(|| PetrelError::InvalidArgument("missing lease".into()))?;
+        let h = self.leader(req.group_id)?;
+        let cmd = Command::ChangeInvisible {
+            consumer: req.consumer_group,
+            offset: lease.offset,
+            lease_id: lease.lease_id,
+            now_ms: petrel_proto::now_ms(),
+            invisible_ms: req.invisible_duration_ms,
+        };
+        match self.node.write(req.group_id, &h, cmd).await? {
+            Response::Lease(Ok(l)) => Ok(TResponse::new(bpb::BrokerChangeInvisibleResponse {
+                lease_id: l.lease_id,
+                deadline_ms: l.deadline_ms,
+            })),
+            Response::Lease(Err(e)) => Err(PetrelError::from(e).into()),
+            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+        }
+    }
+
+    async fn read(&self, req: Request<bpb::BrokerReadRequest>) -> R<bpb::BrokerReadResponse> {
+        let req = req.into_inner();
+        let group = req.group_id;
+        let h = self.leader(group)?;
+        let header = queue_of(&h, group)?.read().header;
+        if req.offset > header.next_offset || req.offset < header.start_offset {
+            return Err(PetrelError::OffsetOutOfRange(format!(
+                "offset {} is outside [{}, {}] of group {group}",
+                req.offset, header.start_offset, header.next_offset
+            ))
+            .into());
+        }
+        let max_bytes = if req.max_bytes == 0 { 1 << 20 } else { req.max_bytes.min(32 << 20) } as usize;
+        let max_n = if req.max_messages == 0 { 1000 } else { req.max_messages.min(10_000) } as usize;
+        let cf = self.node.store.cf(CF_RECORDS);
+        let from = keys::record_key(group, req.offset);
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        let mut expect = req.offset;
+        for kv in self
+            .node
+            .store
+            .db()
+            .iterator_cf(&cf, IteratorMode::From(&from, Direction::Forward))
+        {
+            let (k, v) = kv.map_err(|e| storage_err(group, expect, e.to_string()))?;
+            let Some((g, off)) = keys::decode_group_u64(&k) else { break };
+            if g != group || off >= header.next_offset || records.len() >= max_n {
+                break;
+            }
+            if off != expect {
+                return Err(PetrelError::Corrupt(format!("group {group}: offset {expect} is missing")).into());
+            }
+            if let Err(e) = petrel_proto::record::verify(&v) {
+                tracing::error!(group, offset = off, error = %e, "corrupt record on read");
+                return Err(PetrelError::Corrupt(format!(
+                    "record at group {group} offset {off} failed its checksum: {e}"
+                ))
+                .into());
+            }
+            if !records.is_empty() && bytes + v.len() > max_bytes {
+                break;
+            }
+            bytes += v.len();
+            records.push(bpb::StoredRecord {
+                offset: off,
+                encoded: Bytes::from(v.to_vec()),
+            });
+            expect += 1;
+        }
+        Ok(TResponse::new(bpb::BrokerReadResponse {
+            records,
+            start_offset: header.start_offset,
+            end_offset: header.next_offset,
+        }))
+    }
+
+    async fn commit_offset(&self, req: Request<bpb::BrokerCommitOffsetRequest>) -> R<bpb::BrokerCommitOffsetResponse> {
+        let req = req.into_inner();
+        validate::group_name(&req.consumer_group)?;
+        let h = self.leader(req.group_id)?;
+        let cmd = Command::CommitOffset {
+            consumer: req.consumer_group,
+            offset: req.offset,
+        };
+        match self.node.write(req.group_id, &h, cmd).await? {
+            Response::Done(Ok(())) => Ok(TResponse::new(bpb::BrokerCommitOffsetResponse {})),
+            Response::Done(Err(e)) => Err(PetrelError::from(e).into()),
+            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+        }
+    }
+
+    async fn queue_stats(&self, req: Request<bpb::QueueStatsRequest>) -> R<bpb::QueueStatsResponse> {
+        let req = req.into_inner();
+        let mut queues = Vec::with_capacity(req.group_ids.len());
+        for g in req.group_ids {
+            let h = match self.leader(g) {
+                Ok(h) => h,
+                Err(e) => {
+                    queues.push(bpb::QueueStats {
+                        group_id: g,
+                        error: Some(e.to_detail()),
+                        ..Default::default()
+                    });
+                    continue;
+                }
+            };
+            let Ok(q) = queue_of(&h, g) else { continue };
+            let st = q.read();
+            queues.push(bpb::QueueStats {
+                group_id: g,
+                start_offset: st.header.start_offset,
+                end_offset: st.header.next_offset,
+                consumer_groups: st
+                    .consumers
+                    .iter()
+                    .filter(|(n, _)| req.consumer_group.is_empty() || **n == req.consumer_group)
+                    .map(|(n, c)| bpb::ConsumerGroupStats {
+                        name: n.clone(),
+                        committed_offset: c.committed,
+                        inflight: c.inflight(),
+                    })
+                    .collect(),
+                error: None,
+            });
+        }
+        Ok(TResponse::new(bpb::QueueStatsResponse { queues }))
+    }
+
+    async fn routes(&self, _req: Request<bpb::RoutesRequest>) -> R<bpb::RoutesResponse> {
+        let map = self.node.map_rx.borrow().clone();
+        Ok(TResponse::new(routes(&self.node, &map)))
+    }
+
+    async fn meta_write(&self, req: Request<bpb::MetaWriteRequest>) -> R<bpb::MetaWriteResponse> {
+        let forwarded = req.metadata().get(FORWARDED).is_some();
+        let req = req.into_inner();
+        let meta = self.node.meta();
+        match Node::leader_of(&meta) {
+            Some(l) if l == self.node.id => Ok(TResponse::new(self.meta_write(req).await?)),
+            Some(l) if !forwarded => {
+                let addr = self
+                    .node
+                    .map_rx
+                    .borrow()
+                    .brokers
+                    .get(&l)
+                    .cloned()
+                    .or_else(|| self.node.config.peers.get(&l).cloned())
+                    .ok_or_else(|| PetrelError::Unavailable(format!("no address for meta leader {l}")))?;
+                let ch = self.node.pool.channel(l, &addr)?;
+                let mut r = Request::new(req);
+                r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+                r.set_timeout(crate::node::WRITE_TIMEOUT);
+                let resp = BrokerDataClient::new(ch).meta_write(r).await?;
+                Ok(resp)
+            }
+            other => Err(PetrelError::NotLeader {
+                group: META_GROUP,
+                leader: other,
+            }
+            .into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for Service {
+    async fn raft(&self, req: Request<bpb::RaftRequest>) -> R<bpb::RaftResponse> {
+        let req = req.into_inner();
+        let Some(h) = self.node.group(req.group_id) else {
+            return Ok(TResponse::new(bpb::RaftResponse {
+                payload: Bytes::new(),
+                error: Some(
+                    PetrelError::Unavailable(format!(
+                        "broker {} does not host group {}",
+                        self.node.id, req.group_id
+                    ))
+                    .to_detail(),
+                ),
+            }));
+        };
+        let bad = |e: bincode::Error| {
+            PetrelError::InvalidArgument(format!("undecodable raft payload: {e}")).to_status()
+        };
+        let resp = match req.kind {
+            KIND_APPEND => {
+                let rpc = bincode::deserialize(&req.payload).map_err(bad)?;
+                encode_result(&h.raft.append_entries(rpc).await)
+            }
+            KIND_VOTE => {
+                let rpc = bincode::deserialize(&req.payload).map_err(bad)?;
+                encode_result(&h.raft.vote(rpc).await)
+            }
+            KIND_SNAPSHOT => {
+                let rpc = bincode::deserialize(&req.payload).map_err(bad)?;
+                encode_result(&h.raft.install_snapshot(rpc).await)
+            }
+            k => return Err(PetrelError::InvalidArgument(format!("unknown raft message kind {k}")).into()),
+        };
+        Ok(TResponse::new(resp))
+    }
+}

@@ -1,0 +1,134 @@
+//! Raft type configuration shared by the meta group and every queue group,
+//! and the commands they replicate.
+
+use std::io::Cursor;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{QueuePlacement, TopicSpec};
+
+openraft::declare_raft_types!(
+    /// One type configuration for every group: one transport, one log store.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<u64>;
+pub type Vote = openraft::Vote<u64>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<u64, openraft::BasicNode>;
+pub type RaftStorageError = openraft::StorageError<u64>;
+
+/// Id of the meta group; queue groups are numbered from 1.
+pub const META_GROUP: u64 = 0;
+
+/// A replicated command. Time-dependent commands carry the leader's clock so
+/// that every replica applies them identically.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    // ---- queue groups ----
+    /// Append records. `records[i].0` is the producer sequence (0 = none).
+    Append {
+        producer_id: String,
+        records: Vec<(u64, Bytes)>,
+    },
+    /// Lease up to `max` deliverable records to a consumer group.
+    Pop {
+        consumer: String,
+        max: u32,
+        now_ms: i64,
+        invisible_ms: u64,
+    },
+    Ack {
+        consumer: String,
+        leases: Vec<(u64, u64)>,
+    },
+    ChangeInvisible {
+        consumer: String,
+        offset: u64,
+        lease_id: u64,
+        now_ms: i64,
+        invisible_ms: u64,
+    },
+    CommitOffset {
+        consumer: String,
+        offset: u64,
+    },
+    // ---- meta group ----
+    RegisterBroker {
+        id: u64,
+        address: String,
+    },
+    CreateTopic {
+        spec: TopicSpec,
+        placements: Vec<QueuePlacement>,
+        now_ms: i64,
+    },
+    UpdateTopic {
+        name: String,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+        /// Queues to add (placements for the new queues only).
+        add_queues: Vec<QueuePlacement>,
+    },
+    DeleteTopic {
+        name: String,
+    },
+}
+
+/// A lease handed out by `Pop` or `ChangeInvisible`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    pub offset: u64,
+    pub attempt: u32,
+    pub lease_id: u64,
+    pub deadline_ms: i64,
+}
+
+/// An error decided by applying a command (deterministic on every replica).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplyError {
+    NotFound(String),
+    AlreadyExists(String),
+    InvalidArgument(String),
+    ReceiptExpired(String),
+    WrongGroupKind,
+}
+
+impl From<ApplyError> for petrel_proto::PetrelError {
+    fn from(e: ApplyError) -> Self {
+        use petrel_proto::PetrelError as P;
+        match e {
+            ApplyError::NotFound(m) => P::NotFound(m),
+            ApplyError::AlreadyExists(m) => P::AlreadyExists(m),
+            ApplyError::InvalidArgument(m) => P::InvalidArgument(m),
+            ApplyError::ReceiptExpired(m) => P::ReceiptExpired(m),
+            ApplyError::WrongGroupKind => {
+                P::Internal("command sent to the wrong kind of group".into())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub enum Response {
+    /// Membership changes and blank entries.
+    #[default]
+    None,
+    Appended(Vec<(u64, bool)>),
+    Leased(Vec<LeaseInfo>),
+    Acked(Vec<Result<(), ApplyError>>),
+    Lease(Result<LeaseInfo, ApplyError>),
+    Done(Result<(), ApplyError>),
+    /// Meta: the map version after the change.
+    Meta(Result<u64, ApplyError>),
+}

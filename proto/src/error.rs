@@ -1,0 +1,234 @@
+//! The typed error every Petrel RPC can return, and its one mapping to and
+//! from `tonic::Status`. The stable code travels as an encoded
+//! [`pb::ErrorDetail`] in the status details, so a caller can branch on it
+//! (and on a not-leader hint) without parsing text.
+
+use crate::pb;
+use prost::Message;
+
+/// An error as seen at a Petrel API boundary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PetrelError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("broker is not the leader of group {group} (leader hint: {leader:?})")]
+    NotLeader { group: u64, leader: Option<u64> },
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("offset out of range: {0}")]
+    OffsetOutOfRange(String),
+    #[error("receipt handle expired: {0}")]
+    ReceiptExpired(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl PetrelError {
+    /// The stable wire code.
+    pub fn code(&self) -> pb::ErrorCode {
+        use pb::ErrorCode as C;
+        match self {
+            Self::NotFound(_) => C::NotFound,
+            Self::InvalidArgument(_) => C::InvalidArgument,
+            Self::NotLeader { .. } => C::NotLeader,
+            Self::TooLarge(_) => C::TooLarge,
+            Self::Unavailable(_) => C::Unavailable,
+            Self::Corrupt(_) => C::Corrupt,
+            Self::AlreadyExists(_) => C::AlreadyExists,
+            Self::OffsetOutOfRange(_) => C::OffsetOutOfRange,
+            Self::ReceiptExpired(_) => C::ReceiptExpired,
+            Self::Internal(_) => C::Internal,
+            Self::Timeout(_) => C::Timeout,
+        }
+    }
+
+    /// A short, stable name for the code (used by the CLI's `--json`).
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "not_found",
+            Self::InvalidArgument(_) => "invalid_argument",
+            Self::NotLeader { .. } => "not_leader",
+            Self::TooLarge(_) => "too_large",
+            Self::Unavailable(_) => "unavailable",
+            Self::Corrupt(_) => "corrupt",
+            Self::AlreadyExists(_) => "already_exists",
+            Self::OffsetOutOfRange(_) => "offset_out_of_range",
+            Self::ReceiptExpired(_) => "receipt_expired",
+            Self::Internal(_) => "internal",
+            Self::Timeout(_) => "timeout",
+        }
+    }
+
+    /// Whether retrying the same request (possibly elsewhere) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::NotLeader { .. } | Self::Unavailable(_) | Self::Timeout(_)
+        )
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Self::NotLeader { group, leader } => {
+                format!("not leader of group {group} (hint {leader:?})")
+            }
+            Self::NotFound(m)
+            | Self::InvalidArgument(m)
+            | Self::TooLarge(m)
+            | Self::Unavailable(m)
+            | Self::Corrupt(m)
+            | Self::AlreadyExists(m)
+            | Self::OffsetOutOfRange(m)
+            | Self::ReceiptExpired(m)
+            | Self::Internal(m)
+            | Self::Timeout(m) => m.clone(),
+        }
+    }
+
+    pub fn to_detail(&self) -> pb::ErrorDetail {
+        let (leader_hint, group_id) = match self {
+            Self::NotLeader { group, leader } => (leader.unwrap_or(0), *group),
+            _ => (0, 0),
+        };
+        pb::ErrorDetail {
+            code: self.code() as i32,
+            message: self.message(),
+            leader_hint,
+            group_id,
+        }
+    }
+
+    pub fn from_detail(d: &pb::ErrorDetail) -> Self {
+        use pb::ErrorCode as C;
+        let m = d.message.clone();
+        match C::try_from(d.code).unwrap_or(C::Unspecified) {
+            C::NotFound => Self::NotFound(m),
+            C::InvalidArgument => Self::InvalidArgument(m),
+            C::NotLeader => Self::NotLeader {
+                group: d.group_id,
+                leader: (d.leader_hint != 0).then_some(d.leader_hint),
+            },
+            C::TooLarge => Self::TooLarge(m),
+            C::Unavailable => Self::Unavailable(m),
+            C::Corrupt => Self::Corrupt(m),
+            C::AlreadyExists => Self::AlreadyExists(m),
+            C::OffsetOutOfRange => Self::OffsetOutOfRange(m),
+            C::ReceiptExpired => Self::ReceiptExpired(m),
+            C::Timeout => Self::Timeout(m),
+            C::Internal | C::Unspecified => Self::Internal(m),
+        }
+    }
+
+    /// Status for this error, carrying the encoded detail.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self {
+            Self::NotFound(_) => Code::NotFound,
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::NotLeader { .. } | Self::Unavailable(_) => Code::Unavailable,
+            Self::TooLarge(_) => Code::ResourceExhausted,
+            Self::Corrupt(_) => Code::DataLoss,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::OffsetOutOfRange(_) => Code::OutOfRange,
+            Self::ReceiptExpired(_) => Code::FailedPrecondition,
+            Self::Internal(_) => Code::Internal,
+            Self::Timeout(_) => Code::DeadlineExceeded,
+        };
+        tonic::Status::with_details(
+            code,
+            self.to_string(),
+            self.to_detail().encode_to_vec().into(),
+        )
+    }
+
+    /// Recovers the typed error from a status: from its detail when present,
+    /// else from the gRPC code (transport failures become `Unavailable`).
+    pub fn from_status(s: &tonic::Status) -> Self {
+        if !s.details().is_empty() {
+            if let Ok(d) = pb::ErrorDetail::decode(s.details()) {
+                if d.code != 0 {
+                    return Self::from_detail(&d);
+                }
+            }
+        }
+        use tonic::Code;
+        let m = s.message().to_string();
+        match s.code() {
+            Code::NotFound => Self::NotFound(m),
+            Code::InvalidArgument => Self::InvalidArgument(m),
+            Code::ResourceExhausted => Self::TooLarge(m),
+            Code::DataLoss => Self::Corrupt(m),
+            Code::AlreadyExists => Self::AlreadyExists(m),
+            Code::OutOfRange => Self::OffsetOutOfRange(m),
+            Code::FailedPrecondition => Self::ReceiptExpired(m),
+            Code::DeadlineExceeded => Self::Timeout(m),
+            Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Aborted => {
+                Self::Unavailable(if m.is_empty() {
+                    format!("{:?}", s.code())
+                } else {
+                    m
+                })
+            }
+            _ => Self::Internal(m),
+        }
+    }
+}
+
+impl From<PetrelError> for tonic::Status {
+    fn from(e: PetrelError) -> Self {
+        e.to_status()
+    }
+}
+
+impl From<tonic::Status> for PetrelError {
+    fn from(s: tonic::Status) -> Self {
+        Self::from_status(&s)
+    }
+}
+
+impl From<&pb::ErrorDetail> for PetrelError {
+    fn from(d: &pb::ErrorDetail) -> Self {
+        Self::from_detail(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trip_keeps_code_and_hint() {
+        let cases = [
+            PetrelError::NotLeader {
+                group: 7,
+                leader: Some(3),
+            },
+            PetrelError::NotLeader {
+                group: 7,
+                leader: None,
+            },
+            PetrelError::Corrupt("queue 1 offset 9".into()),
+            PetrelError::TooLarge("x".into()),
+            PetrelError::ReceiptExpired("y".into()),
+        ];
+        for e in cases {
+            assert_eq!(PetrelError::from_status(&e.to_status()), e);
+        }
+    }
+
+    #[test]
+    fn plain_transport_status_maps_to_unavailable() {
+        let s = tonic::Status::unavailable("connection refused");
+        assert!(PetrelError::from_status(&s).is_retryable());
+    }
+}

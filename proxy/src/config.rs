@@ -1,0 +1,119 @@
+//! `petrel-proxy` configuration: flags and `PETREL_*` environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// Used when no secret is configured: fine for `petrel dev`, not for
+/// production, where every proxy of a cluster must share a real secret.
+pub const DEV_RECEIPT_SECRET: &str = "petrel-dev-receipt-secret-change-me";
+
+/// Petrel proxy: stateless gRPC front end. Terminates the client protocol,
+/// validates requests and routes them to the leader of the right queue.
+/// Run as many as you like; kill any at any time.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "petrel-proxy", version)]
+pub struct ProxyArgs {
+    /// Address to serve the client API on.
+    #[arg(long, env = "PETREL_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Broker addresses to discover the cluster from, comma-separated
+    /// (HOST:PORT). Any subset is enough; the rest is learned from the map.
+    #[arg(long, env = "PETREL_BROKERS", value_delimiter = ',', required = true)]
+    pub brokers: Vec<String>,
+    /// Largest record accepted (body + key + tag + properties), in bytes.
+    #[arg(long, env = "PETREL_MAX_RECORD_BYTES", default_value_t = petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
+    /// Most messages accepted in one send request.
+    #[arg(long, env = "PETREL_MAX_BATCH_MESSAGES", default_value_t = petrel_proto::validate::DEFAULT_MAX_BATCH_MESSAGES)]
+    pub max_batch_messages: usize,
+    /// Secret that signs receipt handles; every proxy of a cluster must use
+    /// the same one. Defaults to a fixed development secret (logged as a warning).
+    #[arg(long, env = "PETREL_RECEIPT_SECRET", hide_env_values = true)]
+    pub receipt_secret: Option<String>,
+    /// How often the route table is refreshed from the brokers (it is also
+    /// refreshed at once on a not-leader reply).
+    #[arg(long, env = "PETREL_ROUTE_REFRESH", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub route_refresh: Duration,
+    /// How long a request may keep retrying against brokers (leader changes,
+    /// unreachable brokers) before it fails with `unavailable`.
+    #[arg(long, env = "PETREL_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Longest long-poll wait a receive may ask for.
+    #[arg(long, env = "PETREL_MAX_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+    /// Log filter, e.g. `info` or `petrel_proxy=debug`.
+    #[arg(long, env = "PETREL_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub brokers: Vec<String>,
+    pub max_record_bytes: usize,
+    pub max_batch_messages: usize,
+    pub receipt_secret: String,
+    pub route_refresh: Duration,
+    pub request_timeout: Duration,
+    pub max_wait: Duration,
+    pub log: String,
+}
+
+impl ProxyArgs {
+    pub fn resolve(self) -> Result<ProxyConfig, String> {
+        let brokers: Vec<String> = self
+            .brokers
+            .into_iter()
+            .map(|b| b.trim().to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if brokers.is_empty() {
+            return Err("--brokers needs at least one HOST:PORT".into());
+        }
+        if let Some(b) = brokers.iter().find(|b| !b.contains(':')) {
+            return Err(format!("--brokers entry {b:?} is not HOST:PORT"));
+        }
+        if self.max_record_bytes == 0 || self.max_record_bytes > 64 << 20 {
+            return Err("--max-record-bytes must be 1..=64MiB".into());
+        }
+        if self.max_batch_messages == 0 {
+            return Err("--max-batch-messages must be positive".into());
+        }
+        let receipt_secret = match self.receipt_secret {
+            Some(s) if s.len() >= 16 => s,
+            Some(_) => return Err("--receipt-secret must be at least 16 bytes".into()),
+            None => DEV_RECEIPT_SECRET.to_string(),
+        };
+        Ok(ProxyConfig {
+            listen: self.listen,
+            brokers,
+            max_record_bytes: self.max_record_bytes,
+            max_batch_messages: self.max_batch_messages,
+            receipt_secret,
+            route_refresh: self.route_refresh.max(Duration::from_millis(50)),
+            request_timeout: self.request_timeout.max(Duration::from_millis(100)),
+            max_wait: self.max_wait,
+            log: self.log,
+        })
+    }
+}
+
+impl ProxyConfig {
+    /// Defaults for an in-process proxy (tests, `petrel dev`).
+    pub fn new(listen: SocketAddr, brokers: Vec<String>) -> Self {
+        Self {
+            listen,
+            brokers,
+            max_record_bytes: petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES,
+            max_batch_messages: petrel_proto::validate::DEFAULT_MAX_BATCH_MESSAGES,
+            receipt_secret: DEV_RECEIPT_SECRET.to_string(),
+            route_refresh: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(10),
+            max_wait: Duration::from_secs(30),
+            log: "info".into(),
+        }
+    }
+}

@@ -1,0 +1,833 @@
+//! The client API (`petrel.v1.Petrel`): validation, queue selection, routing
+//! to queue leaders with retries, and receipt handles.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use petrel_proto::pb;
+use petrel_proto::pb::broker as bpb;
+use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
+use petrel_proto::pb::petrel_server::Petrel;
+use petrel_proto::receipt::{Receipt, ReceiptKey};
+use petrel_proto::record::RecordData;
+use petrel_proto::{validate, MessageId, PetrelError};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::batcher::Batcher;
+use crate::config::ProxyConfig;
+use crate::routes::Router;
+
+pub const MAX_RECEIVE_MESSAGES: u32 = 1024;
+const MIN_INVISIBLE_MS: u64 = 100;
+const MAX_INVISIBLE_MS: u64 = 12 * 3600 * 1000;
+/// Poll interval bounds while a receive long-polls an empty topic.
+const POLL_MIN: Duration = Duration::from_millis(10);
+const POLL_MAX: Duration = Duration::from_millis(100);
+
+#[derive(Clone)]
+pub struct ProxyService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ProxyConfig,
+    router: Arc<Router>,
+    batcher: Batcher,
+    receipts: ReceiptKey,
+    rr: AtomicU64,
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+/// FNV-1a: stable across builds and processes, so every proxy picks the
+/// same queue for the same request.
+fn hash_of(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain(&[0xFFu8]) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl ProxyService {
+    pub fn new(config: ProxyConfig, router: Arc<Router>) -> Self {
+        let receipts = ReceiptKey::new(&config.receipt_secret);
+        Self {
+            inner: Arc::new(Inner {
+                batcher: Batcher::new(router.clone()),
+                router,
+                receipts,
+                config,
+                rr: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    async fn topic(&self, name: &str) -> Result<bpb::TopicRoute, PetrelError> {
+        validate::topic_name(name)?;
+        if let Some(t) = self.router.table().topic(name) {
+            return Ok(t.clone());
+        }
+        self.router.refresh_now().await;
+        self.router
+            .table()
+            .topic(name)
+            .cloned()
+            .ok_or_else(|| PetrelError::NotFound(format!("topic {name:?} does not exist")))
+    }
+
+    fn group_of(t: &bpb::TopicRoute, queue: u32) -> Result<u64, PetrelError> {
+        t.queues
+            .iter()
+            .find(|q| q.queue == queue)
+            .map(|q| q.group_id)
+            .ok_or_else(|| {
+                PetrelError::NotFound(format!(
+                    "queue {queue} does not exist (topic has {} queues)",
+                    t.queues.len()
+                ))
+            })
+    }
+
+    /// Runs `op` against the leader of `group`, following not-leader hints
+    /// and retrying unavailable brokers until the request timeout.
+    async fn on_leader<T, F, Fut>(&self, group: u64, mut op: F) -> Result<T, PetrelError>
+    where
+        F: FnMut(u64, String, BrokerDataClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PetrelError>>,
+    {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let err = match self.router.leader_addr(group) {
+                None => PetrelError::Unavailable(format!("no known leader for group {group}")),
+                Some((leader, addr)) => match self.router.channels.client(&addr) {
+                    Err(e) => e,
+                    Ok(c) => match op(leader, addr, c).await {
+                        Ok(v) => return Ok(v),
+                        Err(e) => e,
+                    },
+                },
+            };
+            if !err.is_retryable() || Instant::now() + backoff >= deadline {
+                return Err(match err {
+                    PetrelError::NotLeader { group, .. } => {
+                        PetrelError::Unavailable(format!("group {group} has no reachable leader right now"))
+                    }
+                    e => e,
+                });
+            }
+            match &err {
+                PetrelError::NotLeader { leader: Some(l), .. } => {
+                    self.router.hint_leader(group, *l);
+                    self.router.poke();
+                    continue;
+                }
+                _ => self.router.poke(),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn append(&self, group: u64, records: bpb::AppendRecords) -> Result<(Vec<u64>, Vec<bool>), PetrelError> {
+        let batcher = self.batcher.clone();
+        self.on_leader(group, |leader, addr, _| {
+            let b = batcher.clone();
+            let r = records.clone();
+            async move { b.append(leader, addr, r).await }
+        })
+        .await
+    }
+
+    fn to_record(&self, topic: &str, queue: u32, offset: u64, encoded: &bytes::Bytes) -> Result<pb::Record, PetrelError> {
+        let r = RecordData::decode(encoded).map_err(|e| {
+            tracing::error!(topic, queue, offset, error = %e, "corrupt record from broker");
+            PetrelError::Corrupt(format!("record {topic}/{queue}/{offset}: {e}"))
+        })?;
+        Ok(pb::Record {
+            message_id: MessageId {
+                topic: topic.to_string(),
+                queue,
+                offset,
+            }
+            .to_string(),
+            topic: topic.to_string(),
+            queue,
+            offset,
+            key: r.key,
+            tag: r.tag,
+            properties: r.properties.into_iter().collect(),
+            body: r.body,
+            producer_id: r.producer_id,
+            sequence: r.sequence,
+            born_timestamp_ms: r.born_timestamp_ms,
+            store_timestamp_ms: r.store_timestamp_ms,
+            attempt: 0,
+            receipt_handle: String::new(),
+            invisible_until_ms: 0,
+        })
+    }
+
+    /// One pass over the topic's queues, leasing up to `max` records.
+    async fn sweep(&self, t: &bpb::TopicRoute, group: &str, max: u32, invisible_ms: u64) -> Result<Vec<pb::Record>, PetrelError> {
+        let topic = t.config.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+        let n = t.queues.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut out = Vec::new();
+        let mut last_err = None;
+        for i in 0..n {
+            if out.len() >= max as usize {
+                break;
+            }
+            let q = &t.queues[(start + i) % n];
+            let want = max - out.len() as u32;
+            let req = bpb::PopRequest {
+                group_id: q.group_id,
+                consumer_group: group.to_string(),
+                max_messages: want,
+                invisible_duration_ms: invisible_ms,
+            };
+            let res = self
+                .on_leader(q.group_id, |_, _, mut c| {
+                    let req = req.clone();
+                    async move { c.pop(req).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+                })
+                .await;
+            match res {
+                Ok(resp) => {
+                    for l in resp.records {
+                        let mut rec = match self.to_record(&topic, q.queue, l.offset, &l.encoded) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                last_err = Some(e);
+                                continue;
+                            }
+                        };
+                        rec.attempt = l.attempt;
+                        rec.invisible_until_ms = l.deadline_ms;
+                        rec.receipt_handle = self.receipts.encode(
+                            &Receipt {
+                                group_id: q.group_id,
+                                queue: q.queue,
+                                offset: l.offset,
+                                lease_id: l.lease_id,
+                                deadline_ms: l.deadline_ms,
+                            },
+                            &topic,
+                            group,
+                        );
+                        out.push(rec);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(topic = %topic, queue = q.queue, error = %e, "pop failed");
+                    last_err = Some(e);
+                }
+            }
+        }
+        if out.is_empty() {
+            if let Some(e) = last_err {
+                if !e.is_retryable() {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stats(&self, groups: Vec<u64>, consumer_group: &str) -> HashMap<u64, Result<bpb::QueueStats, PetrelError>> {
+        let futs = groups.into_iter().map(|g| {
+            let cg = consumer_group.to_string();
+            async move {
+                let r = self
+                    .on_leader(g, |_, _, mut c| {
+                        let req = bpb::QueueStatsRequest {
+                            group_ids: vec![g],
+                            consumer_group: cg.clone(),
+                        };
+                        async move {
+                            let mut resp = c.queue_stats(req).await.map_err(|s| PetrelError::from_status(&s))?.into_inner();
+                            let q = resp
+                                .queues
+                                .pop()
+                                .ok_or_else(|| PetrelError::Internal("empty stats".into()))?;
+                            match q.error {
+                                Some(d) => Err(PetrelError::from_detail(&d)),
+                                None => Ok(q),
+                            }
+                        }
+                    })
+                    .await;
+                (g, r)
+            }
+        });
+        futures::future::join_all(futs).await.into_iter().collect()
+    }
+
+    async fn topic_info(&self, t: &bpb::TopicRoute) -> pb::TopicInfo {
+        let stats = self.stats(t.queues.iter().map(|q| q.group_id).collect(), "\u{0}none").await;
+        let table = self.router.table();
+        pb::TopicInfo {
+            config: t.config.clone(),
+            queues: t
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = stats.get(&q.group_id).and_then(|r| r.as_ref().ok());
+                    pb::QueueInfo {
+                        queue: q.queue,
+                        group_id: q.group_id,
+                        replicas: q.replicas.clone(),
+                        leader: table.leaders.get(&q.group_id).map(|x| x.0).unwrap_or(0),
+                        start_offset: s.map(|s| s.start_offset).unwrap_or(0),
+                        end_offset: s.map(|s| s.end_offset).unwrap_or(0),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    async fn meta_write(&self, op: bpb::meta_write_request::Op) -> Result<bpb::MetaWriteResponse, PetrelError> {
+        let table = self.router.table();
+        let mut addrs: Vec<String> = Vec::new();
+        if let Some(a) = table.brokers.get(&table.meta_leader) {
+            addrs.push(a.clone());
+        }
+        addrs.extend(table.brokers.values().cloned());
+        addrs.extend(self.config.brokers.iter().cloned());
+        addrs.dedup();
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut last = PetrelError::Unavailable("no broker reachable".into());
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            for a in &addrs {
+                let mut c = match self.router.channels.client(a) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                };
+                let req = bpb::MetaWriteRequest { op: Some(op.clone()) };
+                match c.meta_write(req).await {
+                    Ok(r) => {
+                        self.router.refresh_now().await;
+                        return Ok(r.into_inner());
+                    }
+                    Err(s) => {
+                        let e = PetrelError::from_status(&s);
+                        if !e.is_retryable() {
+                            return Err(e);
+                        }
+                        last = e;
+                    }
+                }
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(match last {
+                    PetrelError::NotLeader { .. } => PetrelError::Unavailable("the meta group has no leader right now".into()),
+                    e => e,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+type ReceiveStream = Pin<Box<dyn Stream<Item = Result<pb::ReceiveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Petrel for ProxyService {
+    async fn send(&self, req: Request<pb::SendRequest>) -> R<pb::SendResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        validate::producer_id(&req.producer_id)?;
+        if req.messages.is_empty() {
+            return Err(PetrelError::InvalidArgument("send request has no messages".into()).into());
+        }
+        if req.messages.len() > s.config.max_batch_messages {
+            return Err(PetrelError::TooLarge(format!(
+                "{} messages in one request, the limit is {}",
+                req.messages.len(),
+                s.config.max_batch_messages
+            ))
+            .into());
+        }
+        for (i, m) in req.messages.iter().enumerate() {
+            validate::message(m, s.config.max_record_bytes).map_err(|e| match e {
+                PetrelError::TooLarge(m) => PetrelError::TooLarge(format!("message {i}: {m}")),
+                PetrelError::InvalidArgument(m) => PetrelError::InvalidArgument(format!("message {i}: {m}")),
+                e => e,
+            })?;
+        }
+        let t = s.topic(&req.topic).await?;
+        let n = t.queues.len() as u64;
+        if n == 0 {
+            return Err(PetrelError::Unavailable("topic has no queues".into()).into());
+        }
+        // Queue choice is a pure function of the request, so a retried
+        // request (same producer id and sequences) lands where it did.
+        let unkeyed = if req.producer_id.is_empty() {
+            s.rr.fetch_add(1, Ordering::Relaxed) % n
+        } else {
+            let first_seq = req.messages[0].sequence;
+            hash_of(&[req.producer_id.as_bytes(), &first_seq.to_le_bytes()]) % n
+        };
+        let mut parts: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, m) in req.messages.iter().enumerate() {
+            let q = if m.key.is_empty() {
+                unkeyed
+            } else {
+                hash_of(&[m.key.as_bytes()]) % n
+            };
+            parts.entry(t.queues[q as usize].queue).or_default().push(i);
+        }
+        let now = petrel_proto::now_ms();
+        let mut messages: Vec<Option<pb::Message>> = req.messages.into_iter().map(Some).collect();
+        let futs = parts.into_iter().map(|(queue, idx)| {
+            let group = Inner::group_of(&t, queue);
+            let msgs: Vec<pb::Message> = idx
+                .iter()
+                .map(|i| {
+                    let mut m = messages[*i].take().unwrap_or_default();
+                    if m.born_timestamp_ms == 0 {
+                        m.born_timestamp_ms = now;
+                    }
+                    m
+                })
+                .collect();
+            let producer_id = req.producer_id.clone();
+            async move {
+                let group = group?;
+                let recs = bpb::AppendRecords {
+                    group_id: group,
+                    producer_id,
+                    messages: msgs,
+                };
+                let (offsets, dups) = s.append(group, recs).await?;
+                if offsets.len() != idx.len() {
+                    return Err(PetrelError::Internal("broker returned a short offset list".into()));
+                }
+                Ok::<_, PetrelError>((queue, idx, offsets, dups))
+            }
+        });
+        let done = futures::future::join_all(futs).await;
+        let total: usize = messages.len();
+        let mut results = vec![pb::SendResult::default(); total];
+        for part in done {
+            let (queue, idx, offsets, dups) = part?;
+            for (k, i) in idx.into_iter().enumerate() {
+                results[i] = pb::SendResult {
+                    message_id: MessageId {
+                        topic: req.topic.clone(),
+                        queue,
+                        offset: offsets[k],
+                    }
+                    .to_string(),
+                    queue,
+                    offset: offsets[k],
+                    duplicate: dups.get(k).copied().unwrap_or(false),
+                };
+            }
+        }
+        Ok(Response::new(pb::SendResponse { results }))
+    }
+
+    type ReceiveStream = ReceiveStream;
+
+    async fn receive(&self, req: Request<pb::ReceiveRequest>) -> R<Self::ReceiveStream> {
+        let s = self.inner.clone();
+        let req = req.into_inner();
+        validate::group_name(&req.group)?;
+        if req.max_messages == 0 || req.max_messages > MAX_RECEIVE_MESSAGES {
+            return Err(PetrelError::InvalidArgument(format!(
+                "max_messages must be 1..={MAX_RECEIVE_MESSAGES}"
+            ))
+            .into());
+        }
+        if !(MIN_INVISIBLE_MS..=MAX_INVISIBLE_MS).contains(&req.invisible_duration_ms) {
+            return Err(PetrelError::InvalidArgument(format!(
+                "invisible_duration_ms must be {MIN_INVISIBLE_MS}..={MAX_INVISIBLE_MS}"
+            ))
+            .into());
+        }
+        let t = s.topic(&req.topic).await?;
+        let wait = Duration::from_millis(req.wait_ms).min(s.config.max_wait);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + wait;
+            let mut poll = POLL_MIN;
+            loop {
+                match s.sweep(&t, &req.group, req.max_messages, req.invisible_duration_ms).await {
+                    Ok(records) if !records.is_empty() => {
+                        let _ = tx.send(Ok(pb::ReceiveResponse { records })).await;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_status())).await;
+                        return;
+                    }
+                }
+                if Instant::now() + poll > deadline || tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(poll).await;
+                poll = (poll * 2).min(POLL_MAX);
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> R<pb::AckResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        validate::topic_name(&req.topic)?;
+        validate::group_name(&req.group)?;
+        if req.receipt_handles.is_empty() || req.receipt_handles.len() > MAX_RECEIVE_MESSAGES as usize {
+            return Err(PetrelError::InvalidArgument(format!(
+                "ack needs 1..={MAX_RECEIVE_MESSAGES} receipt handles"
+            ))
+            .into());
+        }
+        let mut results = vec![pb::Status::default(); req.receipt_handles.len()];
+        let mut by_group: BTreeMap<u64, Vec<(usize, Receipt)>> = BTreeMap::new();
+        for (i, h) in req.receipt_handles.iter().enumerate() {
+            match s.receipts.decode(h, &req.topic, &req.group) {
+                Ok(r) => by_group.entry(r.group_id).or_default().push((i, r)),
+                Err(e) => {
+                    let d = e.to_detail();
+                    results[i] = pb::Status {
+                        code: d.code,
+                        message: d.message,
+                    };
+                }
+            }
+        }
+        let futs = by_group.into_iter().map(|(g, items)| {
+            let group = req.group.clone();
+            async move {
+                let breq = bpb::BrokerAckRequest {
+                    group_id: g,
+                    consumer_group: group,
+                    leases: items
+                        .iter()
+                        .map(|(_, r)| bpb::LeaseRef {
+                            offset: r.offset,
+                            lease_id: r.lease_id,
+                        })
+                        .collect(),
+                };
+                let r = s
+                    .on_leader(g, |_, _, mut c| {
+                        let breq = breq.clone();
+                        async move { c.ack(breq).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+                    })
+                    .await;
+                (items, r)
+            }
+        });
+        for (items, r) in futures::future::join_all(futs).await {
+            match r {
+                Ok(resp) => {
+                    for ((i, _), st) in items.iter().zip(resp.results) {
+                        results[*i] = st;
+                    }
+                }
+                Err(e) => {
+                    let d = e.to_detail();
+                    for (i, _) in items {
+                        results[i] = pb::Status {
+                            code: d.code,
+                            message: d.message.clone(),
+                        };
+                    }
+                }
+            }
+        }
+        Ok(Response::new(pb::AckResponse { results }))
+    }
+
+    async fn change_invisible_duration(
+        &self,
+        req: Request<pb::ChangeInvisibleDurationRequest>,
+    ) -> R<pb::ChangeInvisibleDurationResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        validate::topic_name(&req.topic)?;
+        validate::group_name(&req.group)?;
+        if !(MIN_INVISIBLE_MS..=MAX_INVISIBLE_MS).contains(&req.invisible_duration_ms) {
+            return Err(PetrelError::InvalidArgument(format!(
+                "invisible_duration_ms must be {MIN_INVISIBLE_MS}..={MAX_INVISIBLE_MS}"
+            ))
+            .into());
+        }
+        let r = s.receipts.decode(&req.receipt_handle, &req.topic, &req.group)?;
+        let breq = bpb::BrokerChangeInvisibleRequest {
+            group_id: r.group_id,
+            consumer_group: req.group.clone(),
+            lease: Some(bpb::LeaseRef {
+                offset: r.offset,
+                lease_id: r.lease_id,
+            }),
+            invisible_duration_ms: req.invisible_duration_ms,
+        };
+        let resp = s
+            .on_leader(r.group_id, |_, _, mut c| {
+                let breq = breq.clone();
+                async move { c.change_invisible(breq).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+            })
+            .await?;
+        let handle = s.receipts.encode(
+            &Receipt {
+                lease_id: resp.lease_id,
+                deadline_ms: resp.deadline_ms,
+                ..r
+            },
+            &req.topic,
+            &req.group,
+        );
+        Ok(Response::new(pb::ChangeInvisibleDurationResponse {
+            receipt_handle: handle,
+            invisible_until_ms: resp.deadline_ms,
+        }))
+    }
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> R<pb::ReadResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        let t = s.topic(&req.topic).await?;
+        let group = Inner::group_of(&t, req.queue)?;
+        let breq = bpb::BrokerReadRequest {
+            group_id: group,
+            offset: req.offset,
+            max_bytes: req.max_bytes,
+            max_messages: req.max_messages,
+        };
+        let resp = s
+            .on_leader(group, |_, _, mut c| {
+                let breq = breq.clone();
+                async move { c.read(breq).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+            })
+            .await?;
+        let mut records = Vec::with_capacity(resp.records.len());
+        for r in &resp.records {
+            records.push(s.to_record(&req.topic, req.queue, r.offset, &r.encoded)?);
+        }
+        let next_offset = records.last().map(|r| r.offset + 1).unwrap_or(req.offset);
+        Ok(Response::new(pb::ReadResponse {
+            records,
+            next_offset,
+            start_offset: resp.start_offset,
+            end_offset: resp.end_offset,
+        }))
+    }
+
+    async fn commit_offset(&self, req: Request<pb::CommitOffsetRequest>) -> R<pb::CommitOffsetResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        validate::group_name(&req.group)?;
+        let t = s.topic(&req.topic).await?;
+        let group = Inner::group_of(&t, req.queue)?;
+        let breq = bpb::BrokerCommitOffsetRequest {
+            group_id: group,
+            consumer_group: req.group.clone(),
+            offset: req.offset,
+        };
+        s.on_leader(group, |_, _, mut c| {
+            let breq = breq.clone();
+            async move { c.commit_offset(breq).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+        })
+        .await?;
+        Ok(Response::new(pb::CommitOffsetResponse {}))
+    }
+
+    async fn get_offset(&self, req: Request<pb::GetOffsetRequest>) -> R<pb::GetOffsetResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        validate::group_name(&req.group)?;
+        let t = s.topic(&req.topic).await?;
+        let group = Inner::group_of(&t, req.queue)?;
+        let mut stats = s.stats(vec![group], &req.group).await;
+        let st = stats
+            .remove(&group)
+            .unwrap_or_else(|| Err(PetrelError::Internal("no stats".into())))?;
+        let committed = st
+            .consumer_groups
+            .iter()
+            .find(|c| c.name == req.group)
+            .map(|c| c.committed_offset)
+            .unwrap_or(st.start_offset);
+        Ok(Response::new(pb::GetOffsetResponse {
+            committed_offset: committed,
+            start_offset: st.start_offset,
+            end_offset: st.end_offset,
+        }))
+    }
+
+    async fn create_topic(&self, req: Request<pb::CreateTopicRequest>) -> R<pb::TopicInfo> {
+        let s = &self.inner;
+        let cfg = req
+            .into_inner()
+            .config
+            .ok_or_else(|| PetrelError::InvalidArgument("missing topic config".into()))?;
+        validate::topic_name(&cfg.name)?;
+        let resp = s.meta_write(bpb::meta_write_request::Op::CreateTopic(cfg)).await?;
+        let route = resp
+            .topic
+            .ok_or_else(|| PetrelError::Internal("meta write returned no topic".into()))?;
+        Ok(Response::new(s.topic_info(&route).await))
+    }
+
+    async fn update_topic(&self, req: Request<pb::UpdateTopicRequest>) -> R<pb::TopicInfo> {
+        let s = &self.inner;
+        let r = req.into_inner();
+        validate::topic_name(&r.name)?;
+        let resp = s
+            .meta_write(bpb::meta_write_request::Op::UpdateTopic(bpb::UpdateTopic {
+                name: r.name,
+                queue_count: r.queue_count,
+                retention_ms: r.retention_ms,
+                retention_bytes: r.retention_bytes,
+            }))
+            .await?;
+        let route = resp
+            .topic
+            .ok_or_else(|| PetrelError::Internal("meta write returned no topic".into()))?;
+        Ok(Response::new(s.topic_info(&route).await))
+    }
+
+    async fn delete_topic(&self, req: Request<pb::DeleteTopicRequest>) -> R<pb::DeleteTopicResponse> {
+        let s = &self.inner;
+        let name = req.into_inner().name;
+        validate::topic_name(&name)?;
+        s.meta_write(bpb::meta_write_request::Op::DeleteTopic(name)).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(&self, _req: Request<pb::ListTopicsRequest>) -> R<pb::ListTopicsResponse> {
+        let s = &self.inner;
+        s.router.refresh_now().await;
+        let table = s.router.table();
+        let mut names: Vec<&String> = table.topics.keys().collect();
+        names.sort();
+        let mut topics = Vec::with_capacity(names.len());
+        for n in names {
+            topics.push(s.topic_info(&table.topics[n]).await);
+        }
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(&self, req: Request<pb::DescribeTopicRequest>) -> R<pb::TopicInfo> {
+        let s = &self.inner;
+        let t = s.topic(&req.into_inner().name).await?;
+        Ok(Response::new(s.topic_info(&t).await))
+    }
+
+    async fn list_groups(&self, _req: Request<pb::ListGroupsRequest>) -> R<pb::ListGroupsResponse> {
+        let s = &self.inner;
+        let table = s.router.table();
+        let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (name, t) in &table.topics {
+            let stats = s.stats(t.queues.iter().map(|q| q.group_id).collect(), "").await;
+            for st in stats.values().flatten() {
+                for c in &st.consumer_groups {
+                    groups.entry(c.name.clone()).or_default().insert(name.clone());
+                }
+            }
+        }
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: groups
+                .into_iter()
+                .map(|(name, topics)| pb::GroupSummary {
+                    name,
+                    topics: topics.into_iter().collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn describe_group(&self, req: Request<pb::DescribeGroupRequest>) -> R<pb::DescribeGroupResponse> {
+        let s = &self.inner;
+        let group = req.into_inner().group;
+        validate::group_name(&group)?;
+        let table = s.router.table();
+        let mut names: Vec<&String> = table.topics.keys().collect();
+        names.sort();
+        let mut queues = Vec::new();
+        for name in names {
+            let t = &table.topics[name];
+            let stats = s.stats(t.queues.iter().map(|q| q.group_id).collect(), &group).await;
+            for q in &t.queues {
+                let Some(Ok(st)) = stats.get(&q.group_id) else { continue };
+                if let Some(c) = st.consumer_groups.iter().find(|c| c.name == group) {
+                    queues.push(pb::GroupQueueState {
+                        topic: name.clone(),
+                        queue: q.queue,
+                        committed_offset: c.committed_offset,
+                        end_offset: st.end_offset,
+                        lag: st.end_offset.saturating_sub(c.committed_offset),
+                        inflight: c.inflight,
+                    });
+                }
+            }
+        }
+        if queues.is_empty() {
+            return Err(PetrelError::NotFound(format!("consumer group {group:?} has no state on any queue")).into());
+        }
+        Ok(Response::new(pb::DescribeGroupResponse { group, queues }))
+    }
+
+    async fn describe_cluster(&self, _req: Request<pb::DescribeClusterRequest>) -> R<pb::ClusterInfo> {
+        let s = &self.inner;
+        s.router.refresh_now().await;
+        let t = s.router.table();
+        let mut leaders: HashMap<u64, u32> = HashMap::new();
+        for (b, _) in t.leaders.values() {
+            *leaders.entry(*b).or_default() += 1;
+        }
+        let mut replicas: HashMap<u64, u32> = HashMap::new();
+        let mut queue_count = 0;
+        for tr in t.topics.values() {
+            for q in &tr.queues {
+                queue_count += 1;
+                for r in &q.replicas {
+                    *replicas.entry(*r).or_default() += 1;
+                }
+            }
+        }
+        let mut brokers: Vec<pb::BrokerInfo> = t
+            .brokers
+            .iter()
+            .map(|(id, a)| pb::BrokerInfo {
+                id: *id,
+                address: a.clone(),
+                reachable: t.reachable.get(id).copied().unwrap_or(false),
+                leader_count: leaders.get(id).copied().unwrap_or(0),
+                replica_count: replicas.get(id).copied().unwrap_or(0),
+            })
+            .collect();
+        brokers.sort_by_key(|b| b.id);
+        Ok(Response::new(pb::ClusterInfo {
+            brokers,
+            meta_leader: t.meta_leader,
+            topic_count: t.topics.len() as u32,
+            queue_count,
+            map_version: t.map_version,
+        }))
+    }
+}

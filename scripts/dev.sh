@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up what is missing, builds Petrel, starts the embedded dev cluster
+# (3 brokers + 1 proxy, data in ./petrel-data), runs a short produce/consume
+# demo against it, then keeps the cluster running until Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+cargo build --workspace --bins
+PETREL="$CARGO_TARGET_DIR/debug/petrel"
+PORT="${PETREL_PORT:-7400}"
+EP="127.0.0.1:$PORT"
+
+"$PETREL" dev --data-dir "${PETREL_DATA_DIR:-./petrel-data}" --port "$PORT" &
+DEV=$!
+trap 'kill -INT $DEV 2>/dev/null; wait $DEV 2>/dev/null || true' EXIT INT TERM
+
+for _ in $(seq 1 100); do
+  "$PETREL" --endpoint "$EP" cluster describe >/dev/null 2>&1 && break
+  sleep 0.3
+done
+
+run() { echo; echo "\$ petrel $*"; "$PETREL" --endpoint "$EP" "$@"; }
+run cluster describe
+"$PETREL" --endpoint "$EP" topic describe demo >/dev/null 2>&1 || run topic create demo --queues 4 --replicas 3
+run topic describe demo
+echo; echo "\$ printf 'hello\\nworld\\n' | petrel produce --topic demo --key greeting"
+printf 'hello\nworld\n' | "$PETREL" --endpoint "$EP" produce --topic demo --key greeting
+run produce --topic demo --count 5 --size 32
+run consume --topic demo --group demo-readers --max 7 --wait-ms 3000
+run group describe demo-readers
+echo
+echo "Demo done. The cluster keeps running at $EP; use $PETREL --endpoint $EP ... (Ctrl-C to stop)."
+wait $DEV
