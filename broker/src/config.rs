@@ -108,13 +108,18 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
         let (id, addr) = part
             .split_once('=')
             .ok_or_else(|| ConfigError::BadPeer(part.into()))?;
-        let id: u64 = id.trim().parse().map_err(|_| ConfigError::BadPeer(part.into()))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::BadPeer(part.into()))?;
         let addr = addr.trim();
         if id == 0 || addr.is_empty() || !addr.contains(':') {
             return Err(ConfigError::BadPeer(part.into()));
         }
         if out.insert(id, addr.to_string()).is_some() {
-            return Err(ConfigError::Invalid(format!("broker id {id} appears twice in --peers")));
+            return Err(ConfigError::Invalid(format!(
+                "broker id {id} appears twice in --peers"
+            )));
         }
     }
     Ok(out)
@@ -174,7 +179,10 @@ impl BrokerArgs {
                 peers.insert(id, advertise.clone());
             }
         }
-        let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(DEFAULT_HEARTBEAT_MS);
+        let heartbeat_ms = self
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .unwrap_or(DEFAULT_HEARTBEAT_MS);
         let election_timeout_ms = self
             .election_timeout_ms
             .or(file.election_timeout_ms)
@@ -189,7 +197,9 @@ impl BrokerArgs {
             .or(file.max_record_bytes)
             .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
         if max_record_bytes == 0 || max_record_bytes > 64 << 20 {
-            return Err(ConfigError::Invalid("--max-record-bytes must be 1..=64MiB".into()));
+            return Err(ConfigError::Invalid(
+                "--max-record-bytes must be 1..=64MiB".into(),
+            ));
         }
         Ok(BrokerConfig {
             id,

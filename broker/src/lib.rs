@@ -11,6 +11,10 @@
 //! the cluster map) and one group per queue. Start a broker in-process with
 //! [`run`]; the `petrel-broker` binary is a thin wrapper around it.
 
+// openraft's storage traits fix the error type (`StorageError`, ~224 bytes);
+// helpers that feed them return it too.
+#![allow(clippy::result_large_err)]
+
 pub mod config;
 pub mod keys;
 pub mod log_store;
@@ -32,7 +36,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs a broker on `listener` until `shutdown` is cancelled, then stops its
 /// Raft groups and closes its database.
-pub async fn run(config: BrokerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: BrokerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let node = Node::start(config, shutdown.child_token()).await?;
     let result = service::serve(node.clone(), listener, shutdown.clone()).await;
     node.stop().await;

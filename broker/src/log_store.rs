@@ -32,7 +32,10 @@ impl LogStore {
         Self { group, store }
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, kind: u8) -> Result<Option<T>, RaftStorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: u8,
+    ) -> Result<Option<T>, RaftStorageError> {
         let key = keys::state_key(self.group, kind);
         match self.store.get(CF_RAFT_STATE, &key).map_err(read_err)? {
             None => Ok(None),
@@ -82,7 +85,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for kv in it {
             let (k, v) = kv.map_err(read_err)?;
-            let Some((g, idx)) = keys::decode_group_u64(&k) else { break };
+            let Some((g, idx)) = keys::decode_group_u64(&k) else {
+                break;
+            };
             if g != self.group || !range.contains(&idx) {
                 break;
             }
@@ -111,7 +116,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), RaftStorageError> {
         let mut b = WriteBatch::default();
         let v = bincode::serialize(vote).map_err(|e| StorageIOError::write_vote(&e))?;
-        b.put_cf(&self.store.cf(CF_RAFT_STATE), keys::state_key(self.group, raft_state::VOTE), v);
+        b.put_cf(
+            &self.store.cf(CF_RAFT_STATE),
+            keys::state_key(self.group, raft_state::VOTE),
+            v,
+        );
         self.store
             .write_synced(b)
             .map_err(|e| StorageIOError::write_vote(&e).into())
@@ -136,7 +145,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta(raft_state::COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), RaftStorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -147,7 +160,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let v = bincode::serialize(&e).map_err(write_err)?;
             b.put_cf(&cf, keys::log_key(self.group, e.log_id.index), v);
         }
-        drop(cf);
         self.store.write_logged(b).map_err(write_err)?;
         self.store
             .sync_then(Box::new(move |res| callback.log_io_completed(res)));
@@ -158,8 +170,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut b = WriteBatch::default();
         b.delete_range_cf(
             &self.store.cf(CF_RAFT_LOG),
-            keys::log_key(self.group, log_id.index),
-            keys::group_end(self.group),
+            &keys::log_key(self.group, log_id.index)[..],
+            &keys::group_end(self.group)[..],
         );
         self.store.write_synced(b).map_err(write_err)
     }

@@ -88,7 +88,9 @@ impl ClusterMap {
 
     pub fn register_broker(&mut self, id: u64, address: &str) -> Result<u64, ApplyError> {
         if id == 0 {
-            return Err(ApplyError::InvalidArgument("broker id 0 is reserved".into()));
+            return Err(ApplyError::InvalidArgument(
+                "broker id 0 is reserved".into(),
+            ));
         }
         self.brokers.insert(id, address.to_string());
         self.version += 1;
@@ -108,7 +110,9 @@ impl ClusterMap {
             )));
         }
         if placements.len() != spec.queue_count as usize {
-            return Err(ApplyError::InvalidArgument("placement count mismatch".into()));
+            return Err(ApplyError::InvalidArgument(
+                "placement count mismatch".into(),
+            ));
         }
         let queues = self.assign(0, placements);
         self.topics.insert(
@@ -145,7 +149,9 @@ impl ClusterMap {
         add: &[QueuePlacement],
     ) -> Result<u64, ApplyError> {
         let Some(t) = self.topics.get(name) else {
-            return Err(ApplyError::NotFound(format!("topic {name:?} does not exist")));
+            return Err(ApplyError::NotFound(format!(
+                "topic {name:?} does not exist"
+            )));
         };
         let first = t.queues.len() as u32;
         let new = self.assign(first, add);
@@ -164,7 +170,9 @@ impl ClusterMap {
 
     pub fn delete_topic(&mut self, name: &str) -> Result<u64, ApplyError> {
         if self.topics.remove(name).is_none() {
-            return Err(ApplyError::NotFound(format!("topic {name:?} does not exist")));
+            return Err(ApplyError::NotFound(format!(
+                "topic {name:?} does not exist"
+            )));
         }
         self.version += 1;
         Ok(self.version)
@@ -239,7 +247,11 @@ mod tests {
         m.create_topic(&spec("b", 7, 1), &p, 0).unwrap();
         let mut leaders = BTreeMap::new();
         let mut replicas = BTreeMap::new();
-        for (_, q) in m.topics.values().flat_map(|t| t.queues.iter().map(move |q| (t, q))) {
+        for (_, q) in m
+            .topics
+            .values()
+            .flat_map(|t| t.queues.iter().map(move |q| (t, q)))
+        {
             *leaders.entry(q.replicas[0]).or_insert(0) += 1;
             for r in &q.replicas {
                 *replicas.entry(*r).or_insert(0) += 1;
@@ -248,9 +260,15 @@ mod tests {
             uniq.dedup();
             assert_eq!(uniq.len(), q.replicas.len());
         }
-        let (min, max) = (leaders.values().min().unwrap(), leaders.values().max().unwrap());
+        let (min, max) = (
+            leaders.values().min().unwrap(),
+            leaders.values().max().unwrap(),
+        );
         assert!(max - min <= 1, "{leaders:?}");
-        let (min, max) = (replicas.values().min().unwrap(), replicas.values().max().unwrap());
+        let (min, max) = (
+            replicas.values().min().unwrap(),
+            replicas.values().max().unwrap(),
+        );
         assert!(max - min <= 1, "{replicas:?}");
     }
 

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -87,7 +89,12 @@ pub struct PeerClient {
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 
 impl PeerClient {
-    async fn call<Req, Resp, E>(&mut self, kind: u32, req: &Req, option: &RPCOption) -> Result<Resp, RpcErr<E>>
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: u32,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr<E>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -97,7 +104,8 @@ impl PeerClient {
             Ok(c) => c.clone(),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
         };
-        let payload = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload =
+            bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = RaftTransportClient::new(ch)
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
             .max_encoding_message_size(MAX_RAFT_MESSAGE);
@@ -123,8 +131,8 @@ impl PeerClient {
             let e = PetrelError::from_detail(&err);
             return Err(RPCError::Network(NetworkError::new(&e)));
         }
-        let result: Result<Resp, RaftError<u64, E>> =
-            bincode::deserialize(&resp.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<u64, E>> = bincode::deserialize(&resp.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -146,7 +154,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         self.call(KIND_SNAPSHOT, &rpc, &option).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RpcErr> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr> {
         self.call(KIND_VOTE, &rpc, &option).await
     }
 }

@@ -51,7 +51,10 @@ pub struct Node {
 }
 
 impl Node {
-    pub async fn start(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(
+        config: BrokerConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
         let store = Store::open(&config.data_dir)?;
         let raft_config = Arc::new(
             openraft::Config {
@@ -90,7 +93,13 @@ impl Node {
             sm,
         )
         .await?;
-        node.groups.insert(META_GROUP, GroupHandle { raft: raft.clone(), queue: None });
+        node.groups.insert(
+            META_GROUP,
+            GroupHandle {
+                raft: raft.clone(),
+                queue: None,
+            },
+        );
         let voters = node.meta_voters();
         if voters.contains_key(&node.id) {
             let first = *voters.keys().next().expect("non-empty");
@@ -129,23 +138,37 @@ impl Node {
     /// `Ok` if this node leads `group`, else `NotLeader` with a hint.
     pub fn ensure_leader(&self, group: u64) -> Result<GroupHandle, PetrelError> {
         let Some(h) = self.group(group) else {
-            return Err(PetrelError::NotLeader { group, leader: None });
+            return Err(PetrelError::NotLeader {
+                group,
+                leader: None,
+            });
         };
         match Self::leader_of(&h.raft) {
             Some(l) if l == self.id => Ok(h),
-            other => Err(PetrelError::NotLeader { group, leader: other }),
+            other => Err(PetrelError::NotLeader {
+                group,
+                leader: other,
+            }),
         }
     }
 
     /// Replicates `cmd` through `group` and returns its applied response.
-    pub async fn write(&self, group: u64, h: &GroupHandle, cmd: Command) -> Result<Response, PetrelError> {
+    pub async fn write(
+        &self,
+        group: u64,
+        h: &GroupHandle,
+        cmd: Command,
+    ) -> Result<Response, PetrelError> {
         match tokio::time::timeout(WRITE_TIMEOUT, h.raft.client_write(cmd)).await {
             Err(_) => Err(PetrelError::Timeout(format!(
                 "replicating to group {group} took longer than {WRITE_TIMEOUT:?}"
             ))),
             Ok(Ok(r)) => Ok(r.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(PetrelError::NotLeader { group, leader: f.leader_id })
+                Err(PetrelError::NotLeader {
+                    group,
+                    leader: f.leader_id,
+                })
             }
             Ok(Err(RaftError::APIError(e))) => Err(PetrelError::Internal(e.to_string())),
             Ok(Err(RaftError::Fatal(e))) => Err(PetrelError::Unavailable(format!(
@@ -181,7 +204,8 @@ impl Node {
                 state: Default::default(),
                 changed: Default::default(),
             });
-            let sm = StateMachine::open(q.group_id, self.store.clone(), Kind::Queue(shared.clone()))?;
+            let sm =
+                StateMachine::open(q.group_id, self.store.clone(), Kind::Queue(shared.clone()))?;
             let raft = Raft::new(
                 self.id,
                 self.raft_config.clone(),
@@ -247,7 +271,10 @@ impl Node {
                         id: *id,
                         address: addr.clone(),
                     };
-                    let h = GroupHandle { raft: meta.clone(), queue: None };
+                    let h = GroupHandle {
+                        raft: meta.clone(),
+                        queue: None,
+                    };
                     match self.write(META_GROUP, &h, cmd).await {
                         Ok(_) => tracing::info!(broker = id, %addr, "registered broker"),
                         Err(e) => tracing::warn!(broker = id, error = %e, "registering broker"),
@@ -259,7 +286,8 @@ impl Node {
 
     pub async fn stop(&self) {
         self.shutdown.cancel();
-        let handles: Vec<(u64, GroupHandle)> = self.groups.iter().map(|e| (*e.key(), e.clone())).collect();
+        let handles: Vec<(u64, GroupHandle)> =
+            self.groups.iter().map(|e| (*e.key(), e.clone())).collect();
         for (_, h) in handles {
             let _ = h.raft.shutdown().await;
         }

@@ -250,6 +250,7 @@ impl QueueState {
         out
     }
 
+    #[allow(clippy::too_many_arguments)] // a command's fields, applied as one
     pub fn change_invisible(
         &mut self,
         consumer: &str,
@@ -288,7 +289,12 @@ impl QueueState {
 
     /// Offset mode: sets the group's committed position (clamped to the
     /// queue). Moving backwards forgets leases and acks above it.
-    pub fn commit_offset(&mut self, consumer: &str, offset: u64, ch: &mut Changes) -> Result<(), ApplyError> {
+    pub fn commit_offset(
+        &mut self,
+        consumer: &str,
+        offset: u64,
+        ch: &mut Changes,
+    ) -> Result<(), ApplyError> {
         let (start, end) = (self.header.start_offset, self.header.next_offset);
         if offset > end {
             return Err(ApplyError::InvalidArgument(format!(
@@ -329,17 +335,26 @@ mod tests {
         let mut q = QueueState::default();
         let mut ch = Changes::default();
         let recs = vec![(1, Bytes::from_static(b"a")), (2, Bytes::from_static(b"b"))];
-        assert_eq!(q.append("p", &recs, 1, &mut ch), vec![(0, false), (1, false)]);
+        assert_eq!(
+            q.append("p", &recs, 1, &mut ch),
+            vec![(0, false), (1, false)]
+        );
         assert_eq!(ch.records.len(), 2);
         let mut ch = Changes::default();
         assert_eq!(q.append("p", &recs, 2, &mut ch), vec![(0, true), (1, true)]);
         assert!(ch.records.is_empty());
         assert_eq!(q.header.next_offset, 2);
         // Another producer with the same sequences is not a duplicate.
-        assert_eq!(q.append("p2", &recs, 3, &mut ch), vec![(2, false), (3, false)]);
+        assert_eq!(
+            q.append("p2", &recs, 3, &mut ch),
+            vec![(2, false), (3, false)]
+        );
         // Out-of-order sequences within the window are fine.
         let late = vec![(10, Bytes::new()), (5, Bytes::new())];
-        assert_eq!(q.append("p", &late, 4, &mut ch), vec![(4, false), (5, false)]);
+        assert_eq!(
+            q.append("p", &late, 4, &mut ch),
+            vec![(4, false), (5, false)]
+        );
         assert_eq!(q.append("p", &late, 5, &mut ch), vec![(4, true), (5, true)]);
     }
 
@@ -348,7 +363,10 @@ mod tests {
         let mut q = q_with(3);
         let mut ch = Changes::default();
         let first = q.pop("g", 10, 1000, 500, 10, &mut ch);
-        assert_eq!(first.iter().map(|l| l.offset).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            first.iter().map(|l| l.offset).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
         assert!(first.iter().all(|l| l.attempt == 1));
         // Not expired yet: nothing.
         assert!(q.pop("g", 10, 1400, 500, 11, &mut ch).is_empty());
@@ -357,10 +375,22 @@ mod tests {
         // Ack offset 1 in time.
         assert_eq!(q.ack("g", &[(1, 10)], &mut ch), vec![Ok(())]);
         let again = q.pop("g", 10, 1500, 500, 12, &mut ch);
-        assert_eq!(again.iter().map(|l| (l.offset, l.attempt)).collect::<Vec<_>>(), vec![(0, 2), (2, 2)]);
+        assert_eq!(
+            again
+                .iter()
+                .map(|l| (l.offset, l.attempt))
+                .collect::<Vec<_>>(),
+            vec![(0, 2), (2, 2)]
+        );
         // The first receipt for offset 0 is stale now.
-        assert!(matches!(q.ack("g", &[(0, 10)], &mut ch)[0], Err(ApplyError::ReceiptExpired(_))));
-        assert_eq!(q.ack("g", &[(0, 12), (2, 12)], &mut ch), vec![Ok(()), Ok(())]);
+        assert!(matches!(
+            q.ack("g", &[(0, 10)], &mut ch)[0],
+            Err(ApplyError::ReceiptExpired(_))
+        ));
+        assert_eq!(
+            q.ack("g", &[(0, 12), (2, 12)], &mut ch),
+            vec![Ok(()), Ok(())]
+        );
         let c = &q.consumers["g"];
         assert_eq!(c.committed, 3);
         assert!(c.leases.is_empty() && c.acked.is_empty());
@@ -388,10 +418,14 @@ mod tests {
         let mut q = q_with(1);
         let mut ch = Changes::default();
         let l = q.pop("g", 1, 0, 100, 7, &mut ch)[0];
-        let l2 = q.change_invisible("g", 0, l.lease_id, 50, 1000, 8, &mut ch).unwrap();
+        let l2 = q
+            .change_invisible("g", 0, l.lease_id, 50, 1000, 8, &mut ch)
+            .unwrap();
         assert_eq!(l2.deadline_ms, 1050);
         assert!(q.pop("g", 1, 200, 100, 9, &mut ch).is_empty());
-        assert!(q.change_invisible("g", 0, l.lease_id, 60, 10, 10, &mut ch).is_err());
+        assert!(q
+            .change_invisible("g", 0, l.lease_id, 60, 10, 10, &mut ch)
+            .is_err());
         assert!(q.ack("g", &[(0, 8)], &mut ch)[0].is_ok());
     }
 
@@ -400,7 +434,13 @@ mod tests {
         let mut q = q_with(5);
         let mut ch = Changes::default();
         q.commit_offset("g", 3, &mut ch).unwrap();
-        assert_eq!(q.pop("g", 10, 0, 10, 1, &mut ch).iter().map(|l| l.offset).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(
+            q.pop("g", 10, 0, 10, 1, &mut ch)
+                .iter()
+                .map(|l| l.offset)
+                .collect::<Vec<_>>(),
+            vec![3, 4]
+        );
         q.commit_offset("g", 1, &mut ch).unwrap();
         assert_eq!(q.consumers["g"].next_fresh, 1);
         assert!(q.commit_offset("g", 6, &mut ch).is_err());

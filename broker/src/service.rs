@@ -28,7 +28,11 @@ use crate::types::{Command, Response, META_GROUP};
 pub const MAX_DATA_MESSAGE: usize = 64 << 20;
 const FORWARDED: &str = "x-petrel-forwarded";
 
-pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let svc = Service { node };
     tonic::transport::Server::builder()
@@ -64,7 +68,9 @@ fn queue_of(h: &GroupHandle, group: u64) -> Result<&Arc<crate::sm::QueueShared>,
 impl Service {
     fn leader(&self, group: u64) -> Result<GroupHandle, PetrelError> {
         if group == META_GROUP {
-            return Err(PetrelError::InvalidArgument("group 0 is the meta group".into()));
+            return Err(PetrelError::InvalidArgument(
+                "group 0 is the meta group".into(),
+            ));
         }
         self.node.ensure_leader(group)
     }
@@ -117,7 +123,9 @@ impl Service {
         };
         match self.node.write(g.group_id, &h, cmd).await? {
             Response::Appended(v) => Ok(v),
-            other => Err(PetrelError::Internal(format!("unexpected response {other:?}"))),
+            other => Err(PetrelError::Internal(format!(
+                "unexpected response {other:?}"
+            ))),
         }
     }
 
@@ -128,7 +136,9 @@ impl Service {
             .store
             .get(CF_RECORDS, &keys::record_key(group, offset))
             .map_err(|e| storage_err(group, offset, e.to_string()))?
-            .ok_or_else(|| PetrelError::Internal(format!("group {group} offset {offset} is missing")))?;
+            .ok_or_else(|| {
+                PetrelError::Internal(format!("group {group} offset {offset} is missing"))
+            })?;
         if let Err(e) = petrel_proto::record::verify(&v) {
             tracing::error!(group, offset, error = %e, "corrupt record on read");
             return Err(PetrelError::Corrupt(format!(
@@ -138,9 +148,15 @@ impl Service {
         Ok(Bytes::from(v))
     }
 
-    async fn meta_write(&self, req: bpb::MetaWriteRequest) -> Result<bpb::MetaWriteResponse, PetrelError> {
+    async fn meta_write(
+        &self,
+        req: bpb::MetaWriteRequest,
+    ) -> Result<bpb::MetaWriteResponse, PetrelError> {
         let meta = self.node.meta();
-        let h = GroupHandle { raft: meta.clone(), queue: None };
+        let h = GroupHandle {
+            raft: meta.clone(),
+            queue: None,
+        };
         let map = self.node.map_rx.borrow().clone();
         let (cmd, name) = match req.op {
             None => return Err(PetrelError::InvalidArgument("empty meta write".into())),
@@ -148,16 +164,23 @@ impl Service {
                 validate::topic_name(&c.name)?;
                 validate::topic_shape(c.queue_count, c.replication_factor, map.brokers.len())?;
                 let mt = match pb::MessageType::try_from(c.message_type) {
-                    Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => pb::MessageType::Normal,
+                    Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => {
+                        pb::MessageType::Normal
+                    }
                     Ok(other) => {
                         return Err(PetrelError::InvalidArgument(format!(
                             "message type {other:?} is not supported yet; use NORMAL"
                         )))
                     }
-                    Err(_) => return Err(PetrelError::InvalidArgument("unknown message type".into())),
+                    Err(_) => {
+                        return Err(PetrelError::InvalidArgument("unknown message type".into()))
+                    }
                 };
                 if map.topics.contains_key(&c.name) {
-                    return Err(PetrelError::AlreadyExists(format!("topic {:?} already exists", c.name)));
+                    return Err(PetrelError::AlreadyExists(format!(
+                        "topic {:?} already exists",
+                        c.name
+                    )));
                 }
                 let spec = TopicSpec {
                     name: c.name.clone(),
@@ -180,7 +203,10 @@ impl Service {
             Some(bpb::meta_write_request::Op::UpdateTopic(u)) => {
                 validate::topic_name(&u.name)?;
                 let Some(t) = map.topics.get(&u.name) else {
-                    return Err(PetrelError::NotFound(format!("topic {:?} does not exist", u.name)));
+                    return Err(PetrelError::NotFound(format!(
+                        "topic {:?} does not exist",
+                        u.name
+                    )));
                 };
                 let cur = t.queues.len() as u32;
                 let add = if u.queue_count == 0 || u.queue_count == cur {
@@ -191,7 +217,11 @@ impl Service {
                         u.queue_count
                     )));
                 } else {
-                    validate::topic_shape(u.queue_count, t.spec.replication_factor, map.brokers.len())?;
+                    validate::topic_shape(
+                        u.queue_count,
+                        t.spec.replication_factor,
+                        map.brokers.len(),
+                    )?;
                     map.place(u.queue_count - cur, t.spec.replication_factor)
                 };
                 (
@@ -213,12 +243,14 @@ impl Service {
             Response::Meta(Ok(version)) => {
                 let map = self.node.map_rx.borrow().clone();
                 Ok(bpb::MetaWriteResponse {
-                    topic: map.topics.get(&name).map(|t| topic_route(t)),
+                    topic: map.topics.get(&name).map(topic_route),
                     map_version: version,
                 })
             }
             Response::Meta(Err(e)) => Err(e.into()),
-            other => Err(PetrelError::Internal(format!("unexpected response {other:?}"))),
+            other => Err(PetrelError::Internal(format!(
+                "unexpected response {other:?}"
+            ))),
         }
     }
 }
@@ -310,7 +342,9 @@ impl BrokerData for Service {
         };
         let leases = match self.node.write(group, &h, cmd).await? {
             Response::Leased(v) => v,
-            other => return Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+            other => {
+                return Err(PetrelError::Internal(format!("unexpected response {other:?}")).into())
+            }
         };
         let mut records = Vec::with_capacity(leases.len());
         let mut corrupt = None;
@@ -403,26 +437,38 @@ impl BrokerData for Service {
             ))
             .into());
         }
-        let max_bytes = if req.max_bytes == 0 { 1 << 20 } else { req.max_bytes.min(32 << 20) } as usize;
-        let max_n = if req.max_messages == 0 { 1000 } else { req.max_messages.min(10_000) } as usize;
+        let max_bytes = if req.max_bytes == 0 {
+            1 << 20
+        } else {
+            req.max_bytes.min(32 << 20)
+        } as usize;
+        let max_n = if req.max_messages == 0 {
+            1000
+        } else {
+            req.max_messages.min(10_000)
+        } as usize;
         let cf = self.node.store.cf(CF_RECORDS);
         let from = keys::record_key(group, req.offset);
         let mut records = Vec::new();
         let mut bytes = 0usize;
-        let mut expect = req.offset;
-        for kv in self
+        let iter = self
             .node
             .store
             .db()
-            .iterator_cf(&cf, IteratorMode::From(&from, Direction::Forward))
-        {
+            .iterator_cf(&cf, IteratorMode::From(&from, Direction::Forward));
+        for (expect, kv) in (req.offset..).zip(iter) {
             let (k, v) = kv.map_err(|e| storage_err(group, expect, e.to_string()))?;
-            let Some((g, off)) = keys::decode_group_u64(&k) else { break };
+            let Some((g, off)) = keys::decode_group_u64(&k) else {
+                break;
+            };
             if g != group || off >= header.next_offset || records.len() >= max_n {
                 break;
             }
             if off != expect {
-                return Err(PetrelError::Corrupt(format!("group {group}: offset {expect} is missing")).into());
+                return Err(PetrelError::Corrupt(format!(
+                    "group {group}: offset {expect} is missing"
+                ))
+                .into());
             }
             if let Err(e) = petrel_proto::record::verify(&v) {
                 tracing::error!(group, offset = off, error = %e, "corrupt record on read");
@@ -439,7 +485,6 @@ impl BrokerData for Service {
                 offset: off,
                 encoded: Bytes::from(v.to_vec()),
             });
-            expect += 1;
         }
         Ok(TResponse::new(bpb::BrokerReadResponse {
             records,
@@ -448,7 +493,10 @@ impl BrokerData for Service {
         }))
     }
 
-    async fn commit_offset(&self, req: Request<bpb::BrokerCommitOffsetRequest>) -> R<bpb::BrokerCommitOffsetResponse> {
+    async fn commit_offset(
+        &self,
+        req: Request<bpb::BrokerCommitOffsetRequest>,
+    ) -> R<bpb::BrokerCommitOffsetResponse> {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
         let h = self.leader(req.group_id)?;
@@ -463,7 +511,10 @@ impl BrokerData for Service {
         }
     }
 
-    async fn queue_stats(&self, req: Request<bpb::QueueStatsRequest>) -> R<bpb::QueueStatsResponse> {
+    async fn queue_stats(
+        &self,
+        req: Request<bpb::QueueStatsRequest>,
+    ) -> R<bpb::QueueStatsResponse> {
         let req = req.into_inner();
         let mut queues = Vec::with_capacity(req.group_ids.len());
         for g in req.group_ids {
@@ -520,10 +571,13 @@ impl BrokerData for Service {
                     .get(&l)
                     .cloned()
                     .or_else(|| self.node.config.peers.get(&l).cloned())
-                    .ok_or_else(|| PetrelError::Unavailable(format!("no address for meta leader {l}")))?;
+                    .ok_or_else(|| {
+                        PetrelError::Unavailable(format!("no address for meta leader {l}"))
+                    })?;
                 let ch = self.node.pool.channel(l, &addr)?;
                 let mut r = Request::new(req);
-                r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+                r.metadata_mut()
+                    .insert(FORWARDED, "1".parse().expect("ascii"));
                 r.set_timeout(crate::node::WRITE_TIMEOUT);
                 let resp = BrokerDataClient::new(ch).meta_write(r).await?;
                 Ok(resp)
@@ -569,7 +623,11 @@ impl RaftTransport for Service {
                 let rpc = bincode::deserialize(&req.payload).map_err(bad)?;
                 encode_result(&h.raft.install_snapshot(rpc).await)
             }
-            k => return Err(PetrelError::InvalidArgument(format!("unknown raft message kind {k}")).into()),
+            k => {
+                return Err(
+                    PetrelError::InvalidArgument(format!("unknown raft message kind {k}")).into(),
+                )
+            }
         };
         Ok(TResponse::new(resp))
     }

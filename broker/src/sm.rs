@@ -150,7 +150,8 @@ impl StateMachine {
     }
 
     fn put_applied(&self, b: &mut WriteBatch) -> Result<(), RaftStorageError> {
-        let v = bincode::serialize(&(&self.last_applied, &self.membership)).map_err(sm_write_err)?;
+        let v =
+            bincode::serialize(&(&self.last_applied, &self.membership)).map_err(sm_write_err)?;
         b.put_cf(
             &self.store.cf(CF_SM_STATE),
             keys::state_key(self.group, sm_state::APPLIED),
@@ -159,7 +160,12 @@ impl StateMachine {
         Ok(())
     }
 
-    fn persist_queue(&self, q: &QueueState, ch: Changes, b: &mut WriteBatch) -> Result<(), RaftStorageError> {
+    fn persist_queue(
+        &self,
+        q: &QueueState,
+        ch: Changes,
+        b: &mut WriteBatch,
+    ) -> Result<(), RaftStorageError> {
         let g = self.group;
         let rec = self.store.cf(CF_RECORDS);
         let sm = self.store.cf(CF_SM_STATE);
@@ -279,17 +285,19 @@ impl StateMachine {
         }
     }
 
-    fn snapshot_of(&self, payload: &SnapshotPayload) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+    fn snapshot_of(
+        &self,
+        payload: &SnapshotPayload,
+    ) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let data = bincode::serialize(payload).map_err(sm_read_err)?;
         let meta = SnapshotMeta {
             last_log_id: self.last_applied,
             last_membership: self.membership.clone(),
-            snapshot_id: format!(
-                "{}-{}-{}",
-                self.group,
-                self.last_applied.map(|l| l.index).unwrap_or(0),
-                petrel_proto::now_ms()
-            ),
+            // Deterministic: the same applied state names the same snapshot.
+            snapshot_id: match self.last_applied {
+                Some(l) => format!("{}-{}-{}", self.group, l.leader_id.term, l.index),
+                None => format!("{}-empty", self.group),
+            },
         };
         Ok(Snapshot {
             meta,
@@ -319,7 +327,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
         Ok((self.last_applied, self.membership.clone()))
     }
 
@@ -342,7 +352,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             self.membership = StoredMembership::new(Some(e.log_id), m.clone());
                             Response::None
                         }
-                        EntryPayload::Normal(cmd) => Self::apply_queue(&mut st, cmd, e.log_id.index, &mut ch),
+                        EntryPayload::Normal(cmd) => {
+                            Self::apply_queue(&mut st, cmd, e.log_id.index, &mut ch)
+                        }
                     });
                 }
                 self.persist_queue(&st, ch, &mut b)?;
@@ -403,7 +415,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), RaftStorageError> {
-        let payload: SnapshotPayload = bincode::deserialize(snapshot.get_ref()).map_err(sm_read_err)?;
+        let payload: SnapshotPayload =
+            bincode::deserialize(snapshot.get_ref()).map_err(sm_read_err)?;
         let g = self.group;
         let mut b = WriteBatch::default();
         self.last_applied = meta.last_log_id;
@@ -411,7 +424,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         match (&self.kind, payload) {
             (Kind::Meta(tx), SnapshotPayload::Meta(map)) => {
                 let v = bincode::serialize(&map).map_err(sm_write_err)?;
-                b.put_cf(&self.store.cf(CF_SM_STATE), keys::state_key(g, sm_state::CLUSTER_MAP), v);
+                b.put_cf(
+                    &self.store.cf(CF_SM_STATE),
+                    keys::state_key(g, sm_state::CLUSTER_MAP),
+                    v,
+                );
                 self.put_applied(&mut b)?;
                 self.store.write_unlogged(b).map_err(sm_write_err)?;
                 tx.send_replace(Arc::new(map));
@@ -426,8 +443,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 },
             ) => {
                 let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
-                b.delete_range_cf(&self.store.cf(CF_RECORDS), keys::group_start(g), keys::group_end(g));
-                b.delete_range_cf(&self.store.cf(CF_SM_STATE), keys::group_start(g), keys::group_end(g));
+                b.delete_range_cf(
+                    &self.store.cf(CF_RECORDS),
+                    &keys::group_start(g)[..],
+                    &keys::group_end(g)[..],
+                );
+                b.delete_range_cf(
+                    &self.store.cf(CF_SM_STATE),
+                    &keys::group_start(g)[..],
+                    &keys::group_end(g)[..],
+                );
                 *st = QueueState {
                     header,
                     consumers: consumers.into_iter().collect(),
@@ -464,7 +489,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
         if self.last_applied.is_none() {
             return Ok(None);
         }

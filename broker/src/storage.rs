@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rocksdb::{
-    BoundColumnFamily, ColumnFamilyDescriptor, FlushOptions, Options, WriteBatch, WriteOptions, DB,
+    ColumnFamily, ColumnFamilyDescriptor, FlushOptions, Options, WriteBatch, WriteOptions, DB,
 };
 
 pub const CF_RAFT_LOG: &str = "raft_log";
@@ -48,6 +48,11 @@ const ALL_CFS: [&str; 6] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
     #[error("decode {what}: {source}")]
@@ -99,8 +104,9 @@ fn cf_options(name: &str) -> Options {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            StorageError::Rocks(rocksdb::Error::new(format!("create {}: {e}", dir.display())))
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::Io {
+            path: dir.display().to_string(),
+            source: e,
         })?;
         let cfs = ALL_CFS
             .iter()
@@ -110,7 +116,7 @@ impl Store {
         Ok(Self { db, syncer })
     }
 
-    pub fn cf(&self, name: &'static str) -> Arc<BoundColumnFamily<'_>> {
+    pub fn cf(&self, name: &'static str) -> &ColumnFamily {
         self.db
             .cf_handle(name)
             .expect("every column family is created at open")
@@ -148,9 +154,8 @@ impl Store {
     pub fn flush_state(&self) -> Result<(), StorageError> {
         let mut fo = FlushOptions::default();
         fo.set_wait(true);
-        let records = self.cf(CF_RECORDS);
-        let sm = self.cf(CF_SM_STATE);
-        self.db.flush_cfs_opt(&[&records, &sm], &fo)?;
+        self.db
+            .flush_cfs_opt(&[self.cf(CF_RECORDS), self.cf(CF_SM_STATE)], &fo)?;
         Ok(())
     }
 
@@ -171,8 +176,8 @@ impl Store {
         for name in ALL_CFS {
             b.delete_range_cf(
                 &self.cf(name),
-                crate::keys::group_start(group),
-                crate::keys::group_end(group),
+                &crate::keys::group_start(group)[..],
+                &crate::keys::group_end(group)[..],
             );
         }
         self.write_synced(b)
@@ -204,7 +209,11 @@ impl Syncer {
                         Some(db) => db.flush_wal(true).map_err(std::io::Error::other),
                         None => Err(std::io::Error::other("database closed")),
                     };
-                    tracing::trace!(n = batch.len(), us = started.elapsed().as_micros() as u64, "wal fsync");
+                    tracing::trace!(
+                        n = batch.len(),
+                        us = started.elapsed().as_micros() as u64,
+                        "wal fsync"
+                    );
                     for done in batch {
                         done(match &res {
                             Ok(()) => Ok(()),

@@ -72,7 +72,8 @@ impl ReceiptKey {
     }
 
     pub fn decode(&self, handle: &str, topic: &str, group: &str) -> Result<Receipt, PetrelError> {
-        let bad = |why: &str| PetrelError::InvalidArgument(format!("invalid receipt handle: {why}"));
+        let bad =
+            |why: &str| PetrelError::InvalidArgument(format!("invalid receipt handle: {why}"));
         if handle.len() > 128 {
             return Err(bad("too long"));
         }
@@ -89,7 +90,9 @@ impl ReceiptKey {
             .zip(&b[BODY..])
             .fold(0u8, |acc, (x, y)| acc | (x ^ y));
         if diff != 0 {
-            return Err(bad("signature mismatch (forged, or for another topic/group)"));
+            return Err(bad(
+                "signature mismatch (forged, or for another topic/group)",
+            ));
         }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
         Ok(Receipt {

@@ -16,7 +16,9 @@ pub const MAX_REPLICATION_FACTOR: u32 = 5;
 
 fn name(kind: &str, s: &str) -> Result<(), PetrelError> {
     if s.is_empty() {
-        return Err(PetrelError::InvalidArgument(format!("{kind} name is empty")));
+        return Err(PetrelError::InvalidArgument(format!(
+            "{kind} name is empty"
+        )));
     }
     if s.len() > MAX_NAME_LEN {
         return Err(PetrelError::InvalidArgument(format!(
@@ -96,7 +98,10 @@ pub fn message(m: &crate::pb::Message, max_record_bytes: usize) -> Result<(), Pe
             m.properties.len()
         )));
     }
-    if m.properties.keys().any(|k| k.is_empty() || k.len() > MAX_TAG_LEN) {
+    if m.properties
+        .keys()
+        .any(|k| k.is_empty() || k.len() > MAX_TAG_LEN)
+    {
         return Err(PetrelError::InvalidArgument(
             "property names must be 1..=256 bytes".into(),
         ));
@@ -104,8 +109,7 @@ pub fn message(m: &crate::pb::Message, max_record_bytes: usize) -> Result<(), Pe
     let size = m.body.len()
         + m.key.len()
         + m.tag.len()
-        + m
-            .properties
+        + m.properties
             .iter()
             .map(|(k, v)| k.len() + v.len())
             .sum::<usize>();

@@ -42,7 +42,12 @@ impl Batcher {
     }
 
     /// Appends `records` to its group via `leader` at `addr`.
-    pub async fn append(&self, leader: u64, addr: String, records: bpb::AppendRecords) -> AppendResult {
+    pub async fn append(
+        &self,
+        leader: u64,
+        addr: String,
+        records: bpb::AppendRecords,
+    ) -> AppendResult {
         let (tx, rx) = oneshot::channel();
         let lane = self
             .lanes
@@ -68,7 +73,9 @@ impl Batcher {
         tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(INFLIGHT_PER_LEADER));
             while let Some(first) = rx.recv().await {
-                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
                 let mut batch = vec![first];
                 let mut bytes: usize = body_bytes(&batch[0].records);
                 while batch.len() < MAX_COALESCED && bytes < MAX_COALESCED_BYTES {
@@ -83,7 +90,8 @@ impl Batcher {
                 let client = router.channels.client(&addr);
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let (replies, groups): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.reply, p.records)).unzip();
+                    let (replies, groups): (Vec<_>, Vec<_>) =
+                        batch.into_iter().map(|p| (p.reply, p.records)).unzip();
                     let mut client = match client {
                         Ok(c) => c,
                         Err(e) => {
@@ -102,7 +110,9 @@ impl Batcher {
                                         Some(d) => Err(PetrelError::from_detail(&d)),
                                         None => Ok((g.offsets, g.duplicate)),
                                     },
-                                    None => Err(PetrelError::Internal("short append response".into())),
+                                    None => {
+                                        Err(PetrelError::Internal("short append response".into()))
+                                    }
                                 };
                                 let _ = r.send(res);
                             }
@@ -123,5 +133,8 @@ impl Batcher {
 }
 
 fn body_bytes(r: &bpb::AppendRecords) -> usize {
-    r.messages.iter().map(|m: &pb::Message| m.body.len() + 64).sum()
+    r.messages
+        .iter()
+        .map(|m: &pb::Message| m.body.len() + 64)
+        .sum()
 }

@@ -27,12 +27,20 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_CLIENT_MESSAGE: usize = 64 << 20;
 
 /// Serves the client API on `listener` until `shutdown` is cancelled.
-pub async fn run(config: ProxyConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: ProxyConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     if config.receipt_secret == config::DEV_RECEIPT_SECRET {
         tracing::warn!("using the development receipt secret; set --receipt-secret in production");
     }
     let router = routes::Router::new(config.brokers.clone());
-    tokio::spawn(router.clone().run(config.route_refresh, shutdown.child_token()));
+    tokio::spawn(
+        router
+            .clone()
+            .run(config.route_refresh, shutdown.child_token()),
+    );
     let svc = service::ProxyService::new(config, router);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()

@@ -54,7 +54,9 @@ impl Channels {
                     format!("http://{addr}")
                 };
                 let ch = Endpoint::from_shared(uri)
-                    .map_err(|e| PetrelError::Internal(format!("bad broker address {addr:?}: {e}")))?
+                    .map_err(|e| {
+                        PetrelError::Internal(format!("bad broker address {addr:?}: {e}"))
+                    })?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
@@ -134,7 +136,8 @@ impl Router {
 
     async fn refresh(&self) {
         let old = self.table();
-        let mut addrs: Vec<(Option<u64>, String)> = self.seeds.iter().map(|s| (None, s.clone())).collect();
+        let mut addrs: Vec<(Option<u64>, String)> =
+            self.seeds.iter().map(|s| (None, s.clone())).collect();
         for (id, a) in &old.brokers {
             if !self.seeds.contains(a) {
                 addrs.push((Some(*id), a.clone()));
@@ -189,7 +192,11 @@ impl Router {
         }
         if let Some(b) = best {
             t.map_version = b.map_version;
-            t.brokers = b.brokers.iter().map(|x| (x.id, x.address.clone())).collect();
+            t.brokers = b
+                .brokers
+                .iter()
+                .map(|x| (x.id, x.address.clone()))
+                .collect();
             t.topics = b
                 .topics
                 .iter()

@@ -122,14 +122,16 @@ impl Inner {
             };
             if !err.is_retryable() || Instant::now() + backoff >= deadline {
                 return Err(match err {
-                    PetrelError::NotLeader { group, .. } => {
-                        PetrelError::Unavailable(format!("group {group} has no reachable leader right now"))
-                    }
+                    PetrelError::NotLeader { group, .. } => PetrelError::Unavailable(format!(
+                        "group {group} has no reachable leader right now"
+                    )),
                     e => e,
                 });
             }
             match &err {
-                PetrelError::NotLeader { leader: Some(l), .. } => {
+                PetrelError::NotLeader {
+                    leader: Some(l), ..
+                } => {
                     self.router.hint_leader(group, *l);
                     self.router.poke();
                     continue;
@@ -141,7 +143,11 @@ impl Inner {
         }
     }
 
-    async fn append(&self, group: u64, records: bpb::AppendRecords) -> Result<(Vec<u64>, Vec<bool>), PetrelError> {
+    async fn append(
+        &self,
+        group: u64,
+        records: bpb::AppendRecords,
+    ) -> Result<(Vec<u64>, Vec<bool>), PetrelError> {
         let batcher = self.batcher.clone();
         self.on_leader(group, |leader, addr, _| {
             let b = batcher.clone();
@@ -151,7 +157,13 @@ impl Inner {
         .await
     }
 
-    fn to_record(&self, topic: &str, queue: u32, offset: u64, encoded: &bytes::Bytes) -> Result<pb::Record, PetrelError> {
+    fn to_record(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        encoded: &bytes::Bytes,
+    ) -> Result<pb::Record, PetrelError> {
         let r = RecordData::decode(encoded).map_err(|e| {
             tracing::error!(topic, queue, offset, error = %e, "corrupt record from broker");
             PetrelError::Corrupt(format!("record {topic}/{queue}/{offset}: {e}"))
@@ -181,8 +193,18 @@ impl Inner {
     }
 
     /// One pass over the topic's queues, leasing up to `max` records.
-    async fn sweep(&self, t: &bpb::TopicRoute, group: &str, max: u32, invisible_ms: u64) -> Result<Vec<pb::Record>, PetrelError> {
-        let topic = t.config.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+    async fn sweep(
+        &self,
+        t: &bpb::TopicRoute,
+        group: &str,
+        max: u32,
+        invisible_ms: u64,
+    ) -> Result<Vec<pb::Record>, PetrelError> {
+        let topic = t
+            .config
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
         let n = t.queues.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed) as usize;
         let mut out = Vec::new();
@@ -202,7 +224,12 @@ impl Inner {
             let res = self
                 .on_leader(q.group_id, |_, _, mut c| {
                     let req = req.clone();
-                    async move { c.pop(req).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+                    async move {
+                        c.pop(req)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(|s| PetrelError::from_status(&s))
+                    }
                 })
                 .await;
             match res {
@@ -247,7 +274,11 @@ impl Inner {
         Ok(out)
     }
 
-    async fn stats(&self, groups: Vec<u64>, consumer_group: &str) -> HashMap<u64, Result<bpb::QueueStats, PetrelError>> {
+    async fn stats(
+        &self,
+        groups: Vec<u64>,
+        consumer_group: &str,
+    ) -> HashMap<u64, Result<bpb::QueueStats, PetrelError>> {
         let futs = groups.into_iter().map(|g| {
             let cg = consumer_group.to_string();
             async move {
@@ -258,7 +289,11 @@ impl Inner {
                             consumer_group: cg.clone(),
                         };
                         async move {
-                            let mut resp = c.queue_stats(req).await.map_err(|s| PetrelError::from_status(&s))?.into_inner();
+                            let mut resp = c
+                                .queue_stats(req)
+                                .await
+                                .map_err(|s| PetrelError::from_status(&s))?
+                                .into_inner();
                             let q = resp
                                 .queues
                                 .pop()
@@ -277,7 +312,9 @@ impl Inner {
     }
 
     async fn topic_info(&self, t: &bpb::TopicRoute) -> pb::TopicInfo {
-        let stats = self.stats(t.queues.iter().map(|q| q.group_id).collect(), "\u{0}none").await;
+        let stats = self
+            .stats(t.queues.iter().map(|q| q.group_id).collect(), "\u{0}none")
+            .await;
         let table = self.router.table();
         pb::TopicInfo {
             config: t.config.clone(),
@@ -299,7 +336,10 @@ impl Inner {
         }
     }
 
-    async fn meta_write(&self, op: bpb::meta_write_request::Op) -> Result<bpb::MetaWriteResponse, PetrelError> {
+    async fn meta_write(
+        &self,
+        op: bpb::meta_write_request::Op,
+    ) -> Result<bpb::MetaWriteResponse, PetrelError> {
         let table = self.router.table();
         let mut addrs: Vec<String> = Vec::new();
         if let Some(a) = table.brokers.get(&table.meta_leader) {
@@ -320,7 +360,9 @@ impl Inner {
                         continue;
                     }
                 };
-                let req = bpb::MetaWriteRequest { op: Some(op.clone()) };
+                let req = bpb::MetaWriteRequest {
+                    op: Some(op.clone()),
+                };
                 match c.meta_write(req).await {
                     Ok(r) => {
                         self.router.refresh_now().await;
@@ -337,7 +379,9 @@ impl Inner {
             }
             if Instant::now() + backoff >= deadline {
                 return Err(match last {
-                    PetrelError::NotLeader { .. } => PetrelError::Unavailable("the meta group has no leader right now".into()),
+                    PetrelError::NotLeader { .. } => {
+                        PetrelError::Unavailable("the meta group has no leader right now".into())
+                    }
                     e => e,
                 });
             }
@@ -369,7 +413,9 @@ impl Petrel for ProxyService {
         for (i, m) in req.messages.iter().enumerate() {
             validate::message(m, s.config.max_record_bytes).map_err(|e| match e {
                 PetrelError::TooLarge(m) => PetrelError::TooLarge(format!("message {i}: {m}")),
-                PetrelError::InvalidArgument(m) => PetrelError::InvalidArgument(format!("message {i}: {m}")),
+                PetrelError::InvalidArgument(m) => {
+                    PetrelError::InvalidArgument(format!("message {i}: {m}"))
+                }
                 e => e,
             })?;
         }
@@ -419,7 +465,9 @@ impl Petrel for ProxyService {
                 };
                 let (offsets, dups) = s.append(group, recs).await?;
                 if offsets.len() != idx.len() {
-                    return Err(PetrelError::Internal("broker returned a short offset list".into()));
+                    return Err(PetrelError::Internal(
+                        "broker returned a short offset list".into(),
+                    ));
                 }
                 Ok::<_, PetrelError>((queue, idx, offsets, dups))
             }
@@ -471,7 +519,10 @@ impl Petrel for ProxyService {
             let deadline = Instant::now() + wait;
             let mut poll = POLL_MIN;
             loop {
-                match s.sweep(&t, &req.group, req.max_messages, req.invisible_duration_ms).await {
+                match s
+                    .sweep(&t, &req.group, req.max_messages, req.invisible_duration_ms)
+                    .await
+                {
                     Ok(records) if !records.is_empty() => {
                         let _ = tx.send(Ok(pb::ReceiveResponse { records })).await;
                         return;
@@ -498,7 +549,9 @@ impl Petrel for ProxyService {
         let req = req.into_inner();
         validate::topic_name(&req.topic)?;
         validate::group_name(&req.group)?;
-        if req.receipt_handles.is_empty() || req.receipt_handles.len() > MAX_RECEIVE_MESSAGES as usize {
+        if req.receipt_handles.is_empty()
+            || req.receipt_handles.len() > MAX_RECEIVE_MESSAGES as usize
+        {
             return Err(PetrelError::InvalidArgument(format!(
                 "ack needs 1..={MAX_RECEIVE_MESSAGES} receipt handles"
             ))
@@ -535,7 +588,12 @@ impl Petrel for ProxyService {
                 let r = s
                     .on_leader(g, |_, _, mut c| {
                         let breq = breq.clone();
-                        async move { c.ack(breq).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+                        async move {
+                            c.ack(breq)
+                                .await
+                                .map(|r| r.into_inner())
+                                .map_err(|s| PetrelError::from_status(&s))
+                        }
                     })
                     .await;
                 (items, r)
@@ -576,7 +634,9 @@ impl Petrel for ProxyService {
             ))
             .into());
         }
-        let r = s.receipts.decode(&req.receipt_handle, &req.topic, &req.group)?;
+        let r = s
+            .receipts
+            .decode(&req.receipt_handle, &req.topic, &req.group)?;
         let breq = bpb::BrokerChangeInvisibleRequest {
             group_id: r.group_id,
             consumer_group: req.group.clone(),
@@ -589,7 +649,12 @@ impl Petrel for ProxyService {
         let resp = s
             .on_leader(r.group_id, |_, _, mut c| {
                 let breq = breq.clone();
-                async move { c.change_invisible(breq).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+                async move {
+                    c.change_invisible(breq)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| PetrelError::from_status(&s))
+                }
             })
             .await?;
         let handle = s.receipts.encode(
@@ -619,9 +684,11 @@ impl Petrel for ProxyService {
             max_messages: req.max_messages,
         };
         let resp = s
-            .on_leader(group, |_, _, mut c| {
-                let breq = breq.clone();
-                async move { c.read(breq).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+            .on_leader(group, |_, _, mut c| async move {
+                c.read(breq)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| PetrelError::from_status(&s))
             })
             .await?;
         let mut records = Vec::with_capacity(resp.records.len());
@@ -637,7 +704,10 @@ impl Petrel for ProxyService {
         }))
     }
 
-    async fn commit_offset(&self, req: Request<pb::CommitOffsetRequest>) -> R<pb::CommitOffsetResponse> {
+    async fn commit_offset(
+        &self,
+        req: Request<pb::CommitOffsetRequest>,
+    ) -> R<pb::CommitOffsetResponse> {
         let s = &self.inner;
         let req = req.into_inner();
         validate::group_name(&req.group)?;
@@ -650,7 +720,12 @@ impl Petrel for ProxyService {
         };
         s.on_leader(group, |_, _, mut c| {
             let breq = breq.clone();
-            async move { c.commit_offset(breq).await.map(|r| r.into_inner()).map_err(|s| PetrelError::from_status(&s)) }
+            async move {
+                c.commit_offset(breq)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| PetrelError::from_status(&s))
+            }
         })
         .await?;
         Ok(Response::new(pb::CommitOffsetResponse {}))
@@ -686,7 +761,9 @@ impl Petrel for ProxyService {
             .config
             .ok_or_else(|| PetrelError::InvalidArgument("missing topic config".into()))?;
         validate::topic_name(&cfg.name)?;
-        let resp = s.meta_write(bpb::meta_write_request::Op::CreateTopic(cfg)).await?;
+        let resp = s
+            .meta_write(bpb::meta_write_request::Op::CreateTopic(cfg))
+            .await?;
         let route = resp
             .topic
             .ok_or_else(|| PetrelError::Internal("meta write returned no topic".into()))?;
@@ -711,11 +788,15 @@ impl Petrel for ProxyService {
         Ok(Response::new(s.topic_info(&route).await))
     }
 
-    async fn delete_topic(&self, req: Request<pb::DeleteTopicRequest>) -> R<pb::DeleteTopicResponse> {
+    async fn delete_topic(
+        &self,
+        req: Request<pb::DeleteTopicRequest>,
+    ) -> R<pb::DeleteTopicResponse> {
         let s = &self.inner;
         let name = req.into_inner().name;
         validate::topic_name(&name)?;
-        s.meta_write(bpb::meta_write_request::Op::DeleteTopic(name)).await?;
+        s.meta_write(bpb::meta_write_request::Op::DeleteTopic(name))
+            .await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
@@ -743,10 +824,15 @@ impl Petrel for ProxyService {
         let table = s.router.table();
         let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (name, t) in &table.topics {
-            let stats = s.stats(t.queues.iter().map(|q| q.group_id).collect(), "").await;
+            let stats = s
+                .stats(t.queues.iter().map(|q| q.group_id).collect(), "")
+                .await;
             for st in stats.values().flatten() {
                 for c in &st.consumer_groups {
-                    groups.entry(c.name.clone()).or_default().insert(name.clone());
+                    groups
+                        .entry(c.name.clone())
+                        .or_default()
+                        .insert(name.clone());
                 }
             }
         }
@@ -761,7 +847,10 @@ impl Petrel for ProxyService {
         }))
     }
 
-    async fn describe_group(&self, req: Request<pb::DescribeGroupRequest>) -> R<pb::DescribeGroupResponse> {
+    async fn describe_group(
+        &self,
+        req: Request<pb::DescribeGroupRequest>,
+    ) -> R<pb::DescribeGroupResponse> {
         let s = &self.inner;
         let group = req.into_inner().group;
         validate::group_name(&group)?;
@@ -771,28 +860,51 @@ impl Petrel for ProxyService {
         let mut queues = Vec::new();
         for name in names {
             let t = &table.topics[name];
-            let stats = s.stats(t.queues.iter().map(|q| q.group_id).collect(), &group).await;
+            let stats = s
+                .stats(t.queues.iter().map(|q| q.group_id).collect(), &group)
+                .await;
+            let member = stats
+                .values()
+                .flatten()
+                .any(|st| st.consumer_groups.iter().any(|c| c.name == group));
+            if !member {
+                continue;
+            }
+            // A group that consumes a topic is shown on all its queues; a
+            // queue it never received from counts from the queue's start.
             for q in &t.queues {
-                let Some(Ok(st)) = stats.get(&q.group_id) else { continue };
-                if let Some(c) = st.consumer_groups.iter().find(|c| c.name == group) {
-                    queues.push(pb::GroupQueueState {
-                        topic: name.clone(),
-                        queue: q.queue,
-                        committed_offset: c.committed_offset,
-                        end_offset: st.end_offset,
-                        lag: st.end_offset.saturating_sub(c.committed_offset),
-                        inflight: c.inflight,
-                    });
-                }
+                let Some(Ok(st)) = stats.get(&q.group_id) else {
+                    continue;
+                };
+                let (committed, inflight) = st
+                    .consumer_groups
+                    .iter()
+                    .find(|c| c.name == group)
+                    .map(|c| (c.committed_offset, c.inflight))
+                    .unwrap_or((st.start_offset, 0));
+                queues.push(pb::GroupQueueState {
+                    topic: name.clone(),
+                    queue: q.queue,
+                    committed_offset: committed,
+                    end_offset: st.end_offset,
+                    lag: st.end_offset.saturating_sub(committed),
+                    inflight,
+                });
             }
         }
         if queues.is_empty() {
-            return Err(PetrelError::NotFound(format!("consumer group {group:?} has no state on any queue")).into());
+            return Err(PetrelError::NotFound(format!(
+                "consumer group {group:?} has no state on any queue"
+            ))
+            .into());
         }
         Ok(Response::new(pb::DescribeGroupResponse { group, queues }))
     }
 
-    async fn describe_cluster(&self, _req: Request<pb::DescribeClusterRequest>) -> R<pb::ClusterInfo> {
+    async fn describe_cluster(
+        &self,
+        _req: Request<pb::DescribeClusterRequest>,
+    ) -> R<pb::ClusterInfo> {
         let s = &self.inner;
         s.router.refresh_now().await;
         let t = s.router.table();

@@ -1,0 +1,527 @@
+//! The producer: an async batcher in front of `Send`.
+//!
+//! ```text
+//!  send() ──▶ bounded channel ──▶ batcher task ──▶ (≤ max_in_flight) Send RPCs
+//!   ▲ oneshot per message         assigns sequences,         │
+//!   └──────────────────────────── linger / size / count ◀────┘ results in order
+//! ```
+//!
+//! # Idempotent retry
+//! Every message gets the next per-producer `sequence` (1, 2, 3, ...) once,
+//! when the producer first accepts it: `send` at the moment the batcher takes
+//! it off the channel, `send_batch` when called. A request is built once; a
+//! retry after a retryable error (possibly to another proxy) resends the
+//! IDENTICAL request — same `producer_id`, same sequences, same order — so the
+//! broker recognises what it already stored and stores it once, answering
+//! `duplicate: true` for those messages.
+//!
+//! # Invariants
+//! - Sequences within one request are strictly increasing.
+//! - A message that fails local validation never joins a batch, so one bad
+//!   message cannot fail other callers' messages.
+//! - Several batches may be in flight at once (`max_in_flight`), so requests
+//!   can reach brokers out of sequence order.
+
+use crate::client::Client;
+use crate::message::{Message, SendReceipt};
+use crate::{pb, Error, Result};
+use petrel_proto::validate;
+use prost::Message as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+
+/// Default time a batch waits for more messages.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
+/// Default largest batch, in encoded bytes.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Default most messages per batch.
+pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 1000;
+/// Default most Send requests in flight per producer.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
+/// Messages waiting for the batcher before `send` applies back-pressure.
+const QUEUE_CAPACITY: usize = 8192;
+
+/// Configures a [`Producer`]; from [`Client::producer`].
+///
+/// ```no_run
+/// # fn demo(client: petrel_sdk::Client) {
+/// use std::time::Duration;
+/// let producer = client
+///     .producer("orders")
+///     .producer_id("order-service-1")
+///     .linger(Duration::from_millis(2))
+///     .max_batch_messages(500)
+///     .build();
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ProducerBuilder {
+    client: Client,
+    topic: String,
+    producer_id: Option<String>,
+    linger: Duration,
+    max_batch_bytes: usize,
+    max_batch_messages: usize,
+    max_in_flight: usize,
+}
+
+impl ProducerBuilder {
+    pub(crate) fn new(client: Client, topic: String) -> Self {
+        Self {
+            client,
+            topic,
+            producer_id: None,
+            linger: DEFAULT_LINGER,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+
+    /// Stable producer id used for de-duplication (default: a random unique
+    /// id per `build`). Reuse an id only with its sequence state, i.e. never
+    /// from two live producers at once.
+    pub fn producer_id(mut self, id: impl Into<String>) -> Self {
+        self.producer_id = Some(id.into());
+        self
+    }
+
+    /// How long a batch waits for more messages after its first (default 5 ms).
+    pub fn linger(mut self, d: Duration) -> Self {
+        self.linger = d;
+        self
+    }
+
+    /// Largest batch in encoded bytes (default 1 MiB). A single larger
+    /// message is sent alone.
+    pub fn max_batch_bytes(mut self, n: usize) -> Self {
+        self.max_batch_bytes = n.max(1);
+        self
+    }
+
+    /// Most messages per batch (default 1000, at most 10 000).
+    pub fn max_batch_messages(mut self, n: usize) -> Self {
+        self.max_batch_messages = n.clamp(1, validate::DEFAULT_MAX_BATCH_MESSAGES);
+        self
+    }
+
+    /// Most `Send` requests in flight at once (default 16). Use 1 to keep
+    /// batches strictly ordered on the wire.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.clamp(1, Semaphore::MAX_PERMITS >> 4);
+        self
+    }
+
+    /// Creates the producer and starts its batcher task.
+    pub fn build(self) -> Producer {
+        let producer_id = self.producer_id.unwrap_or_else(random_producer_id);
+        let next_sequence = Arc::new(AtomicU64::new(1));
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let batcher = Batcher {
+            client: self.client.clone(),
+            topic: self.topic.clone(),
+            producer_id: producer_id.clone(),
+            next_sequence: next_sequence.clone(),
+            linger: self.linger,
+            max_batch_bytes: self.max_batch_bytes,
+            max_batch_messages: self.max_batch_messages,
+            max_in_flight: self.max_in_flight,
+        };
+        self.client.spawn(batcher.run(rx));
+        Producer {
+            inner: Arc::new(Shared {
+                client: self.client,
+                topic: self.topic,
+                producer_id,
+                next_sequence,
+                tx,
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+fn random_producer_id() -> String {
+    format!(
+        "p-{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+/// Sends messages to one topic, batching concurrent sends.
+///
+/// Cheap to clone; clones share the batcher, the producer id and the
+/// sequence counter. See the [module docs](crate::producer) for how retries
+/// stay idempotent.
+///
+/// ```no_run
+/// # async fn demo(client: petrel_sdk::Client) -> petrel_sdk::Result<()> {
+/// use petrel_sdk::Message;
+/// let producer = client.producer("orders").build();
+/// // Concurrent sends share one request.
+/// let (a, b) = tokio::join!(
+///     producer.send(Message::new("first")),
+///     producer.send(Message::new("second").with_key("k")),
+/// );
+/// println!("{} {}", a?.message_id, b?.message_id);
+/// // Or one request explicitly:
+/// let receipts = producer
+///     .send_batch(vec![Message::new("x"), Message::new("y")])
+///     .await?;
+/// assert_eq!(receipts.len(), 2);
+/// producer.close().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Producer {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    client: Client,
+    topic: String,
+    producer_id: String,
+    next_sequence: Arc<AtomicU64>,
+    tx: mpsc::Sender<Command>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("topic", &self.inner.topic)
+            .field("producer_id", &self.inner.producer_id)
+            .finish()
+    }
+}
+
+enum Command {
+    Send {
+        msg: pb::Message,
+        done: oneshot::Sender<Result<SendReceipt>>,
+    },
+    Flush {
+        done: oneshot::Sender<()>,
+    },
+}
+
+impl Producer {
+    /// The topic this producer writes to.
+    pub fn topic(&self) -> &str {
+        &self.inner.topic
+    }
+
+    /// The producer id sent with every request.
+    pub fn producer_id(&self) -> &str {
+        &self.inner.producer_id
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::InvalidArgument("producer is closed".to_string()));
+        }
+        validate::topic_name(&self.inner.topic)?;
+        validate::producer_id(&self.inner.producer_id)
+    }
+
+    /// Sends one message through the batcher; resolves when it is durable
+    /// (or failed). Retries are idempotent, see the module docs.
+    pub async fn send(&self, message: Message) -> Result<SendReceipt> {
+        self.check()?;
+        let msg = message.into_pb(0);
+        validate::message(&msg, validate::DEFAULT_MAX_RECORD_BYTES)?;
+        let (done, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Send { msg, done })
+            .await
+            .map_err(|_| Error::Internal("producer batcher stopped".to_string()))?;
+        rx.await
+            .map_err(|_| Error::Internal("producer batcher stopped".to_string()))?
+    }
+
+    /// Sends these messages as ONE request, bypassing the batcher; results
+    /// come back in order. All are stored or none is acknowledged.
+    pub async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<SendReceipt>> {
+        self.check()?;
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pbs = messages
+            .into_iter()
+            .map(|m| {
+                let m = m.into_pb(0);
+                validate::message(&m, validate::DEFAULT_MAX_RECORD_BYTES).map(|_| m)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let first = self
+            .inner
+            .next_sequence
+            .fetch_add(pbs.len() as u64, Ordering::Relaxed);
+        assign_sequences(&mut pbs, first);
+        let req = pb::SendRequest {
+            topic: self.inner.topic.clone(),
+            producer_id: self.inner.producer_id.clone(),
+            messages: pbs,
+        };
+        send_request(&self.inner.client, req).await
+    }
+
+    /// Sends a prepared request verbatim (with retries). For tests that
+    /// replay a request to check de-duplication.
+    #[doc(hidden)]
+    pub async fn send_request_raw(&self, request: pb::SendRequest) -> Result<Vec<SendReceipt>> {
+        send_request(&self.inner.client, request).await
+    }
+
+    /// Waits until every message whose `send` was called before this call
+    /// has been answered (sent and acknowledged, or failed).
+    pub async fn flush(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.inner.tx.send(Command::Flush { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Flushes, then marks the producer closed: later sends on any clone
+    /// fail with `InvalidArgument("producer is closed")`.
+    pub async fn close(self) {
+        self.flush().await;
+        self.inner.closed.store(true, Ordering::Release);
+    }
+}
+
+fn assign_sequences(msgs: &mut [pb::Message], first: u64) {
+    for (i, m) in msgs.iter_mut().enumerate() {
+        m.sequence = first + i as u64;
+    }
+}
+
+/// Sends one request with retries and checks the answer's shape.
+async fn send_request(client: &Client, req: pb::SendRequest) -> Result<Vec<SendReceipt>> {
+    let expected = req.messages.len();
+    let resp = client
+        .call(Duration::ZERO, |mut c| {
+            let req = req.clone();
+            async move { c.send(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+    if resp.results.len() != expected {
+        return Err(Error::Internal(format!(
+            "proxy answered {} results for {expected} messages",
+            resp.results.len()
+        )));
+    }
+    Ok(resp.results.into_iter().map(SendReceipt::from).collect())
+}
+
+/// Sans-IO batch accumulator: collects items until a size or count limit.
+#[derive(Debug)]
+pub(crate) struct Accumulator<T> {
+    items: Vec<T>,
+    bytes: usize,
+    max_bytes: usize,
+    max_items: usize,
+}
+
+impl<T> Accumulator<T> {
+    pub(crate) fn new(max_bytes: usize, max_items: usize) -> Self {
+        Self {
+            items: Vec::new(),
+            bytes: 0,
+            max_bytes: max_bytes.max(1),
+            max_items: max_items.max(1),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Adds an item of `size` bytes; returns the batches that are now
+    /// complete (zero, one or two), oldest first. An item that would push a
+    /// non-empty batch over `max_bytes` starts the next batch; an item
+    /// larger than `max_bytes` on its own becomes a batch by itself.
+    pub(crate) fn push(&mut self, item: T, size: usize) -> Vec<Vec<T>> {
+        let mut out = Vec::new();
+        if !self.items.is_empty() && self.bytes.saturating_add(size) > self.max_bytes {
+            out.push(self.take());
+        }
+        self.items.push(item);
+        self.bytes = self.bytes.saturating_add(size);
+        if self.items.len() >= self.max_items || self.bytes >= self.max_bytes {
+            out.push(self.take());
+        }
+        out
+    }
+
+    /// Takes the current (possibly empty) batch.
+    pub(crate) fn take(&mut self) -> Vec<T> {
+        self.bytes = 0;
+        std::mem::take(&mut self.items)
+    }
+}
+
+struct Pending {
+    msg: pb::Message,
+    done: oneshot::Sender<Result<SendReceipt>>,
+}
+
+struct Batcher {
+    client: Client,
+    topic: String,
+    producer_id: String,
+    next_sequence: Arc<AtomicU64>,
+    linger: Duration,
+    max_batch_bytes: usize,
+    max_batch_messages: usize,
+    max_in_flight: usize,
+}
+
+impl Batcher {
+    async fn run(self, mut rx: mpsc::Receiver<Command>) {
+        let permits = Arc::new(Semaphore::new(self.max_in_flight));
+        let mut acc = Accumulator::new(self.max_batch_bytes, self.max_batch_messages);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let cmd = match deadline {
+                Some(at) => tokio::select! {
+                    biased;
+                    c = rx.recv() => c,
+                    _ = tokio::time::sleep_until(at) => {
+                        deadline = None;
+                        self.dispatch(acc.take(), &permits).await;
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            match cmd {
+                None => {
+                    // Every Producer handle is gone: send what is left, stop.
+                    self.dispatch(acc.take(), &permits).await;
+                    return;
+                }
+                Some(Command::Send { mut msg, done }) => {
+                    msg.sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+                    let size = msg.encoded_len();
+                    let full = acc.push(Pending { msg, done }, size);
+                    let started_new = !full.is_empty() || deadline.is_none();
+                    for batch in full {
+                        self.dispatch(batch, &permits).await;
+                    }
+                    deadline = if acc.is_empty() {
+                        None
+                    } else if started_new {
+                        Some(Instant::now() + self.linger)
+                    } else {
+                        deadline
+                    };
+                }
+                Some(Command::Flush { done }) => {
+                    deadline = None;
+                    self.dispatch(acc.take(), &permits).await;
+                    // Semaphore waiters are served in order, so getting every
+                    // permit means every earlier batch has been answered.
+                    let permits = permits.clone();
+                    let all = self.max_in_flight as u32;
+                    self.client.spawn(async move {
+                        let _all = permits.acquire_many_owned(all).await;
+                        let _ = done.send(());
+                    });
+                }
+            }
+        }
+    }
+
+    async fn dispatch(&self, batch: Vec<Pending>, permits: &Arc<Semaphore>) {
+        if batch.is_empty() {
+            return;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return; // never closed
+        };
+        let (messages, waiters): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.msg, p.done)).unzip();
+        let req = pb::SendRequest {
+            topic: self.topic.clone(),
+            producer_id: self.producer_id.clone(),
+            messages,
+        };
+        let client = self.client.clone();
+        self.client.spawn(async move {
+            let result = send_request(&client, req).await;
+            drop(permit);
+            match result {
+                Ok(receipts) => {
+                    for (w, r) in waiters.into_iter().zip(receipts) {
+                        let _ = w.send(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "producer batch failed");
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_split_by_count() {
+        let mut a = Accumulator::new(1_000_000, 3);
+        let mut out = Vec::new();
+        for i in 0..7 {
+            out.extend(a.push(i, 10));
+        }
+        assert_eq!(out, vec![vec![0, 1, 2], vec![3, 4, 5]]);
+        assert_eq!(a.take(), vec![6]);
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn batches_split_by_size_without_exceeding_it() {
+        let mut a = Accumulator::new(100, 1000);
+        assert!(a.push(1, 40).is_empty());
+        assert!(a.push(2, 40).is_empty());
+        // 40 + 40 + 40 > 100: the third item starts the next batch.
+        assert_eq!(a.push(3, 40), vec![vec![1, 2]]);
+        // Exactly reaching the limit completes the batch.
+        assert_eq!(a.push(4, 60), vec![vec![3, 4]]);
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn oversized_item_goes_alone() {
+        let mut a = Accumulator::new(100, 1000);
+        assert!(a.push(1, 10).is_empty());
+        assert_eq!(a.push(2, 500), vec![vec![1], vec![2]]);
+        assert!(a.is_empty());
+        assert_eq!(a.push(3, 500), vec![vec![3]]);
+    }
+
+    #[test]
+    fn sequences_are_consecutive_in_request_order() {
+        let mut msgs: Vec<pb::Message> = (0..4).map(|_| pb::Message::default()).collect();
+        assign_sequences(&mut msgs, 41);
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.sequence).collect();
+        assert_eq!(seqs, vec![41, 42, 43, 44]);
+    }
+
+    #[test]
+    fn producer_ids_are_unique() {
+        let a = random_producer_id();
+        assert_ne!(a, random_producer_id());
+        assert!(validate::producer_id(&a).is_ok());
+    }
+}

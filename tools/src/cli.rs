@@ -1,0 +1,1029 @@
+//! Argument parsing (clap derive) and the implementation of every
+//! subcommand. Commands talk to the cluster only through `petrel_sdk`.
+
+use crate::dev::DevArgs;
+use crate::output::{json_line, line, Table};
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::{stream, Stream, StreamExt};
+use petrel_sdk::{pb, Client, Error as PetrelError, Message, ReceivedMessage, TopicSpec};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+
+/// Default proxy endpoint of `petrel dev`.
+const DEFAULT_ENDPOINT: &str = "127.0.0.1:7400";
+/// Largest receive batch of `petrel consume`.
+const CONSUME_BATCH: u64 = 32;
+/// Long-poll wait per receive when `--wait-ms` is not given (consume then
+/// runs until `--max` or Ctrl-C).
+const FOREVER_POLL_WAIT: Duration = Duration::from_secs(5);
+/// Bytes asked for per read request by `petrel read`.
+const READ_MAX_BYTES: u32 = 1 << 20;
+
+/// Petrel admin, produce/consume and dev CLI.
+///
+/// Talks to Petrel proxies (never to brokers). Exit codes: 0 success, 1 error,
+/// 2 usage error.
+#[derive(Debug, Parser)]
+#[command(name = "petrel", version)]
+pub struct Cli {
+    /// Proxy endpoint(s), comma-separated (e.g. 10.0.0.1:7400,10.0.0.2:7400);
+    /// requests fail over between them.
+    #[arg(
+        long,
+        global = true,
+        env = "PETREL_ENDPOINT",
+        default_value = DEFAULT_ENDPOINT,
+        value_delimiter = ','
+    )]
+    pub endpoint: Vec<String>,
+
+    /// Print one JSON object per line on stdout (for scripts); errors also
+    /// go to stderr as {"error":{"code":..,"message":..}}.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Total time budget of each request including retries and failover
+    /// (e.g. 500ms, 30s, 2m).
+    #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an embedded local cluster (brokers + a proxy) for development.
+    Dev(DevArgs),
+    /// Create, list, describe, update and delete topics.
+    #[command(subcommand)]
+    Topic(TopicCmd),
+    /// Produce messages: generated (--count/--size) or one per stdin line.
+    Produce(ProduceArgs),
+    /// Consume in pop mode (receive, print, ack).
+    Consume(ConsumeArgs),
+    /// Read one queue by offset (offset mode); does not commit.
+    Read(ReadArgs),
+    /// Commit a consumer group's offset for one queue.
+    Commit(CommitArgs),
+    /// Show a consumer group's committed offset for one queue.
+    Offset(OffsetArgs),
+    /// List and describe consumer groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Show the cluster's brokers and leadership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCmd {
+    /// Create a topic.
+    Create(TopicCreateArgs),
+    /// List all topics.
+    List,
+    /// Show a topic and each queue's replicas, leader and offsets.
+    Describe {
+        /// Topic name.
+        name: String,
+    },
+    /// Change a topic's queue count (grow only) or retention.
+    Update(TopicUpdateArgs),
+    /// Delete a topic and all its records.
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MessageTypeArg {
+    Normal,
+    Fifo,
+    Delay,
+    Transaction,
+}
+
+impl From<MessageTypeArg> for pb::MessageType {
+    fn from(t: MessageTypeArg) -> Self {
+        match t {
+            MessageTypeArg::Normal => pb::MessageType::Normal,
+            MessageTypeArg::Fifo => pb::MessageType::Fifo,
+            MessageTypeArg::Delay => pb::MessageType::Delay,
+            MessageTypeArg::Transaction => pb::MessageType::Transaction,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TopicCreateArgs {
+    /// Topic name (letters, digits, '_', '-', '.').
+    pub name: String,
+    /// Number of queues (the unit of parallelism and of leadership).
+    #[arg(long)]
+    pub queues: u32,
+    /// Replicas per queue (at most the number of brokers).
+    #[arg(long)]
+    pub replicas: u32,
+    /// How long records are kept (e.g. 7d, 12h); "forever" or 0 = no limit.
+    #[arg(long, value_parser = parse_retention)]
+    pub retention: Option<Duration>,
+    /// Most bytes kept per queue (e.g. 1073741824, 10GiB, 500MB); 0 = no limit.
+    #[arg(long, value_parser = parse_bytes)]
+    pub retention_bytes: Option<u64>,
+    /// Message type.
+    #[arg(long = "type", value_enum, default_value_t = MessageTypeArg::Normal)]
+    pub message_type: MessageTypeArg,
+}
+
+#[derive(Debug, Args)]
+pub struct TopicUpdateArgs {
+    /// Topic name.
+    pub name: String,
+    /// New queue count (must not be lower than the current one).
+    #[arg(long)]
+    pub queues: Option<u32>,
+    /// New retention time (e.g. 7d); "forever" or 0 = no limit.
+    #[arg(long, value_parser = parse_retention)]
+    pub retention: Option<Duration>,
+    /// New retention size per queue (e.g. 10GiB); 0 = no limit.
+    #[arg(long, value_parser = parse_bytes)]
+    pub retention_bytes: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Topic to produce to.
+    #[arg(long)]
+    pub topic: String,
+    /// Key of every message (routing / ordering).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Tag of every message.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// A property NAME=VALUE of every message; repeat for several.
+    #[arg(long = "property", value_name = "NAME=VALUE", value_parser = parse_property)]
+    pub properties: Vec<(String, String)>,
+    /// Send N generated messages instead of reading stdin. Without it, every
+    /// stdin line (without its line ending) is one message; an empty line is
+    /// an empty body, which is allowed.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Body size in bytes of generated messages (printable text containing
+    /// the message index).
+    #[arg(long, default_value_t = 100, requires = "count")]
+    pub size: usize,
+    /// Most sends in flight at once (acknowledged ids still print in input order).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub concurrency: u64,
+    /// Producer id for de-duplication of retried sends (default: random).
+    #[arg(long)]
+    pub producer_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Topic to consume.
+    #[arg(long)]
+    pub topic: String,
+    /// Consumer group.
+    #[arg(long)]
+    pub group: String,
+    /// Exit after printing this many records.
+    #[arg(long)]
+    pub max: Option<u64>,
+    /// Long-poll wait of each receive, in ms; exit once a receive gets
+    /// nothing within it. Without --wait-ms and --max, run until Ctrl-C.
+    #[arg(long)]
+    pub wait_ms: Option<u64>,
+    /// Do not acknowledge: records are redelivered once their lease expires.
+    #[arg(long)]
+    pub no_ack: bool,
+    /// Lease of each received record, in ms (redelivered if not acked by then).
+    #[arg(long, default_value_t = 30_000)]
+    pub invisible_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// Topic to read.
+    #[arg(long)]
+    pub topic: String,
+    /// Queue number.
+    #[arg(long)]
+    pub queue: u32,
+    /// First offset to read.
+    #[arg(long, default_value_t = 0)]
+    pub offset: u64,
+    /// Print at most this many records (default: up to the current end of the queue).
+    #[arg(long)]
+    pub max: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// Topic.
+    #[arg(long)]
+    pub topic: String,
+    /// Consumer group.
+    #[arg(long)]
+    pub group: String,
+    /// Queue number.
+    #[arg(long)]
+    pub queue: u32,
+    /// Offset to commit (the next offset to process).
+    #[arg(long)]
+    pub offset: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct OffsetArgs {
+    /// Topic.
+    #[arg(long)]
+    pub topic: String,
+    /// Consumer group.
+    #[arg(long)]
+    pub group: String,
+    /// Queue number.
+    #[arg(long)]
+    pub queue: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// List consumer groups and the topics they consume.
+    List,
+    /// Show a group's committed offset, end offset, lag and in-flight count
+    /// per topic and queue.
+    Describe {
+        /// Consumer group.
+        group: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Show brokers (address, reachability, leader and replica counts) and
+    /// the meta-group leader.
+    Describe,
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+pub enum CliError {
+    /// A typed error from the cluster or the SDK.
+    Petrel(PetrelError),
+    /// Bad command-line usage (exit code 2).
+    Usage(String),
+    /// Anything else (I/O, `petrel dev`).
+    Other(anyhow::Error),
+    /// Stdout was closed: end quietly.
+    BrokenPipe,
+}
+
+impl From<PetrelError> for CliError {
+    fn from(e: PetrelError) -> Self {
+        Self::Petrel(e)
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Self::BrokenPipe
+        } else {
+            Self::Other(e.into())
+        }
+    }
+}
+
+impl CliError {
+    fn code_name(&self) -> &'static str {
+        match self {
+            Self::Petrel(e) => e.code_name(),
+            Self::Usage(_) => "usage",
+            Self::Other(_) | Self::BrokenPipe => "error",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Self::Petrel(e) => e.to_string(),
+            Self::Usage(m) => m.clone(),
+            // One line: the outermost context and its causes.
+            Self::Other(e) => format!("{e:#}").replace('\n', " "),
+            Self::BrokenPipe => "broken pipe".to_string(),
+        }
+    }
+
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::BrokenPipe => 0,
+            Self::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+type CliResult<T = ()> = Result<T, CliError>;
+
+/// Installs the log subscriber on stderr: `RUST_LOG` if set, else `info` for
+/// `petrel dev` and `warn` otherwise. Safe to call once more (later calls do
+/// nothing), so `dev` code must not rely on installing its own.
+pub fn init_tracing(cli: &Cli) {
+    let default = match cli.command {
+        Command::Dev(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the parsed command; prints any error as one line on stderr.
+pub async fn run(cli: Cli) -> ExitCode {
+    let json = cli.json;
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.exit_code();
+            if code != 0 {
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "error: {}", e.message());
+                if json {
+                    let v = json!({"error": {"code": e.code_name(), "message": e.message()}});
+                    let _ = writeln!(err, "{v}");
+                }
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> CliResult {
+    let json = cli.json;
+    if let Command::Dev(args) = cli.command {
+        return crate::dev::run(args, json).await.map_err(CliError::Other);
+    }
+    let endpoints: Vec<String> = cli
+        .endpoint
+        .iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        return Err(CliError::Usage("--endpoint is empty".to_string()));
+    }
+    let client = Client::builder(endpoints)
+        .request_timeout(cli.timeout)
+        .build()?;
+    match cli.command {
+        Command::Dev(_) => Ok(()),
+        Command::Topic(cmd) => topic(&client, cmd, json).await,
+        Command::Produce(args) => produce(&client, args, json).await,
+        Command::Consume(args) => consume(&client, args, json).await,
+        Command::Read(args) => read(&client, args, json).await,
+        Command::Commit(args) => commit(&client, args, json).await,
+        Command::Offset(args) => offset(&client, args, json).await,
+        Command::Group(cmd) => group(&client, cmd, json).await,
+        Command::Cluster(ClusterCmd::Describe) => cluster(&client, json).await,
+    }
+}
+
+// ---------------------------------------------------------------- parsing
+
+/// `NAME=VALUE`; the value may contain '='.
+pub fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
+}
+
+/// A humantime duration, or "forever" / "0" for no limit (zero).
+pub fn parse_retention(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("forever") || t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(t).map_err(|e| format!("{e} (try 7d, 12h or forever)"))
+}
+
+/// A byte count with an optional unit: B, K/KiB, M/MiB, G/GiB, T/TiB
+/// (binary) or KB, MB, GB, TB (decimal).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a byte count like 1048576 or 10GiB, got {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => return Err(format!("unknown unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A deterministic printable body of exactly `size` bytes containing `index`.
+pub fn generated_body(index: u64, size: usize) -> Vec<u8> {
+    const FILL: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut b = format!("msg-{index:012} ").into_bytes();
+    b.truncate(size);
+    let mut i = 0;
+    while b.len() < size {
+        b.push(FILL[i % FILL.len()]);
+        i += 1;
+    }
+    b
+}
+
+fn retention_text(ms: u64) -> String {
+    if ms == 0 {
+        "forever".to_string()
+    } else {
+        humantime::format_duration(Duration::from_millis(ms)).to_string()
+    }
+}
+
+fn bytes_text(n: u64) -> String {
+    if n == 0 {
+        "unlimited".to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+fn message_type_name(t: i32) -> &'static str {
+    match pb::MessageType::try_from(t) {
+        Ok(pb::MessageType::Normal) => "normal",
+        Ok(pb::MessageType::Fifo) => "fifo",
+        Ok(pb::MessageType::Delay) => "delay",
+        Ok(pb::MessageType::Transaction) => "transaction",
+        _ => "unspecified",
+    }
+}
+
+fn id_or_dash(id: u64) -> String {
+    if id == 0 {
+        "-".to_string()
+    } else {
+        id.to_string()
+    }
+}
+
+// ---------------------------------------------------------------- topics
+
+fn topic_json(t: &pb::TopicInfo) -> Value {
+    let c = t.config.clone().unwrap_or_default();
+    json!({
+        "name": c.name,
+        "queue_count": c.queue_count,
+        "replication_factor": c.replication_factor,
+        "message_type": message_type_name(c.message_type),
+        "retention_ms": c.retention_ms,
+        "retention_bytes": c.retention_bytes,
+        "queues": t.queues.iter().map(|q| json!({
+            "queue": q.queue,
+            "group_id": q.group_id,
+            "replicas": q.replicas,
+            "leader": q.leader,
+            "start_offset": q.start_offset,
+            "end_offset": q.end_offset,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_topic(t: &pb::TopicInfo, json: bool) -> CliResult {
+    if json {
+        return Ok(json_line(&topic_json(t))?);
+    }
+    let c = t.config.clone().unwrap_or_default();
+    let mut head = Table::new(&["", ""]);
+    head.row(vec!["topic:".into(), c.name.clone()]);
+    head.row(vec!["queues:".into(), c.queue_count.to_string()]);
+    head.row(vec!["replicas:".into(), c.replication_factor.to_string()]);
+    head.row(vec![
+        "type:".into(),
+        message_type_name(c.message_type).into(),
+    ]);
+    head.row(vec!["retention:".into(), retention_text(c.retention_ms)]);
+    head.row(vec![
+        "retention bytes:".into(),
+        bytes_text(c.retention_bytes),
+    ]);
+    // Skip the (empty) header row of the key/value table.
+    let text = head.render();
+    let mut out = text.lines().skip(1).collect::<Vec<_>>().join("\n");
+    out.push('\n');
+    std::io::stdout().lock().write_all(out.as_bytes())?;
+    if !t.queues.is_empty() {
+        line("")?;
+        let mut tab = Table::new(&["QUEUE", "GROUP", "REPLICAS", "LEADER", "START", "END"]);
+        for q in &t.queues {
+            tab.row(vec![
+                q.queue.to_string(),
+                q.group_id.to_string(),
+                q.replicas
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                id_or_dash(q.leader),
+                q.start_offset.to_string(),
+                q.end_offset.to_string(),
+            ]);
+        }
+        tab.print()?;
+    }
+    Ok(())
+}
+
+async fn topic(client: &Client, cmd: TopicCmd, json: bool) -> CliResult {
+    let admin = client.admin();
+    match cmd {
+        TopicCmd::Create(a) => {
+            let mut spec = TopicSpec::new(a.name)
+                .queues(a.queues)
+                .replicas(a.replicas)
+                .message_type(a.message_type.into());
+            if let Some(r) = a.retention {
+                spec = spec.retention(r);
+            }
+            if let Some(b) = a.retention_bytes {
+                spec = spec.retention_bytes(b);
+            }
+            let info = admin.create_topic(spec).await?;
+            print_topic(&info, json)
+        }
+        TopicCmd::List => {
+            let topics = admin.list_topics().await?.topics;
+            if json {
+                for t in &topics {
+                    json_line(&topic_json(t))?;
+                }
+                return Ok(());
+            }
+            let mut tab = Table::new(&[
+                "NAME",
+                "QUEUES",
+                "REPLICAS",
+                "TYPE",
+                "RETENTION",
+                "RETENTION_BYTES",
+            ]);
+            for t in &topics {
+                let c = t.config.clone().unwrap_or_default();
+                tab.row(vec![
+                    c.name,
+                    c.queue_count.to_string(),
+                    c.replication_factor.to_string(),
+                    message_type_name(c.message_type).into(),
+                    retention_text(c.retention_ms),
+                    bytes_text(c.retention_bytes),
+                ]);
+            }
+            Ok(tab.print()?)
+        }
+        TopicCmd::Describe { name } => {
+            let info = admin.describe_topic(name).await?;
+            print_topic(&info, json)
+        }
+        TopicCmd::Update(a) => {
+            if a.queues.is_none() && a.retention.is_none() && a.retention_bytes.is_none() {
+                return Err(CliError::Usage(
+                    "nothing to update: give --queues, --retention or --retention-bytes"
+                        .to_string(),
+                ));
+            }
+            let req = pb::UpdateTopicRequest {
+                name: a.name,
+                queue_count: a.queues.unwrap_or(0),
+                retention_ms: a
+                    .retention
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                retention_bytes: a.retention_bytes,
+            };
+            let info = admin.update_topic(req).await?;
+            print_topic(&info, json)
+        }
+        TopicCmd::Delete { name } => {
+            admin.delete_topic(name.clone()).await?;
+            if json {
+                Ok(json_line(&json!({"deleted": name}))?)
+            } else {
+                Ok(line(&format!("deleted topic {name}"))?)
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- produce
+
+type MessageStream = Pin<Box<dyn Stream<Item = CliResult<Message>> + Send>>;
+
+fn stdin_messages() -> MessageStream {
+    let reader = tokio::io::BufReader::new(tokio::io::stdin());
+    Box::pin(stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        let mut buf = Vec::new();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) => None,
+            Ok(_) => {
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                    if buf.last() == Some(&b'\r') {
+                        buf.pop();
+                    }
+                }
+                Some((Ok(Message::new(buf)), Some(reader)))
+            }
+            Err(e) => Some((Err(CliError::Other(e.into())), None)),
+        }
+    }))
+}
+
+async fn produce(client: &Client, a: ProduceArgs, json: bool) -> CliResult {
+    let mut builder = client.producer(a.topic.clone());
+    if let Some(id) = &a.producer_id {
+        builder = builder.producer_id(id.clone());
+    }
+    let producer = builder.build();
+    let bodies: MessageStream = match a.count {
+        Some(n) => {
+            let size = a.size;
+            Box::pin(stream::iter(0..n).map(move |i| Ok(Message::new(generated_body(i, size)))))
+        }
+        None => stdin_messages(),
+    };
+    let (key, tag, props) = (a.key, a.tag, a.properties);
+    let decorate = move |mut m: Message| {
+        if let Some(k) = &key {
+            m = m.with_key(k.clone());
+        }
+        if let Some(t) = &tag {
+            m = m.with_tag(t.clone());
+        }
+        for (k, v) in &props {
+            m = m.with_property(k.clone(), v.clone());
+        }
+        m
+    };
+    let p = producer.clone();
+    let mut acks = bodies
+        .map(move |m| {
+            let p = p.clone();
+            let m = m.map(&decorate);
+            async move { p.send(m?).await.map_err(CliError::from) }
+        })
+        .buffered(a.concurrency as usize);
+    while let Some(r) = acks.next().await {
+        let r = r?;
+        if json {
+            json_line(&json!({
+                "id": r.message_id,
+                "queue": r.queue,
+                "offset": r.offset,
+                "duplicate": r.duplicate,
+            }))?;
+        } else {
+            line(&r.message_id)?;
+        }
+    }
+    producer.close().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- consume / read
+
+/// The body as text when it is UTF-8, else base64; with the encoding name.
+pub fn body_text(body: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(body) {
+        Ok(s) => (s.to_string(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(body),
+            "base64",
+        ),
+    }
+}
+
+fn record_json(m: &ReceivedMessage) -> Value {
+    let (body, enc) = body_text(&m.body);
+    let props: BTreeMap<&String, &String> = m.properties.iter().collect();
+    json!({
+        "id": m.message_id,
+        "queue": m.queue,
+        "offset": m.offset,
+        "key": m.key,
+        "tag": m.tag,
+        "attempt": m.attempt,
+        "properties": props,
+        "body": body,
+        "body_encoding": enc,
+    })
+}
+
+/// `id<TAB>body`: the body verbatim when it is UTF-8 without control
+/// characters, else `base64:<...>`, so each record stays on one line.
+fn record_plain(m: &ReceivedMessage) -> String {
+    let body = match std::str::from_utf8(&m.body) {
+        Ok(s) if !s.chars().any(char::is_control) => s.to_string(),
+        _ => format!(
+            "base64:{}",
+            base64::engine::general_purpose::STANDARD.encode(&m.body)
+        ),
+    };
+    format!("{}\t{}", m.message_id, body)
+}
+
+fn print_record(m: &ReceivedMessage, json: bool) -> CliResult {
+    if json {
+        Ok(json_line(&record_json(m))?)
+    } else {
+        Ok(line(&record_plain(m))?)
+    }
+}
+
+async fn consume(client: &Client, a: ConsumeArgs, json: bool) -> CliResult {
+    let consumer = client
+        .simple_consumer(a.topic.clone(), a.group.clone())
+        .build();
+    let invisible = Duration::from_millis(a.invisible_ms);
+    let wait = a.wait_ms.map(Duration::from_millis);
+    let work = async {
+        let mut printed: u64 = 0;
+        loop {
+            let want = match a.max {
+                Some(max) if printed >= max => return Ok(()),
+                Some(max) => (max - printed).min(CONSUME_BATCH),
+                None => CONSUME_BATCH,
+            };
+            let batch = consumer
+                .receive_with(want as u32, invisible, wait.unwrap_or(FOREVER_POLL_WAIT))
+                .await?;
+            if batch.is_empty() {
+                if wait.is_some() {
+                    return Ok(());
+                }
+                continue;
+            }
+            for m in &batch {
+                print_record(m, json)?;
+            }
+            printed += batch.len() as u64;
+            if !a.no_ack {
+                for (m, r) in batch.iter().zip(consumer.ack_many(&batch).await?) {
+                    if let Err(e) = r {
+                        tracing::warn!(id = %m.message_id, error = %e, "ack failed; the record will be redelivered");
+                    }
+                }
+            }
+        }
+    };
+    let interrupted = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = work => r,
+        _ = interrupted => Ok(()),
+    }
+}
+
+async fn read(client: &Client, a: ReadArgs, json: bool) -> CliResult {
+    let pull = client.pull_consumer(a.topic.clone(), String::new());
+    let mut offset = a.offset;
+    let mut printed: u64 = 0;
+    loop {
+        let want = match a.max {
+            Some(max) if printed >= max => return Ok(()),
+            Some(max) => (max - printed).min(u64::from(u32::MAX)) as u32,
+            None => 0,
+        };
+        let batch = pull.read(a.queue, offset, READ_MAX_BYTES, want).await?;
+        let limit = if want == 0 { usize::MAX } else { want as usize };
+        for m in batch.records.iter().take(limit) {
+            print_record(m, json)?;
+            printed += 1;
+        }
+        let progressed = batch.next_offset > offset;
+        offset = batch.next_offset;
+        // Stop at the queue's current end, or if the server made no progress.
+        if offset >= batch.end_offset || !progressed {
+            return Ok(());
+        }
+    }
+}
+
+async fn commit(client: &Client, a: CommitArgs, json: bool) -> CliResult {
+    let pull = client.pull_consumer(a.topic.clone(), a.group.clone());
+    pull.commit(a.queue, a.offset).await?;
+    if json {
+        Ok(json_line(&json!({
+            "topic": a.topic, "group": a.group, "queue": a.queue, "offset": a.offset,
+        }))?)
+    } else {
+        Ok(line(&format!(
+            "committed offset {} for group {} on {}/{}",
+            a.offset, a.group, a.topic, a.queue
+        ))?)
+    }
+}
+
+async fn offset(client: &Client, a: OffsetArgs, json: bool) -> CliResult {
+    let pull = client.pull_consumer(a.topic.clone(), a.group.clone());
+    let o = pull.committed(a.queue).await?;
+    let lag = o
+        .end_offset
+        .saturating_sub(o.committed_offset.max(o.start_offset));
+    if json {
+        return Ok(json_line(&json!({
+            "topic": a.topic, "group": a.group, "queue": a.queue,
+            "committed_offset": o.committed_offset,
+            "start_offset": o.start_offset,
+            "end_offset": o.end_offset,
+            "lag": lag,
+        }))?);
+    }
+    let mut tab = Table::new(&[
+        "TOPIC",
+        "GROUP",
+        "QUEUE",
+        "COMMITTED",
+        "START",
+        "END",
+        "LAG",
+    ]);
+    tab.row(vec![
+        a.topic,
+        a.group,
+        a.queue.to_string(),
+        o.committed_offset.to_string(),
+        o.start_offset.to_string(),
+        o.end_offset.to_string(),
+        lag.to_string(),
+    ]);
+    Ok(tab.print()?)
+}
+
+// ---------------------------------------------------------------- groups / cluster
+
+async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
+    let admin = client.admin();
+    match cmd {
+        GroupCmd::List => {
+            let groups = admin.list_groups().await?.groups;
+            if json {
+                for g in &groups {
+                    json_line(&json!({"group": g.name, "topics": g.topics}))?;
+                }
+                return Ok(());
+            }
+            let mut tab = Table::new(&["GROUP", "TOPICS"]);
+            for g in groups {
+                tab.row(vec![g.name, g.topics.join(",")]);
+            }
+            Ok(tab.print()?)
+        }
+        GroupCmd::Describe { group } => {
+            let d = admin.describe_group(group).await?;
+            if json {
+                for q in &d.queues {
+                    json_line(&json!({
+                        "group": d.group,
+                        "topic": q.topic,
+                        "queue": q.queue,
+                        "committed_offset": q.committed_offset,
+                        "end_offset": q.end_offset,
+                        "lag": q.lag,
+                        "inflight": q.inflight,
+                    }))?;
+                }
+                return Ok(());
+            }
+            let mut tab = Table::new(&["TOPIC", "QUEUE", "COMMITTED", "END", "LAG", "INFLIGHT"]);
+            for q in d.queues {
+                tab.row(vec![
+                    q.topic,
+                    q.queue.to_string(),
+                    q.committed_offset.to_string(),
+                    q.end_offset.to_string(),
+                    q.lag.to_string(),
+                    q.inflight.to_string(),
+                ]);
+            }
+            Ok(tab.print()?)
+        }
+    }
+}
+
+async fn cluster(client: &Client, json: bool) -> CliResult {
+    let c = client.admin().describe_cluster().await?;
+    if json {
+        return Ok(json_line(&json!({
+            "meta_leader": c.meta_leader,
+            "topic_count": c.topic_count,
+            "queue_count": c.queue_count,
+            "map_version": c.map_version,
+            "brokers": c.brokers.iter().map(|b| json!({
+                "id": b.id,
+                "address": b.address,
+                "reachable": b.reachable,
+                "leader_count": b.leader_count,
+                "replica_count": b.replica_count,
+            })).collect::<Vec<_>>(),
+        }))?);
+    }
+    line(&format!(
+        "meta leader: {}   topics: {}   queues: {}   map version: {}",
+        id_or_dash(c.meta_leader),
+        c.topic_count,
+        c.queue_count,
+        c.map_version
+    ))?;
+    line("")?;
+    let mut tab = Table::new(&["ID", "ADDRESS", "REACHABLE", "LEADERS", "REPLICAS"]);
+    for b in c.brokers {
+        tab.row(vec![
+            b.id.to_string(),
+            b.address,
+            if b.reachable { "yes" } else { "no" }.to_string(),
+            b.leader_count.to_string(),
+            b.replica_count.to_string(),
+        ]);
+    }
+    Ok(tab.print()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn endpoint_list_is_comma_separated() {
+        let c = Cli::try_parse_from(["petrel", "--endpoint", "a:1,b:2", "topic", "list"]).unwrap();
+        assert_eq!(c.endpoint, vec!["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn properties_and_sizes_parse() {
+        assert_eq!(
+            parse_property("a=b=c").unwrap(),
+            ("a".to_string(), "b=c".to_string())
+        );
+        assert!(parse_property("=x").is_err());
+        assert!(parse_property("novalue").is_err());
+        assert_eq!(parse_bytes("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_bytes("5MB").unwrap(), 5_000_000);
+        assert_eq!(parse_bytes("42").unwrap(), 42);
+        assert!(parse_bytes("x").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+        assert_eq!(parse_retention("forever").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_retention("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+    }
+
+    #[test]
+    fn generated_bodies_have_exact_size_and_index() {
+        let b = generated_body(42, 64);
+        assert_eq!(b.len(), 64);
+        assert!(std::str::from_utf8(&b).unwrap().contains("000000000042"));
+        assert_eq!(generated_body(1, 0).len(), 0);
+        assert_eq!(generated_body(1, 3), b"msg");
+        assert_ne!(generated_body(1, 32), generated_body(2, 32));
+    }
+
+    #[test]
+    fn bodies_are_utf8_or_base64() {
+        assert_eq!(body_text(b"hi"), ("hi".to_string(), "utf8"));
+        assert_eq!(body_text(&[0xff, 0x00]), ("/wA=".to_string(), "base64"));
+    }
+}

@@ -1,0 +1,436 @@
+//! The `petrel` binary as a user drives it: `petrel dev` as a real process,
+//! admin and data commands with `--json` parsed here, a whole-cluster
+//! SIGKILL and restart on the same data that loses no acknowledged record
+//! and redelivers no acked one, and on-disk corruption reported as such.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// A fresh dev cluster elects its leaders within this.
+const READY: Duration = Duration::from_secs(60);
+/// A graceful stop finishes within this.
+const STOP: Duration = Duration::from_secs(30);
+
+fn petrel() -> &'static str {
+    env!("CARGO_BIN_EXE_petrel")
+}
+
+/// A base port with the next three free as well (brokers use port + i).
+fn free_port_block() -> u16 {
+    for _ in 0..50 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = l.local_addr().unwrap().port();
+        if base > 65000 {
+            continue;
+        }
+        let others: Vec<_> = (1..=3)
+            .filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if others.len() == 3 {
+            return base;
+        }
+    }
+    panic!("no free port block");
+}
+
+/// `petrel dev` running as a child process; killed by PID on drop.
+struct Dev {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Dev {
+    fn start(dir: &Path, port: u16) -> Dev {
+        let mut child = Command::new(petrel())
+            .args(["--json", "dev", "--port", &port.to_string(), "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn petrel dev");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let dev = Dev {
+            child: Some(child),
+            port,
+        };
+        let line = rx
+            .recv_timeout(READY)
+            .expect("petrel dev did not become ready");
+        let v: Value = serde_json::from_str(&line).expect("ready line is JSON");
+        assert_eq!(v["event"], "ready");
+        assert_eq!(v["endpoint"], format!("127.0.0.1:{port}"));
+        dev
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_stdin(args, None)
+    }
+
+    fn run_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut c = Command::new(petrel())
+            .arg("--endpoint")
+            .arg(self.endpoint())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = c.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        c.wait_with_output().unwrap()
+    }
+
+    /// Runs a command that must succeed; returns its JSON lines.
+    fn json(&self, args: &[&str]) -> Vec<Value> {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let o = self.run(&full);
+        assert!(
+            o.status.success(),
+            "petrel {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+            .collect()
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// SIGKILL: the whole cluster dies at once, mid-whatever.
+    fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(mut self) {
+        self.signal("-TERM");
+        let mut c = self.child.take().unwrap();
+        let deadline = std::time::Instant::now() + STOP;
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(st.success(), "petrel dev exited with {st}");
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("petrel dev did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn fails_with(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line on stderr, got {err:?}");
+    assert!(lines[0].starts_with("error:"), "{err}");
+    assert!(
+        err.to_lowercase().contains(needle),
+        "expected {needle:?} in {err:?}"
+    );
+    assert!(!err.contains("panicked"));
+}
+
+fn ids(v: &[Value]) -> Vec<String> {
+    v.iter()
+        .map(|x| x["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn cli_produces_and_consumes_with_json_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(dir.path(), free_port_block());
+
+    let t = dev.json(&["topic", "create", "cli", "--queues", "4", "--replicas", "3"]);
+    assert_eq!(t.len(), 1);
+    let produced = dev.json(&[
+        "produce", "--topic", "cli", "--count", "300", "--size", "64",
+    ]);
+    assert_eq!(produced.len(), 300);
+    let o = dev.run_stdin(
+        &[
+            "--json", "produce", "--topic", "cli", "--key", "k1", "--tag", "TagA",
+        ],
+        Some("first line\nsecond line\n\u{e9}t\u{e9}\n"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let from_stdin: Vec<Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(from_stdin.len(), 3);
+    let all: HashSet<String> = ids(&produced).into_iter().chain(ids(&from_stdin)).collect();
+    assert_eq!(all.len(), 303);
+    for p in &produced {
+        let id = p["id"].as_str().unwrap();
+        assert_eq!(id, format!("cli/{}/{}", p["queue"], p["offset"]));
+    }
+
+    let got = dev.json(&[
+        "consume",
+        "--topic",
+        "cli",
+        "--group",
+        "g1",
+        "--max",
+        "303",
+        "--wait-ms",
+        "5000",
+    ]);
+    assert_eq!(got.len(), 303);
+    let got_ids: HashSet<String> = ids(&got).into_iter().collect();
+    assert_eq!(got_ids, all, "each record exactly once");
+    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in &got {
+        let (q, off) = (r["queue"].as_u64().unwrap(), r["offset"].as_u64().unwrap());
+        if let Some(prev) = last.insert(q, off) {
+            assert!(off > prev, "queue {q} out of order");
+        }
+        assert_eq!(r["attempt"], 1);
+        assert_eq!(r["body_encoding"], "utf8");
+    }
+    let keyed: Vec<&Value> = got.iter().filter(|r| r["key"] == "k1").collect();
+    assert_eq!(keyed.len(), 3);
+    assert!(keyed.iter().all(|r| r["tag"] == "TagA"));
+    let bodies: HashSet<&str> = keyed.iter().map(|r| r["body"].as_str().unwrap()).collect();
+    assert!(bodies.contains("\u{e9}t\u{e9}"));
+
+    // Nothing more for this group; the consume ends after --wait-ms.
+    let none = dev.json(&[
+        "consume",
+        "--topic",
+        "cli",
+        "--group",
+        "g1",
+        "--wait-ms",
+        "500",
+    ]);
+    assert!(none.is_empty());
+
+    let g = dev.json(&["group", "describe", "g1"]);
+    assert_eq!(g.len(), 4);
+    assert!(g.iter().all(|q| q["lag"] == 0));
+    let groups = dev.json(&["group", "list"]);
+    assert!(groups.iter().any(|x| x["group"] == "g1"));
+
+    // Errors: one line on stderr, non-zero exit, cluster keeps serving.
+    fails_with(
+        &dev.run(&[
+            "topic",
+            "create",
+            "bad/name",
+            "--queues",
+            "1",
+            "--replicas",
+            "1",
+        ]),
+        "invalid",
+    );
+    fails_with(
+        &dev.run(&["topic", "create", "z", "--queues", "0", "--replicas", "1"]),
+        "invalid",
+    );
+    fails_with(
+        &dev.run(&["topic", "create", "z", "--queues", "1", "--replicas", "4"]),
+        "invalid",
+    );
+    fails_with(
+        &dev.run(&[
+            "consume",
+            "--topic",
+            "nope",
+            "--group",
+            "g",
+            "--wait-ms",
+            "100",
+        ]),
+        "not found",
+    );
+    fails_with(
+        &dev.run(&[
+            "read", "--topic", "cli", "--queue", "0", "--offset", "100000",
+        ]),
+        "out of range",
+    );
+    let more = dev.json(&["produce", "--topic", "cli", "--count", "1", "--size", "8"]);
+    assert_eq!(more.len(), 1);
+    dev.stop();
+}
+
+#[test]
+fn acked_records_survive_sigkill_of_the_whole_cluster_and_acked_ones_stay_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_block();
+    let dev = Dev::start(dir.path(), port);
+    dev.json(&[
+        "topic",
+        "create",
+        "durable",
+        "--queues",
+        "4",
+        "--replicas",
+        "3",
+    ]);
+    let produced: HashSet<String> = ids(&dev.json(&[
+        "produce", "--topic", "durable", "--count", "200", "--size", "100",
+    ]))
+    .into_iter()
+    .collect();
+    assert_eq!(produced.len(), 200);
+    let first: HashSet<String> = ids(&dev.json(&[
+        "consume",
+        "--topic",
+        "durable",
+        "--group",
+        "g",
+        "--max",
+        "80",
+        "--wait-ms",
+        "5000",
+    ]))
+    .into_iter()
+    .collect();
+    assert_eq!(first.len(), 80);
+    dev.kill9();
+
+    let dev = Dev::start(dir.path(), port);
+    let rest = dev.json(&[
+        "consume",
+        "--topic",
+        "durable",
+        "--group",
+        "g",
+        "--max",
+        "200",
+        "--wait-ms",
+        "3000",
+    ]);
+    let rest_ids: HashSet<String> = ids(&rest).into_iter().collect();
+    assert_eq!(rest.len(), 120, "exactly the unacked remainder");
+    assert!(
+        rest_ids.is_disjoint(&first),
+        "an acked record was redelivered"
+    );
+    let union: HashSet<String> = first.union(&rest_ids).cloned().collect();
+    assert_eq!(union, produced, "every acknowledged record is still there");
+    // A second group still sees all 200.
+    let other = dev.json(&[
+        "consume",
+        "--topic",
+        "durable",
+        "--group",
+        "g2",
+        "--max",
+        "200",
+        "--wait-ms",
+        "3000",
+    ]);
+    assert_eq!(other.len(), 200);
+    dev.stop();
+}
+
+#[test]
+fn record_with_flipped_bytes_on_disk_is_reported_corrupt_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_block();
+    let dev = Dev::start(dir.path(), port);
+    let t = dev.json(&[
+        "topic",
+        "create",
+        "fragile",
+        "--queues",
+        "1",
+        "--replicas",
+        "3",
+    ]);
+    let group_id = t[0]["queues"][0]["group_id"]
+        .as_u64()
+        .expect("group_id in topic JSON");
+    let produced = dev.json(&[
+        "produce", "--topic", "fragile", "--count", "5", "--size", "50",
+    ]);
+    assert_eq!(produced.len(), 5);
+    dev.stop();
+
+    for b in 1..=3 {
+        let bdir = dir.path().join(format!("broker-{b}"));
+        let flipped = petrel_broker::storage::corrupt_record_for_test(&bdir, group_id, 2).unwrap();
+        assert!(flipped, "broker {b} has offset 2 on disk");
+    }
+
+    let dev = Dev::start(dir.path(), port);
+    let ok = dev.json(&[
+        "read", "--topic", "fragile", "--queue", "0", "--offset", "0", "--max", "2",
+    ]);
+    assert_eq!(ok.len(), 2);
+    fails_with(
+        &dev.run(&[
+            "read", "--topic", "fragile", "--queue", "0", "--offset", "0", "--max", "10",
+        ]),
+        "corrupt",
+    );
+    fails_with(
+        &dev.run(&[
+            "read", "--topic", "fragile", "--queue", "0", "--offset", "2", "--max", "1",
+        ]),
+        "corrupt",
+    );
+    // The queue is not poisoned: later records read fine and writes go on.
+    let later = dev.json(&[
+        "read", "--topic", "fragile", "--queue", "0", "--offset", "3", "--max", "10",
+    ]);
+    assert_eq!(later.len(), 2);
+    assert_eq!(
+        dev.json(&["produce", "--topic", "fragile", "--count", "1", "--size", "8"])
+            .len(),
+        1
+    );
+    dev.stop();
+}
