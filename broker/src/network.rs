@@ -28,8 +28,12 @@ pub const KIND_APPEND: u32 = 1;
 pub const KIND_VOTE: u32 = 2;
 pub const KIND_SNAPSHOT: u32 = 3;
 
-/// Raft RPCs larger than this are refused by the transport.
-pub const MAX_RAFT_MESSAGE: usize = 256 << 20;
+/// Raft RPCs larger than this are refused by the transport. One entry is
+/// at most one proxy append (64 MiB), and an AppendEntries carries at most
+/// `MAX_PAYLOAD_ENTRIES` of them, but in practice far less is in flight.
+pub const MAX_RAFT_MESSAGE: usize = 1 << 30;
+/// Entries per AppendEntries RPC (openraft `max_payload_entries`).
+pub const MAX_PAYLOAD_ENTRIES: u64 = 64;
 
 /// Lazily connected channels to peer brokers, keyed by broker id.
 #[derive(Clone, Default)]

@@ -64,7 +64,7 @@ impl Node {
                 election_timeout_max: config.election_timeout_ms * 2,
                 snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
                 max_in_snapshot_log_to_keep: 1000,
-                max_payload_entries: 512,
+                max_payload_entries: crate::network::MAX_PAYLOAD_ENTRIES,
                 install_snapshot_timeout: 10_000,
                 ..Default::default()
             }

@@ -24,6 +24,8 @@ use crate::config::ProxyConfig;
 use crate::routes::Router;
 
 pub const MAX_RECEIVE_MESSAGES: u32 = 1024;
+/// Target size of one message of a receive stream.
+const RECEIVE_CHUNK_BYTES: usize = 8 << 20;
 const MIN_INVISIBLE_MS: u64 = 100;
 const MAX_INVISIBLE_MS: u64 = 12 * 3600 * 1000;
 /// Poll interval bounds while a receive long-polls an empty topic.
@@ -524,7 +526,24 @@ impl Petrel for ProxyService {
                     .await
                 {
                     Ok(records) if !records.is_empty() => {
-                        let _ = tx.send(Ok(pb::ReceiveResponse { records })).await;
+                        // Several stream messages when the records are big,
+                        // so no single message nears the gRPC size limit.
+                        let mut chunk = Vec::new();
+                        let mut bytes = 0usize;
+                        for r in records {
+                            let size = r.body.len() + r.key.len() + 256;
+                            if !chunk.is_empty() && bytes + size > RECEIVE_CHUNK_BYTES {
+                                let _ = tx
+                                    .send(Ok(pb::ReceiveResponse {
+                                        records: std::mem::take(&mut chunk),
+                                    }))
+                                    .await;
+                                bytes = 0;
+                            }
+                            bytes += size;
+                            chunk.push(r);
+                        }
+                        let _ = tx.send(Ok(pb::ReceiveResponse { records: chunk })).await;
                         return;
                     }
                     Ok(_) => {}

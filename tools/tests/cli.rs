@@ -184,15 +184,23 @@ fn ids(v: &[Value]) -> Vec<String> {
 
 #[test]
 fn cli_produces_and_consumes_with_json_output() {
+    const N: usize = 20_000;
     let dir = tempfile::tempdir().unwrap();
     let dev = Dev::start(dir.path(), free_port_block());
 
-    let t = dev.json(&["topic", "create", "cli", "--queues", "4", "--replicas", "3"]);
+    let t = dev.json(&["topic", "create", "cli", "--queues", "8", "--replicas", "3"]);
     assert_eq!(t.len(), 1);
+    assert_eq!(t[0]["queues"].as_array().unwrap().len(), 8);
     let produced = dev.json(&[
-        "produce", "--topic", "cli", "--count", "300", "--size", "64",
+        "produce",
+        "--topic",
+        "cli",
+        "--count",
+        &N.to_string(),
+        "--size",
+        "64",
     ]);
-    assert_eq!(produced.len(), 300);
+    assert_eq!(produced.len(), N);
     let o = dev.run_stdin(
         &[
             "--json", "produce", "--topic", "cli", "--key", "k1", "--tag", "TagA",
@@ -207,40 +215,42 @@ fn cli_produces_and_consumes_with_json_output() {
         .collect();
     assert_eq!(from_stdin.len(), 3);
     let all: HashSet<String> = ids(&produced).into_iter().chain(ids(&from_stdin)).collect();
-    assert_eq!(all.len(), 303);
+    assert_eq!(all.len(), N + 3);
     for p in &produced {
         let id = p["id"].as_str().unwrap();
         assert_eq!(id, format!("cli/{}/{}", p["queue"], p["offset"]));
     }
 
-    let got = dev.json(&[
-        "consume",
-        "--topic",
-        "cli",
-        "--group",
-        "g1",
-        "--max",
-        "303",
-        "--wait-ms",
-        "5000",
-    ]);
-    assert_eq!(got.len(), 303);
-    let got_ids: HashSet<String> = ids(&got).into_iter().collect();
-    assert_eq!(got_ids, all, "each record exactly once");
-    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
-    for r in &got {
-        let (q, off) = (r["queue"].as_u64().unwrap(), r["offset"].as_u64().unwrap());
-        if let Some(prev) = last.insert(q, off) {
-            assert!(off > prev, "queue {q} out of order");
+    for group in ["g1", "g2"] {
+        let got = dev.json(&[
+            "consume",
+            "--topic",
+            "cli",
+            "--group",
+            group,
+            "--max",
+            &(N + 3).to_string(),
+            "--wait-ms",
+            "5000",
+        ]);
+        assert_eq!(got.len(), N + 3, "group {group}");
+        let got_ids: HashSet<String> = ids(&got).into_iter().collect();
+        assert_eq!(got_ids, all, "group {group}: each record exactly once");
+        let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+        for r in &got {
+            let (q, off) = (r["queue"].as_u64().unwrap(), r["offset"].as_u64().unwrap());
+            if let Some(prev) = last.insert(q, off) {
+                assert!(off > prev, "queue {q} out of order");
+            }
+            assert_eq!(r["attempt"], 1);
+            assert_eq!(r["body_encoding"], "utf8");
         }
-        assert_eq!(r["attempt"], 1);
-        assert_eq!(r["body_encoding"], "utf8");
+        let keyed: Vec<&Value> = got.iter().filter(|r| r["key"] == "k1").collect();
+        assert_eq!(keyed.len(), 3);
+        assert!(keyed.iter().all(|r| r["tag"] == "TagA"));
+        let bodies: HashSet<&str> = keyed.iter().map(|r| r["body"].as_str().unwrap()).collect();
+        assert!(bodies.contains("\u{e9}t\u{e9}"));
     }
-    let keyed: Vec<&Value> = got.iter().filter(|r| r["key"] == "k1").collect();
-    assert_eq!(keyed.len(), 3);
-    assert!(keyed.iter().all(|r| r["tag"] == "TagA"));
-    let bodies: HashSet<&str> = keyed.iter().map(|r| r["body"].as_str().unwrap()).collect();
-    assert!(bodies.contains("\u{e9}t\u{e9}"));
 
     // Nothing more for this group; the consume ends after --wait-ms.
     let none = dev.json(&[
@@ -255,7 +265,7 @@ fn cli_produces_and_consumes_with_json_output() {
     assert!(none.is_empty());
 
     let g = dev.json(&["group", "describe", "g1"]);
-    assert_eq!(g.len(), 4);
+    assert_eq!(g.len(), 8);
     assert!(g.iter().all(|q| q["lag"] == 0));
     let groups = dev.json(&["group", "list"]);
     assert!(groups.iter().any(|x| x["group"] == "g1"));

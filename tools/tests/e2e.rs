@@ -284,6 +284,20 @@ async fn bad_input_gets_typed_errors_and_the_cluster_keeps_serving() {
         Err(Error::TooLarge(_)) => {}
         other => panic!("oversized: {other:?}"),
     }
+    // A record of exactly the limit is fine, and comes back whole.
+    let big = p
+        .send(Message::new(vec![b'y'; 4 * 1024 * 1024]))
+        .await
+        .unwrap();
+    let big_reader = client
+        .simple_consumer("good", "big")
+        .wait(Duration::from_secs(2))
+        .build();
+    let got_big = big_reader.receive(10).await.unwrap();
+    assert_eq!(got_big.len(), 1);
+    assert_eq!(got_big[0].message_id, big.message_id);
+    assert_eq!(got_big[0].body.len(), 4 * 1024 * 1024);
+    big_reader.ack(&got_big[0]).await.unwrap();
     // Empty bodies are allowed.
     let empty = p.send(Message::new(Vec::<u8>::new())).await.unwrap();
 
@@ -292,7 +306,13 @@ async fn bad_input_gets_typed_errors_and_the_cluster_keeps_serving() {
         .simple_consumer("good", "g")
         .wait(Duration::from_secs(2))
         .build();
-    let got = c.receive(10).await.unwrap();
+    let got: Vec<_> = c
+        .receive(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.message_id != big.message_id)
+        .collect();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message_id, empty.message_id);
     assert!(got[0].body.is_empty());
