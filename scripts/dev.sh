@@ -11,14 +11,19 @@ PETREL="$CARGO_TARGET_DIR/debug/petrel"
 PORT="${PETREL_PORT:-7400}"
 EP="127.0.0.1:$PORT"
 
-"$PETREL" dev --data-dir "${PETREL_DATA_DIR:-./petrel-data}" --port "$PORT" &
+DATA="${PETREL_DATA_DIR:-./petrel-data}"
+READY_FILE="$(mktemp)"
+"$PETREL" --json dev --data-dir "$DATA" --port "$PORT" >"$READY_FILE" &
 DEV=$!
-trap 'kill -INT $DEV 2>/dev/null; wait $DEV 2>/dev/null || true' EXIT INT TERM
+trap 'kill -INT $DEV 2>/dev/null; wait $DEV 2>/dev/null || true; rm -f "$READY_FILE"' EXIT INT TERM
 
-for _ in $(seq 1 100); do
-  "$PETREL" --endpoint "$EP" cluster describe >/dev/null 2>&1 && break
+for _ in $(seq 1 200); do
+  grep -q '"ready"' "$READY_FILE" && break
+  kill -0 $DEV 2>/dev/null || { echo "petrel dev exited; see the messages above" >&2; exit 1; }
   sleep 0.3
 done
+grep -q '"ready"' "$READY_FILE" || { echo "petrel dev did not become ready" >&2; exit 1; }
+echo "Local cluster ready: 3 brokers + 1 proxy at $EP, data in $DATA"
 
 run() { echo; echo "\$ petrel $*"; "$PETREL" --endpoint "$EP" "$@"; }
 run cluster describe

@@ -54,7 +54,8 @@ pub struct BrokerArgs {
     /// Largest record accepted, in bytes [default: 4194304].
     #[arg(long, env = "PETREL_MAX_RECORD_BYTES")]
     pub max_record_bytes: Option<usize>,
-    /// Log filter, e.g. `info` or `petrel_broker=debug` [default: info].
+    /// Log filter, e.g. `info` or `petrel_broker=debug,openraft=info`
+    /// [default: info,openraft=error].
     #[arg(long, env = "PETREL_LOG")]
     pub log: Option<String>,
 }
@@ -215,7 +216,10 @@ impl BrokerArgs {
                 .unwrap_or(DEFAULT_SNAPSHOT_EVERY)
                 .max(100),
             max_record_bytes,
-            log: self.log.or(file.log).unwrap_or_else(|| "info".into()),
+            log: self
+                .log
+                .or(file.log)
+                .unwrap_or_else(|| "info,openraft=error".into()),
         })
     }
 }

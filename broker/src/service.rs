@@ -162,6 +162,16 @@ impl Service {
             None => return Err(PetrelError::InvalidArgument("empty meta write".into())),
             Some(bpb::meta_write_request::Op::CreateTopic(c)) => {
                 validate::topic_name(&c.name)?;
+                let configured = self.node.config.peers.len();
+                if map.brokers.len() < configured {
+                    // Start-up: the controller registers the configured
+                    // brokers within a second; placing replicas before that
+                    // would crowd them onto the first ones. Retryable.
+                    return Err(PetrelError::Unavailable(format!(
+                        "cluster is starting: {} of {configured} brokers registered",
+                        map.brokers.len()
+                    )));
+                }
                 validate::topic_shape(c.queue_count, c.replication_factor, map.brokers.len())?;
                 let mt = match pb::MessageType::try_from(c.message_type) {
                     Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => {

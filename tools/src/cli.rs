@@ -339,7 +339,8 @@ type CliResult<T = ()> = Result<T, CliError>;
 /// nothing), so `dev` code must not rely on installing its own.
 pub fn init_tracing(cli: &Cli) {
     let default = match cli.command {
-        Command::Dev(_) => "info",
+        // Petrel's own start/stop lines; openraft's chatter only on request.
+        Command::Dev(_) => "warn,openraft=error,petrel_proxy=error",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
