@@ -146,6 +146,7 @@ impl ClusterMap {
         name: &str,
         retention_ms: Option<u64>,
         retention_bytes: Option<u64>,
+        target_queue_count: u32,
         add: &[QueuePlacement],
     ) -> Result<u64, ApplyError> {
         let Some(t) = self.topics.get(name) else {
@@ -154,7 +155,8 @@ impl ClusterMap {
             )));
         };
         let first = t.queues.len() as u32;
-        let new = self.assign(first, add);
+        let need = (target_queue_count.saturating_sub(first) as usize).min(add.len());
+        let new = self.assign(first, &add[..need]);
         let t = self.topics.get_mut(name).expect("checked above");
         t.queues.extend(new);
         t.spec.queue_count = t.queues.len() as u32;
@@ -283,8 +285,11 @@ mod tests {
         assert_eq!(ids, vec![3, 4]);
         assert!(m.create_topic(&spec("a", 2, 1), &p, 0).is_err());
         let add = m.place(1, 1);
-        m.update_topic("a", Some(5), None, &add).unwrap();
+        m.update_topic("a", Some(5), None, 3, &add).unwrap();
         assert_eq!(m.topics["a"].queues[2].group_id, 5);
         assert_eq!(m.topics["a"].spec.queue_count, 3);
+        // Applying the same update again (a retry) adds nothing.
+        m.update_topic("a", Some(5), None, 3, &add).unwrap();
+        assert_eq!(m.topics["a"].queues.len(), 3);
     }
 }

@@ -33,7 +33,7 @@ pub const KIND_SNAPSHOT: u32 = 3;
 /// `MAX_PAYLOAD_ENTRIES` of them, but in practice far less is in flight.
 pub const MAX_RAFT_MESSAGE: usize = 1 << 30;
 /// Entries per AppendEntries RPC (openraft `max_payload_entries`).
-pub const MAX_PAYLOAD_ENTRIES: u64 = 64;
+pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
 
 /// Lazily connected channels to peer brokers, keyed by broker id.
 #[derive(Clone, Default)]

@@ -265,6 +265,25 @@ impl Node {
                 continue;
             }
             let map = self.map_rx.borrow().clone();
+            // Brokers beyond the meta voters follow the meta group as
+            // learners, so they learn the map and host their queues.
+            let members: BTreeSet<u64> = meta
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect();
+            for (id, addr) in &self.config.peers {
+                if !members.contains(id) {
+                    let node = BasicNode { addr: addr.clone() };
+                    match meta.add_learner(*id, node, false).await {
+                        Ok(_) => tracing::info!(broker = id, "added broker as meta learner"),
+                        Err(e) => tracing::warn!(broker = id, error = %e, "adding meta learner"),
+                    }
+                }
+            }
             for (id, addr) in &self.config.peers {
                 if map.brokers.get(id) != Some(addr) {
                     let cmd = Command::RegisterBroker {

@@ -32,6 +32,9 @@ pub struct Lease {
     pub attempt: u32,
     pub lease_id: u64,
     pub deadline_ms: i64,
+    /// The lease id this one replaced by a change of invisible duration, so
+    /// a retried change (reply lost) gets the current lease back.
+    pub prev_lease_id: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +105,9 @@ impl QueueState {
         let dedup = !producer_id.is_empty();
         if dedup && !self.producers.contains_key(producer_id) {
             self.evict_producers_if_full(ch);
+            // Evicted earlier in this same apply batch and back now: its
+            // new window must not be deleted by that eviction's write.
+            ch.removed_producers.retain(|p| p != producer_id);
         }
         for (seq, bytes) in records {
             if dedup && *seq != 0 {
@@ -161,6 +167,28 @@ impl QueueState {
         }
     }
 
+    /// The offsets a pop would lease now, in the order it would lease them
+    /// (used by the leader to size a pop by bytes before proposing it).
+    pub fn pop_candidates(&self, consumer: &str, max: u32, now_ms: i64) -> Vec<u64> {
+        let end = self.header.next_offset;
+        let max = max as usize;
+        match self.consumers.get(consumer) {
+            None => (self.header.start_offset..end).take(max).collect(),
+            Some(c) => {
+                let mut out: Vec<u64> = c
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.deadline_ms <= now_ms)
+                    .map(|(o, _)| *o)
+                    .take(max)
+                    .collect();
+                let room = max - out.len();
+                out.extend((c.next_fresh..end).take(room));
+                out
+            }
+        }
+    }
+
     /// Leases up to `max` records: expired leases first (attempt + 1), then
     /// fresh records in offset order.
     pub fn pop(
@@ -183,6 +211,7 @@ impl QueueState {
             if l.deadline_ms <= now_ms {
                 l.attempt += 1;
                 l.lease_id = log_index;
+                l.prev_lease_id = 0;
                 l.deadline_ms = deadline_ms;
                 out.push(LeaseInfo {
                     offset: *off,
@@ -199,6 +228,7 @@ impl QueueState {
                 attempt: 1,
                 lease_id: log_index,
                 deadline_ms,
+                prev_lease_id: 0,
             };
             c.leases.insert(off, l);
             out.push(LeaseInfo {
@@ -263,7 +293,14 @@ impl QueueState {
     ) -> Result<LeaseInfo, ApplyError> {
         let c = self.consumer(consumer);
         match c.leases.get_mut(&offset) {
+            Some(l) if l.prev_lease_id != 0 && l.prev_lease_id == lease_id => Ok(LeaseInfo {
+                offset,
+                attempt: l.attempt,
+                lease_id: l.lease_id,
+                deadline_ms: l.deadline_ms,
+            }),
             Some(l) if l.lease_id == lease_id => {
+                l.prev_lease_id = l.lease_id;
                 l.lease_id = log_index;
                 l.deadline_ms = now_ms.saturating_add(invisible_ms.min(i64::MAX as u64) as i64);
                 let info = LeaseInfo {
@@ -414,6 +451,23 @@ mod tests {
     }
 
     #[test]
+    fn pop_candidates_match_what_pop_leases() {
+        let mut q = q_with(6);
+        let mut ch = Changes::default();
+        assert_eq!(q.pop_candidates("g", 2, 0), vec![0, 1]);
+        q.pop("g", 3, 0, 100, 1, &mut ch);
+        q.ack("g", &[(1, 1)], &mut ch);
+        let cands = q.pop_candidates("g", 10, 100);
+        let leased: Vec<u64> = q
+            .pop("g", 10, 100, 100, 2, &mut ch)
+            .iter()
+            .map(|l| l.offset)
+            .collect();
+        assert_eq!(cands, leased);
+        assert_eq!(leased, vec![0, 2, 3, 4, 5]);
+    }
+
+    #[test]
     fn change_invisible_extends_and_rotates_the_lease() {
         let mut q = q_with(1);
         let mut ch = Changes::default();
@@ -423,8 +477,13 @@ mod tests {
             .unwrap();
         assert_eq!(l2.deadline_ms, 1050);
         assert!(q.pop("g", 1, 200, 100, 9, &mut ch).is_empty());
-        assert!(q
+        // A retried change (same old receipt) returns the current lease.
+        let again = q
             .change_invisible("g", 0, l.lease_id, 60, 10, 10, &mut ch)
+            .unwrap();
+        assert_eq!(again, l2);
+        assert!(q
+            .change_invisible("g", 0, 12345, 60, 10, 11, &mut ch)
             .is_err());
         assert!(q.ack("g", &[(0, 8)], &mut ch)[0].is_ok());
     }

@@ -24,6 +24,8 @@ use crate::node::{GroupHandle, Node};
 use crate::storage::CF_RECORDS;
 use crate::types::{Command, Response, META_GROUP};
 
+/// Most record bytes one pop returns.
+pub const POP_MAX_BYTES: usize = 16 << 20;
 /// Largest gRPC message a proxy may send to a broker.
 pub const MAX_DATA_MESSAGE: usize = 64 << 20;
 const FORWARDED: &str = "x-petrel-forwarded";
@@ -239,6 +241,7 @@ impl Service {
                         name: u.name.clone(),
                         retention_ms: u.retention_ms,
                         retention_bytes: u.retention_bytes,
+                        target_queue_count: u.queue_count.max(cur),
                         add_queues: add,
                     },
                     u.name,
@@ -344,9 +347,32 @@ impl BrokerData for Service {
         if req.max_messages == 0 || !q.read().has_deliverable(&req.consumer_group, now) {
             return Ok(TResponse::new(bpb::PopResponse { records: vec![] }));
         }
+        // Size the pop by bytes so one response stays well under the
+        // message limit however large the records are (at least one).
+        let candidates =
+            q.read()
+                .pop_candidates(&req.consumer_group, req.max_messages.min(1024), now);
+        let cf = self.node.store.cf(CF_RECORDS);
+        let (mut n, mut bytes) = (0u32, 0usize);
+        for off in candidates {
+            let size = match self
+                .node
+                .store
+                .db()
+                .get_pinned_cf(cf, keys::record_key(group, off))
+            {
+                Ok(Some(v)) => v.len(),
+                _ => 0,
+            };
+            if n > 0 && bytes + size > POP_MAX_BYTES {
+                break;
+            }
+            bytes += size;
+            n += 1;
+        }
         let cmd = Command::Pop {
             consumer: req.consumer_group,
-            max: req.max_messages.min(1024),
+            max: n.max(1),
             now_ms: now,
             invisible_ms: req.invisible_duration_ms,
         };

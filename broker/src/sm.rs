@@ -248,7 +248,14 @@ impl StateMachine {
                 retention_ms,
                 retention_bytes,
                 add_queues,
-            } => map.update_topic(name, *retention_ms, *retention_bytes, add_queues),
+                target_queue_count,
+            } => map.update_topic(
+                name,
+                *retention_ms,
+                *retention_bytes,
+                *target_queue_count,
+                add_queues,
+            ),
             Command::DeleteTopic { name } => map.delete_topic(name),
             _ => Err(ApplyError::WrongGroupKind),
         })
@@ -493,6 +500,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
         if self.last_applied.is_none() {
+            // Nothing applied yet (a new group): the start-up call is over.
+            self.startup_snapshot_served = true;
             return Ok(None);
         }
         self.store.flush_state().map_err(sm_write_err)?;

@@ -77,7 +77,10 @@ pub enum Command {
         name: String,
         retention_ms: Option<u64>,
         retention_bytes: Option<u64>,
-        /// Queues to add (placements for the new queues only).
+        /// Queue count wanted; queues are added only up to it, so applying
+        /// a retried update twice adds nothing the second time.
+        target_queue_count: u32,
+        /// Placements for the queues to add, first ones first.
         add_queues: Vec<QueuePlacement>,
     },
     DeleteTopic {

@@ -169,7 +169,9 @@ impl PetrelError {
             Code::ResourceExhausted => Self::TooLarge(m),
             Code::DataLoss => Self::Corrupt(m),
             Code::AlreadyExists => Self::AlreadyExists(m),
-            Code::OutOfRange => Self::OffsetOutOfRange(m),
+            // Our own out-of-range errors carry a detail; a bare one is a
+            // transport message-size limit.
+            Code::OutOfRange => Self::TooLarge(m),
             Code::FailedPrecondition => Self::ReceiptExpired(m),
             Code::DeadlineExceeded => Self::Timeout(m),
             Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Aborted => {

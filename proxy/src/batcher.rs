@@ -19,6 +19,8 @@ const MAX_COALESCED: usize = 256;
 /// Stop coalescing past this many body bytes.
 const MAX_COALESCED_BYTES: usize = 8 << 20;
 const QUEUE_DEPTH: usize = 4096;
+/// Bound on one coalesced append RPC (the broker bounds its Raft write at 10 s).
+const APPEND_RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub type AppendResult = Result<(Vec<u64>, Vec<bool>), PetrelError>;
 
@@ -30,7 +32,8 @@ pub struct Pending {
 #[derive(Clone)]
 pub struct Batcher {
     router: Arc<Router>,
-    lanes: Arc<DashMap<u64, mpsc::Sender<Pending>>>,
+    /// Keyed by (leader, address): a broker that moves gets a new lane.
+    lanes: Arc<DashMap<(u64, String), mpsc::Sender<Pending>>>,
 }
 
 impl Batcher {
@@ -49,22 +52,18 @@ impl Batcher {
         records: bpb::AppendRecords,
     ) -> AppendResult {
         let (tx, rx) = oneshot::channel();
+        let key = (leader, addr.clone());
         let lane = self
             .lanes
-            .entry(leader)
+            .entry(key.clone())
             .or_insert_with(|| self.spawn_lane(leader, addr))
             .clone();
         if lane.send(Pending { records, reply: tx }).await.is_err() {
-            self.lanes.remove(&leader);
+            self.lanes.remove(&key);
             return Err(PetrelError::Unavailable("append lane closed".into()));
         }
         rx.await
             .unwrap_or_else(|_| Err(PetrelError::Unavailable("append dropped".into())))
-    }
-
-    /// Forgets the lane of a broker whose address changed or failed.
-    pub fn reset(&self, leader: u64) {
-        self.lanes.remove(&leader);
     }
 
     fn spawn_lane(&self, leader: u64, addr: String) -> mpsc::Sender<Pending> {
@@ -72,16 +71,31 @@ impl Batcher {
         let router = self.router.clone();
         tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(INFLIGHT_PER_LEADER));
-            while let Some(first) = rx.recv().await {
+            // An item that would have pushed the last batch over the byte
+            // limit opens the next one.
+            let mut carry: Option<Pending> = None;
+            loop {
+                let first = match carry.take() {
+                    Some(p) => p,
+                    None => match rx.recv().await {
+                        Some(p) => p,
+                        None => return,
+                    },
+                };
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
                 let mut batch = vec![first];
                 let mut bytes: usize = body_bytes(&batch[0].records);
-                while batch.len() < MAX_COALESCED && bytes < MAX_COALESCED_BYTES {
+                while batch.len() < MAX_COALESCED {
                     match rx.try_recv() {
                         Ok(p) => {
-                            bytes += body_bytes(&p.records);
+                            let size = body_bytes(&p.records);
+                            if bytes + size > MAX_COALESCED_BYTES {
+                                carry = Some(p);
+                                break;
+                            }
+                            bytes += size;
                             batch.push(p);
                         }
                         Err(_) => break,
@@ -101,7 +115,9 @@ impl Batcher {
                             return;
                         }
                     };
-                    match client.append(bpb::AppendRequest { groups }).await {
+                    let mut req = tonic::Request::new(bpb::AppendRequest { groups });
+                    req.set_timeout(APPEND_RPC_TIMEOUT);
+                    match client.append(req).await {
                         Ok(resp) => {
                             let mut by_pos = resp.into_inner().groups.into_iter();
                             for r in replies {

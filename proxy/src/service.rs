@@ -24,6 +24,8 @@ use crate::config::ProxyConfig;
 use crate::routes::Router;
 
 pub const MAX_RECEIVE_MESSAGES: u32 = 1024;
+/// Retry budget for one queue within one receive sweep.
+const SWEEP_QUEUE_BUDGET: Duration = Duration::from_secs(1);
 /// Target size of one message of a receive stream.
 const RECEIVE_CHUNK_BYTES: usize = 8 << 20;
 const MIN_INVISIBLE_MS: u64 = 100;
@@ -104,22 +106,48 @@ impl Inner {
 
     /// Runs `op` against the leader of `group`, following not-leader hints
     /// and retrying unavailable brokers until the request timeout.
-    async fn on_leader<T, F, Fut>(&self, group: u64, mut op: F) -> Result<T, PetrelError>
+    async fn on_leader<T, F, Fut>(&self, group: u64, op: F) -> Result<T, PetrelError>
     where
         F: FnMut(u64, String, BrokerDataClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, PetrelError>>,
     {
-        let deadline = Instant::now() + self.config.request_timeout;
+        self.on_leader_within(group, self.config.request_timeout, op)
+            .await
+    }
+
+    /// [`Inner::on_leader`] with its own retry budget.
+    async fn on_leader_within<T, F, Fut>(
+        &self,
+        group: u64,
+        budget: Duration,
+        mut op: F,
+    ) -> Result<T, PetrelError>
+    where
+        F: FnMut(u64, String, BrokerDataClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PetrelError>>,
+    {
+        let deadline = Instant::now() + budget;
         let mut backoff = Duration::from_millis(20);
+        let mut hinted = 0u32;
         loop {
             let err = match self.router.leader_addr(group) {
                 None => PetrelError::Unavailable(format!("no known leader for group {group}")),
                 Some((leader, addr)) => match self.router.channels.client(&addr) {
                     Err(e) => e,
-                    Ok(c) => match op(leader, addr, c).await {
-                        Ok(v) => return Ok(v),
-                        Err(e) => e,
-                    },
+                    Ok(c) => {
+                        // Each attempt is bounded too, so a silent broker
+                        // cannot hold a request past its budget.
+                        let left = deadline
+                            .saturating_duration_since(Instant::now())
+                            .max(Duration::from_millis(50));
+                        match tokio::time::timeout(left, op(leader, addr, c)).await {
+                            Ok(Ok(v)) => return Ok(v),
+                            Ok(Err(e)) => e,
+                            Err(_) => PetrelError::Timeout(format!(
+                                "leader of group {group} did not answer in time"
+                            )),
+                        }
+                    }
                 },
             };
             if !err.is_retryable() || Instant::now() + backoff >= deadline {
@@ -131,14 +159,20 @@ impl Inner {
                 });
             }
             match &err {
+                // Follow a hint at once, but not forever: two brokers with
+                // stale views could point at each other during an election.
                 PetrelError::NotLeader {
                     leader: Some(l), ..
-                } => {
+                } if hinted < 2 => {
+                    hinted += 1;
                     self.router.hint_leader(group, *l);
                     self.router.poke();
                     continue;
                 }
-                _ => self.router.poke(),
+                _ => {
+                    hinted = 0;
+                    self.router.poke();
+                }
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -223,8 +257,10 @@ impl Inner {
                 max_messages: want,
                 invisible_duration_ms: invisible_ms,
             };
+            // A queue without a reachable leader is skipped for this sweep
+            // rather than holding up the whole receive.
             let res = self
-                .on_leader(q.group_id, |_, _, mut c| {
+                .on_leader_within(q.group_id, SWEEP_QUEUE_BUDGET, |_, _, mut c| {
                     let req = req.clone();
                     async move {
                         c.pop(req)
@@ -338,6 +374,40 @@ impl Inner {
         }
     }
 
+    /// After a retried meta write fails with "already exists" (create) or
+    /// "not found" (delete), checks whether that is the earlier attempt's
+    /// own effect and if so reports success.
+    async fn earlier_attempt_succeeded(
+        &self,
+        op: &bpb::meta_write_request::Op,
+        e: &PetrelError,
+    ) -> Option<bpb::MetaWriteResponse> {
+        use bpb::meta_write_request::Op;
+        self.router.refresh_now().await;
+        let table = self.router.table();
+        match (op, e) {
+            (Op::CreateTopic(c), PetrelError::AlreadyExists(_)) => {
+                let t = table.topic(&c.name)?;
+                let have = t.config.as_ref()?;
+                let same = have.queue_count == c.queue_count
+                    && have.replication_factor == c.replication_factor
+                    && have.retention_ms == c.retention_ms
+                    && have.retention_bytes == c.retention_bytes;
+                same.then(|| bpb::MetaWriteResponse {
+                    topic: Some(t.clone()),
+                    map_version: table.map_version,
+                })
+            }
+            (Op::DeleteTopic(name), PetrelError::NotFound(_)) if table.topic(name).is_none() => {
+                Some(bpb::MetaWriteResponse {
+                    topic: None,
+                    map_version: table.map_version,
+                })
+            }
+            _ => None,
+        }
+    }
+
     async fn meta_write(
         &self,
         op: bpb::meta_write_request::Op,
@@ -353,8 +423,14 @@ impl Inner {
         let deadline = Instant::now() + self.config.request_timeout;
         let mut last = PetrelError::Unavailable("no broker reachable".into());
         let mut backoff = Duration::from_millis(50);
+        // Meta writes are not all idempotent: after an attempt whose outcome
+        // is unknown, "already exists" / "not found" may be our own success.
+        let mut unknown_outcome = false;
         loop {
             for a in &addrs {
+                if Instant::now() >= deadline {
+                    break;
+                }
                 let mut c = match self.router.channels.client(a) {
                     Ok(c) => c,
                     Err(e) => {
@@ -362,9 +438,14 @@ impl Inner {
                         continue;
                     }
                 };
-                let req = bpb::MetaWriteRequest {
+                let mut req = tonic::Request::new(bpb::MetaWriteRequest {
                     op: Some(op.clone()),
-                };
+                });
+                req.set_timeout(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(50)),
+                );
                 match c.meta_write(req).await {
                     Ok(r) => {
                         self.router.refresh_now().await;
@@ -372,8 +453,16 @@ impl Inner {
                     }
                     Err(s) => {
                         let e = PetrelError::from_status(&s);
+                        if unknown_outcome {
+                            if let Some(done) = self.earlier_attempt_succeeded(&op, &e).await {
+                                return Ok(done);
+                            }
+                        }
                         if !e.is_retryable() {
                             return Err(e);
+                        }
+                        if !matches!(e, PetrelError::NotLeader { .. }) {
+                            unknown_outcome = true;
                         }
                         last = e;
                     }

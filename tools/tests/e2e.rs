@@ -400,3 +400,31 @@ async fn offset_mode_reads_in_order_and_commits_per_group() {
     let _: BTreeMap<u32, u64> = BTreeMap::new();
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_beyond_the_meta_voters_host_and_lead_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ClusterOptions::new(dir.path());
+    opts.brokers = 4;
+    let cluster = LocalCluster::start(opts).await.unwrap();
+    cluster.wait_ready(READY).await.unwrap();
+    let client = Client::connect([cluster.endpoint()]).unwrap();
+    let info = create(&client.admin(), "wide", 4, 1).await;
+    let mut owners: Vec<u64> = info.queues.iter().map(|q| q.replicas[0]).collect();
+    owners.sort();
+    assert_eq!(
+        owners,
+        vec![1, 2, 3, 4],
+        "one queue per broker, broker 4 included"
+    );
+    let p = client.producer("wide").build();
+    let msgs: Vec<Message> = (0..400)
+        .map(|i| Message::new(format!("w{i}")).with_key(format!("{i}")))
+        .collect();
+    let sent = p.send_batch(msgs).await.unwrap();
+    let queues: HashSet<u32> = sent.iter().map(|r| r.queue).collect();
+    assert_eq!(queues.len(), 4, "keys spread over all queues");
+    let got = consume_all(&client, "wide", "g", 400, 2).await;
+    assert_eq!(got.len(), 400);
+    cluster.stop().await;
+}
