@@ -6,4 +6,11 @@ bash scripts/setup.sh
 source scripts/env.sh
 cargo build --workspace --all-targets
 # Integration tests start whole clusters; two at a time fits 2 cores.
-cargo test --workspace -- --test-threads="${PETREL_TEST_THREADS:-2}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace -- --test-threads="${PETREL_TEST_THREADS:-2}" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
