@@ -149,6 +149,20 @@ impl StateMachine {
         })
     }
 
+    /// Records `e` as applied (and its membership, if any); returns its
+    /// command when it carries one.
+    fn note_applied<'e>(&mut self, e: &'e Entry) -> Option<&'e Command> {
+        self.last_applied = Some(e.log_id);
+        match &e.payload {
+            EntryPayload::Blank => None,
+            EntryPayload::Membership(m) => {
+                self.membership = StoredMembership::new(Some(e.log_id), m.clone());
+                None
+            }
+            EntryPayload::Normal(cmd) => Some(cmd),
+        }
+    }
+
     fn put_applied(&self, b: &mut WriteBatch) -> Result<(), RaftStorageError> {
         let v =
             bincode::serialize(&(&self.last_applied, &self.membership)).map_err(sm_write_err)?;
@@ -352,16 +366,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
                 let mut ch = Changes::default();
                 for e in entries {
-                    self.last_applied = Some(e.log_id);
-                    out.push(match &e.payload {
-                        EntryPayload::Blank => Response::None,
-                        EntryPayload::Membership(m) => {
-                            self.membership = StoredMembership::new(Some(e.log_id), m.clone());
-                            Response::None
-                        }
-                        EntryPayload::Normal(cmd) => {
-                            Self::apply_queue(&mut st, cmd, e.log_id.index, &mut ch)
-                        }
+                    out.push(match self.note_applied(&e) {
+                        Some(cmd) => Self::apply_queue(&mut st, cmd, e.log_id.index, &mut ch),
+                        None => Response::None,
                     });
                 }
                 self.persist_queue(&st, ch, &mut b)?;
@@ -374,14 +381,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut map = (**tx.borrow()).clone();
                 let before = map.version;
                 for e in entries {
-                    self.last_applied = Some(e.log_id);
-                    out.push(match &e.payload {
-                        EntryPayload::Blank => Response::None,
-                        EntryPayload::Membership(m) => {
-                            self.membership = StoredMembership::new(Some(e.log_id), m.clone());
-                            Response::None
-                        }
-                        EntryPayload::Normal(cmd) => Self::apply_meta(&mut map, cmd),
+                    out.push(match self.note_applied(&e) {
+                        Some(cmd) => Self::apply_meta(&mut map, cmd),
+                        None => Response::None,
                     });
                 }
                 let v = bincode::serialize(&map).map_err(sm_write_err)?;

@@ -87,14 +87,7 @@ impl RecordData {
 
     /// Verifies the checksum and decodes.
     pub fn decode(buf: &Bytes) -> Result<Self, DecodeError> {
-        if buf.len() < HEADER {
-            return Err(DecodeError::Truncated("header"));
-        }
-        let stored = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        let computed = crc32fast::hash(&buf[4..]);
-        if stored != computed {
-            return Err(DecodeError::Checksum { stored, computed });
-        }
+        verify(buf)?;
         let mut r = buf.slice(4..);
         let version = r.get_u8();
         if version != VERSION {

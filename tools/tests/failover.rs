@@ -4,48 +4,21 @@
 //! queues get new leaders. Processes are killed by PID at the end.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{bin, free_port, Procs};
 use petrel_sdk::{Client, Message, TopicSpec};
 
 /// Elections and registration of a fresh cluster finish well within this.
 const READY: Duration = Duration::from_secs(60);
 /// Bound on draining every acknowledged record after the kill.
 const DRAIN: Duration = Duration::from_secs(120);
-
-fn bin(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_petrel")).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} not built; run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Procs(Vec<Option<Child>>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn broker(id: usize, port: u16, peers: &str, dir: &Path) -> Child {
     Command::new(bin("petrel-broker"))
@@ -76,9 +49,9 @@ async fn sigkill_of_one_broker_loses_no_acknowledged_record() {
         .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
-    let mut procs = Procs(Vec::new());
+    let mut procs = Procs::default();
     for (i, port) in ports.iter().enumerate() {
-        procs.0.push(Some(broker(i + 1, *port, &peers, dir.path())));
+        procs.push(broker(i + 1, *port, &peers, dir.path()));
     }
     let proxy_port = free_port();
     let all_brokers = ports
@@ -86,7 +59,7 @@ async fn sigkill_of_one_broker_loses_no_acknowledged_record() {
         .map(|p| format!("127.0.0.1:{p}"))
         .collect::<Vec<_>>()
         .join(",");
-    procs.0.push(Some(
+    procs.push(
         Command::new(bin("petrel-proxy"))
             .args([
                 "--listen",
@@ -99,7 +72,7 @@ async fn sigkill_of_one_broker_loses_no_acknowledged_record() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-    ));
+    );
 
     let client = Client::connect([format!("127.0.0.1:{proxy_port}")]).unwrap();
     let admin = client.admin();
@@ -147,10 +120,8 @@ async fn sigkill_of_one_broker_loses_no_acknowledged_record() {
     });
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // Kill the broker leading the most queues... any one will do: broker 1.
-    let mut victim = procs.0[0].take().unwrap();
-    victim.kill().unwrap();
-    victim.wait().unwrap();
+    // SIGKILL broker 1 (preferred leader of a third of the queues).
+    procs.kill(0);
     let killed_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(6)).await;
     stop.store(true, Ordering::Relaxed);

@@ -6,46 +6,16 @@
 //! PID at the end, pass or fail.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{bin, free_port, Procs};
 use petrel_sdk::{Client, Message, TopicSpec};
 
 /// Elections and broker registration finish well within this.
 const READY: Duration = Duration::from_secs(60);
-
-fn bin(name: &str) -> PathBuf {
-    // Binaries of the other crates sit beside `petrel` in the target dir
-    // (`cargo build --workspace` builds them; scripts/test.sh does).
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_petrel")).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} not built; run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 #[test]
 fn every_binary_explains_its_flags() {
@@ -95,7 +65,7 @@ async fn separate_broker_and_proxy_processes_serve_produce_and_consume() {
         .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
-    let mut procs = Procs(Vec::new());
+    let mut procs = Procs::default();
     for (i, port) in ports.iter().enumerate() {
         let id = i + 1;
         let data = dir.path().join(format!("b{id}"));
@@ -123,10 +93,10 @@ async fn separate_broker_and_proxy_processes_serve_produce_and_consume() {
             .arg("--data-dir")
             .arg(&data);
         }
-        procs.0.push(cmd.spawn().unwrap());
+        procs.push(cmd.spawn().unwrap());
     }
     let proxy_port = free_port();
-    procs.0.push(
+    procs.push(
         Command::new(bin("petrel-proxy"))
             .args([
                 "--listen",
