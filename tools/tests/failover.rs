@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bin, free_port, Procs};
+use common::{bin, free_port, peers_arg, wait_ready, Procs};
 use petrel_sdk::{Client, Message, TopicSpec};
 
 /// Elections and registration of a fresh cluster finish well within this.
@@ -43,12 +43,7 @@ fn broker(id: usize, port: u16, peers: &str, dir: &Path) -> Child {
 async fn sigkill_of_one_broker_loses_no_acknowledged_record() {
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let peers = peers_arg(&ports);
     let mut procs = Procs::default();
     for (i, port) in ports.iter().enumerate() {
         procs.push(broker(i + 1, *port, &peers, dir.path()));
@@ -76,16 +71,7 @@ async fn sigkill_of_one_broker_loses_no_acknowledged_record() {
 
     let client = Client::connect([format!("127.0.0.1:{proxy_port}")]).unwrap();
     let admin = client.admin();
-    let deadline = Instant::now() + READY;
-    loop {
-        if let Ok(c) = admin.describe_cluster().await {
-            if c.meta_leader != 0 && c.brokers.len() == 3 && c.brokers.iter().all(|b| b.reachable) {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "cluster not ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_ready(&admin, 3, READY).await;
     admin
         .create_topic(TopicSpec::new("ha").queues(6).replicas(3))
         .await

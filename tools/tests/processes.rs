@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bin, free_port, Procs};
+use common::{bin, free_port, peers_arg, wait_ready, Procs};
 use petrel_sdk::{Client, Message, TopicSpec};
 
 /// Elections and broker registration finish well within this.
@@ -59,12 +59,7 @@ fn every_binary_explains_its_flags() {
 async fn separate_broker_and_proxy_processes_serve_produce_and_consume() {
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let peers = peers_arg(&ports);
     let mut procs = Procs::default();
     for (i, port) in ports.iter().enumerate() {
         let id = i + 1;
@@ -113,21 +108,7 @@ async fn separate_broker_and_proxy_processes_serve_produce_and_consume() {
 
     let client = Client::connect([format!("127.0.0.1:{proxy_port}")]).unwrap();
     let admin = client.admin();
-    let deadline = Instant::now() + READY;
-    loop {
-        match admin.describe_cluster().await {
-            Ok(c)
-                if c.meta_leader != 0
-                    && c.brokers.len() == 3
-                    && c.brokers.iter().all(|b| b.reachable) =>
-            {
-                break
-            }
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "cluster of processes not ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_ready(&admin, 3, READY).await;
 
     let info = admin
         .create_topic(TopicSpec::new("procs").queues(6).replicas(3))

@@ -53,3 +53,34 @@ impl Drop for Procs {
         }
     }
 }
+
+/// `--peers` value for brokers 1..=n on 127.0.0.1 `ports`.
+pub fn peers_arg(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Waits until the meta group has a leader and `brokers` brokers are
+/// registered and reachable through the proxy.
+pub async fn wait_ready(admin: &petrel_sdk::Admin, brokers: usize, timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(c) = admin.describe_cluster().await {
+            if c.meta_leader != 0
+                && c.brokers.len() == brokers
+                && c.brokers.iter().all(|b| b.reachable)
+            {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cluster not ready after {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
