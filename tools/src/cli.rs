@@ -359,11 +359,14 @@ pub async fn run(cli: Cli) -> ExitCode {
         Err(e) => {
             let code = e.exit_code();
             if code != 0 {
+                // Exactly one line: plain text, or with --json one JSON
+                // object a script can parse.
                 let mut err = std::io::stderr().lock();
-                let _ = writeln!(err, "error: {}", e.message());
                 if json {
                     let v = json!({"error": {"code": e.code_name(), "message": e.message()}});
                     let _ = writeln!(err, "{v}");
+                } else {
+                    let _ = writeln!(err, "error: {}", e.message());
                 }
             }
             ExitCode::from(code)

@@ -309,6 +309,13 @@ fn cli_produces_and_consumes_with_json_output() {
         ]),
         "out of range",
     );
+    // With --json the one stderr line is a JSON object with a stable code.
+    let o = dev.run(&["--json", "topic", "describe", "missing"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let v: Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
     let more = dev.json(&["produce", "--topic", "cli", "--count", "1", "--size", "8"]);
     assert_eq!(more.len(), 1);
     dev.stop();
