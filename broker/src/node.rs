@@ -63,7 +63,8 @@ impl Node {
                 election_timeout_min: config.election_timeout_ms,
                 election_timeout_max: config.election_timeout_ms * 2,
                 snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
-                max_in_snapshot_log_to_keep: 1000,
+                // Keep a little log past each snapshot for followers just behind.
+                max_in_snapshot_log_to_keep: config.snapshot_every.min(1000),
                 max_payload_entries: crate::network::MAX_PAYLOAD_ENTRIES,
                 install_snapshot_timeout: 10_000,
                 ..Default::default()
