@@ -55,26 +55,26 @@ pub fn group_end(group: u64) -> [u8; 9] {
 
 /// `raft_state` CF suffixes: one small value each per group.
 pub mod raft_state {
-    /// bincode(Vote)
+    /// `bincode(Vote)`
     pub const VOTE: u8 = 1;
-    /// bincode(Option<LogId>) of the last purged log entry.
+    /// `bincode(Option<LogId>)` of the last purged log entry.
     pub const LAST_PURGED: u8 = 2;
-    /// bincode(Option<LogId>) of the last committed entry.
+    /// `bincode(Option<LogId>)` of the last committed entry.
     pub const COMMITTED: u8 = 3;
 }
 
 /// `sm_state` CF suffixes. Written with the WAL off together with the
 /// records CF; atomic flush keeps them consistent with each other.
 pub mod sm_state {
-    /// bincode((Option<LogId>, StoredMembership)): last applied + membership.
+    /// `bincode((Option<LogId>, StoredMembership))`: last applied + membership.
     pub const APPLIED: u8 = 1;
-    /// bincode(QueueHeader): start and next offset.
+    /// `bincode(QueueHeader)`: start and next offset.
     pub const QUEUE_HEADER: u8 = 2;
     /// `[group][3][consumer group name]` → bincode(ConsumerState).
     pub const CONSUMER: u8 = 3;
     /// `[group][4][producer id]` → bincode(ProducerWindow).
     pub const PRODUCER: u8 = 4;
-    /// bincode(ClusterMap), meta group only.
+    /// `bincode(ClusterMap)`, meta group only.
     pub const CLUSTER_MAP: u8 = 5;
 }
 

@@ -327,7 +327,7 @@ impl StateMachine {
     }
 }
 
-/// Builds snapshots; see [`SnapshotPayload::FlushMark`].
+/// Builds snapshots: for queue groups a flush mark (see `SnapshotPayload`).
 pub struct SnapshotBuilder {
     sm_copy: StateMachine,
 }
