@@ -43,8 +43,8 @@ pub struct Cli {
     )]
     pub endpoint: Vec<String>,
 
-    /// Print one JSON object per line on stdout (for scripts); errors also
-    /// go to stderr as {"error":{"code":..,"message":..}}.
+    /// Print one JSON object per line on stdout (for scripts); a failure
+    /// prints one line on stderr: {"error":{"code":..,"message":..}}.
     #[arg(long, global = true)]
     pub json: bool,
 
