@@ -2,6 +2,7 @@
 //! for peers. Handlers validate what they receive, clone a group handle out
 //! of the registry before awaiting, and map every failure to a typed error.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,6 +25,9 @@ use crate::node::{GroupHandle, Node};
 use crate::storage::CF_RECORDS;
 use crate::types::{Command, Response, META_GROUP};
 
+/// How long a Raft message for a group this broker does not (yet) host
+/// waits for the group to be started.
+const UNKNOWN_GROUP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Most record bytes one pop returns.
 pub const POP_MAX_BYTES: usize = 16 << 20;
 /// Largest gRPC message a proxy may send to a broker.
@@ -348,25 +352,21 @@ impl BrokerData for Service {
             return Ok(TResponse::new(bpb::PopResponse { records: vec![] }));
         }
         // Size the pop by bytes so one response stays well under the
-        // message limit however large the records are (at least one).
+        // message limit however large the records are (at least one). The
+        // records read here (immutable per offset) are reused below, so each
+        // is read and CRC-checked once.
         let candidates =
             q.read()
                 .pop_candidates(&req.consumer_group, req.max_messages.min(1024), now);
-        let cf = self.node.store.cf(CF_RECORDS);
+        let mut fetched: HashMap<u64, Result<Bytes, PetrelError>> = HashMap::new();
         let (mut n, mut bytes) = (0u32, 0usize);
         for off in candidates {
-            let size = match self
-                .node
-                .store
-                .db()
-                .get_pinned_cf(cf, keys::record_key(group, off))
-            {
-                Ok(Some(v)) => v.len(),
-                _ => 0,
-            };
+            let rec = self.read_record(group, off);
+            let size = rec.as_ref().map(|b| b.len()).unwrap_or(0);
             if n > 0 && bytes + size > POP_MAX_BYTES {
                 break;
             }
+            fetched.insert(off, rec);
             bytes += size;
             n += 1;
         }
@@ -385,7 +385,10 @@ impl BrokerData for Service {
         let mut records = Vec::with_capacity(leases.len());
         let mut corrupt = None;
         for l in leases {
-            match self.read_record(group, l.offset) {
+            let rec = fetched
+                .remove(&l.offset)
+                .unwrap_or_else(|| self.read_record(group, l.offset));
+            match rec {
                 Ok(encoded) => records.push(bpb::LeasedRecord {
                     offset: l.offset,
                     attempt: l.attempt,
@@ -519,7 +522,7 @@ impl BrokerData for Service {
             bytes += v.len();
             records.push(bpb::StoredRecord {
                 offset: off,
-                encoded: Bytes::from(v.to_vec()),
+                encoded: Bytes::from(Vec::from(v)),
             });
         }
         Ok(TResponse::new(bpb::BrokerReadResponse {
@@ -631,7 +634,16 @@ impl BrokerData for Service {
 impl RaftTransport for Service {
     async fn raft(&self, req: Request<bpb::RaftRequest>) -> R<bpb::RaftResponse> {
         let req = req.into_inner();
-        let Some(h) = self.node.group(req.group_id) else {
+        // A group just created by the meta group may reach a peer before
+        // that peer's reconciler has started it: give it a moment rather
+        // than failing the vote or append (and logging an error) at once.
+        let mut h = self.node.group(req.group_id);
+        let waited = std::time::Instant::now();
+        while h.is_none() && waited.elapsed() < UNKNOWN_GROUP_GRACE {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            h = self.node.group(req.group_id);
+        }
+        let Some(h) = h else {
             return Ok(TResponse::new(bpb::RaftResponse {
                 payload: Bytes::new(),
                 error: Some(

@@ -291,7 +291,7 @@ impl StateMachine {
                     let (k, v) = kv.map_err(sm_read_err)?;
                     match keys::decode_group_u64(&k) {
                         Some((g, off)) if g == self.group && off < st.header.next_offset => {
-                            records.push((off, Bytes::from(v.to_vec())))
+                            records.push((off, Bytes::from(Vec::from(v))))
                         }
                         _ => break,
                     }
