@@ -350,8 +350,9 @@ impl Inner {
     }
 
     async fn topic_info(&self, t: &bpb::TopicRoute) -> pb::TopicInfo {
+        // Offsets only; the consumer groups that come along are ignored.
         let stats = self
-            .stats(t.queues.iter().map(|q| q.group_id).collect(), "\u{0}none")
+            .stats(t.queues.iter().map(|q| q.group_id).collect(), "")
             .await;
         let table = self.router.table();
         pb::TopicInfo {
