@@ -149,6 +149,27 @@ fn record_latency(h: &mut Histogram<u64>, since: Instant) {
     h.saturating_record(us.clamp(1, MAX_LATENCY_US));
 }
 
+/// Waits for the workers, merges their histograms, stops the progress
+/// printer and builds the report.
+async fn finish(
+    workload: &'static str,
+    workers: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+    counters: &Counters,
+    start: Instant,
+    done: &AtomicBool,
+    progress: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<Report> {
+    let mut hist = new_histogram()?;
+    for w in workers {
+        let h = w.await.context("worker panicked")??;
+        hist.add(&h).context("merging histograms")?;
+    }
+    let elapsed = start.elapsed();
+    done.store(true, Ordering::Relaxed);
+    progress.abort();
+    Ok(report(workload, counters, &hist, elapsed))
+}
+
 fn report(workload: &'static str, c: &Counters, h: &Histogram<u64>, elapsed: Duration) -> Report {
     let seconds = elapsed.as_secs_f64().max(1e-9);
     let records = c.records.load(Ordering::Relaxed);
@@ -264,15 +285,7 @@ async fn produce(a: ProduceArgs) -> anyhow::Result<Report> {
             }
         }));
     }
-    let mut hist = new_histogram()?;
-    for w in workers {
-        let h = w.await.context("worker panicked")??;
-        hist.add(&h).context("merging histograms")?;
-    }
-    let elapsed = start.elapsed();
-    done.store(true, Ordering::Relaxed);
-    progress.abort();
-    Ok(report("produce", &counters, &hist, elapsed))
+    finish("produce", workers, &counters, start, &done, progress).await
 }
 
 async fn consume(a: ConsumeArgs) -> anyhow::Result<Report> {
@@ -352,15 +365,7 @@ async fn consume(a: ConsumeArgs) -> anyhow::Result<Report> {
             anyhow::Ok(h)
         }));
     }
-    let mut hist = new_histogram()?;
-    for w in workers {
-        let h = w.await.context("worker panicked")??;
-        hist.add(&h).context("merging histograms")?;
-    }
-    let elapsed = start.elapsed();
-    done.store(true, Ordering::Relaxed);
-    progress.abort();
-    Ok(report("consume", &counters, &hist, elapsed))
+    finish("consume", workers, &counters, start, &done, progress).await
 }
 
 #[tokio::main]

@@ -8,10 +8,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{bin, free_port, peers_arg, wait_ready, Procs};
+use common::{broker_list, free_port, peers_arg, spawn_broker, spawn_proxy, wait_ready, Procs};
 use petrel_sdk::{Client, Message, TopicSpec};
 
 /// Elections and registration of a fresh cluster finish well within this.
@@ -23,23 +23,7 @@ const CATCHUP_TRIES: usize = 10;
 const STOP: Duration = Duration::from_secs(20);
 
 fn broker(id: usize, port: u16, peers: &str, dir: &Path) -> Child {
-    Command::new(bin("petrel-broker"))
-        .args([
-            "--id",
-            &id.to_string(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--peers",
-            peers,
-        ])
-        .args(["--snapshot-every", "100"])
-        .arg("--data-dir")
-        .arg(dir.join(format!("b{id}")))
-        .env("PETREL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    spawn_broker(id, port, peers, dir, &["--snapshot-every", "100"])
 }
 
 fn sigterm_and_wait(mut c: Child) {
@@ -67,25 +51,7 @@ async fn returning_broker_catches_up_and_holds_every_record() {
         procs.push(broker(i + 1, *port, &peers, dir.path()));
     }
     let proxy_port = free_port();
-    let brokers = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    procs.push(
-        Command::new(bin("petrel-proxy"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{proxy_port}"),
-                "--brokers",
-                &brokers,
-            ])
-            .env("PETREL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    procs.push(spawn_proxy(proxy_port, &broker_list(&ports)));
     let client = Client::connect([format!("127.0.0.1:{proxy_port}")]).unwrap();
     let admin = client.admin();
     wait_ready(&admin, 3, READY).await;

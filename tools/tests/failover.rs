@@ -4,40 +4,20 @@
 //! queues get new leaders. Processes are killed by PID at the end.
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bin, free_port, peers_arg, wait_ready, Procs};
+use common::{broker_list, free_port, peers_arg, spawn_broker, spawn_proxy, wait_ready, Procs};
 use petrel_sdk::{Client, Message, TopicSpec};
 
 /// Elections and registration of a fresh cluster finish well within this.
 const READY: Duration = Duration::from_secs(60);
 /// Bound on draining every acknowledged record after the kill.
 const DRAIN: Duration = Duration::from_secs(120);
-
-fn broker(id: usize, port: u16, peers: &str, dir: &Path) -> Child {
-    Command::new(bin("petrel-broker"))
-        .args([
-            "--id",
-            &id.to_string(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--peers",
-            peers,
-        ])
-        .arg("--data-dir")
-        .arg(dir.join(format!("b{id}")))
-        .env("PETREL_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_one_broker_loses_no_acknowledged_record() {
@@ -46,28 +26,10 @@ async fn sigkill_of_one_broker_loses_no_acknowledged_record() {
     let peers = peers_arg(&ports);
     let mut procs = Procs::default();
     for (i, port) in ports.iter().enumerate() {
-        procs.push(broker(i + 1, *port, &peers, dir.path()));
+        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
     }
     let proxy_port = free_port();
-    let all_brokers = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    procs.push(
-        Command::new(bin("petrel-proxy"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{proxy_port}"),
-                "--brokers",
-                &all_brokers,
-            ])
-            .env("PETREL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    procs.push(spawn_proxy(proxy_port, &broker_list(&ports)));
 
     let client = Client::connect([format!("127.0.0.1:{proxy_port}")]).unwrap();
     let admin = client.admin();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bin, free_port, peers_arg, wait_ready, Procs};
+use common::{bin, free_port, peers_arg, spawn_broker, spawn_proxy, wait_ready, Procs};
 use petrel_sdk::{Client, Message, TopicSpec};
 
 /// Elections and broker registration finish well within this.
@@ -76,35 +76,13 @@ async fn separate_broker_and_proxy_processes_serve_produce_and_consume() {
                 .env("PETREL_LISTEN", format!("127.0.0.1:{port}"))
                 .env("PETREL_PEERS", &peers)
                 .env("PETREL_CONFIG", &cfg);
+            procs.push(cmd.spawn().unwrap());
         } else {
-            cmd.args([
-                "--id",
-                &id.to_string(),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--peers",
-                &peers,
-            ])
-            .arg("--data-dir")
-            .arg(&data);
+            procs.push(spawn_broker(id, *port, &peers, dir.path(), &[]));
         }
-        procs.push(cmd.spawn().unwrap());
     }
     let proxy_port = free_port();
-    procs.push(
-        Command::new(bin("petrel-proxy"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{proxy_port}"),
-                "--brokers",
-                &format!("127.0.0.1:{}", ports[1]),
-            ])
-            .env("PETREL_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    procs.push(spawn_proxy(proxy_port, &format!("127.0.0.1:{}", ports[1])));
 
     let client = Client::connect([format!("127.0.0.1:{proxy_port}")]).unwrap();
     let admin = client.admin();

@@ -84,3 +84,55 @@ pub async fn wait_ready(admin: &petrel_sdk::Admin, brokers: usize, timeout: std:
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// Starts `petrel-broker` with flags, data under `dir/b{id}`, quiet logs.
+pub fn spawn_broker(
+    id: usize,
+    port: u16,
+    peers: &str,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> Child {
+    std::process::Command::new(bin("petrel-broker"))
+        .args([
+            "--id",
+            &id.to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--peers",
+            peers,
+        ])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir.join(format!("b{id}")))
+        .env("PETREL_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Starts `petrel-proxy` on `port`, seeded with `brokers` (HOST:PORT,...).
+pub fn spawn_proxy(port: u16, brokers: &str) -> Child {
+    std::process::Command::new(bin("petrel-proxy"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--brokers",
+            brokers,
+        ])
+        .env("PETREL_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `HOST:PORT,...` for brokers on 127.0.0.1 `ports`.
+pub fn broker_list(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
