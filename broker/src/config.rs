@@ -37,6 +37,16 @@ pub struct BrokerArgs {
     /// The three lowest ids form the meta group.
     #[arg(long, env = "PETREL_PEERS")]
     pub peers: Option<String>,
+    /// Join a running cluster through any of its brokers (HOST:PORT,
+    /// comma-separated): this broker registers itself with the controller,
+    /// follows the meta group as a learner and receives replicas when the
+    /// controller moves them here. It never initializes the meta group.
+    #[arg(long, env = "PETREL_JOIN")]
+    pub join: Option<String>,
+    /// Accept the InjectFault RPC (drop Raft traffic to chosen brokers).
+    /// For partition tests only; never enable in production.
+    #[arg(long, env = "PETREL_FAULT_INJECTION")]
+    pub fault_injection: bool,
     /// TOML file with any of these settings (keys as the flags, with `_`).
     #[arg(long, env = "PETREL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -68,6 +78,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     advertise: Option<String>,
     peers: Option<String>,
+    join: Option<String>,
     heartbeat_ms: Option<u64>,
     election_timeout_ms: Option<u64>,
     snapshot_every: Option<u64>,
@@ -84,6 +95,9 @@ pub struct BrokerConfig {
     pub advertise: String,
     /// id → address, including this broker.
     pub peers: BTreeMap<u64, String>,
+    /// Seed brokers to join through (empty: a founding member).
+    pub join: Vec<String>,
+    pub fault_injection: bool,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub snapshot_every: u64,
@@ -180,6 +194,22 @@ impl BrokerArgs {
                 peers.insert(id, advertise.clone());
             }
         }
+        let join: Vec<String> = self
+            .join
+            .or(file.join)
+            .map(|j| {
+                j.split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(bad) = join.iter().find(|a| !a.contains(':')) {
+            return Err(ConfigError::Invalid(format!(
+                "invalid --join address {bad:?}: expected HOST:PORT"
+            )));
+        }
         let heartbeat_ms = self
             .heartbeat_ms
             .or(file.heartbeat_ms)
@@ -208,6 +238,8 @@ impl BrokerArgs {
             listen,
             advertise,
             peers,
+            join,
+            fault_injection: self.fault_injection,
             heartbeat_ms,
             election_timeout_ms,
             snapshot_every: self

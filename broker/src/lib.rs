@@ -34,34 +34,62 @@ pub use node::Node;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Runs a broker on `listener` until `shutdown` is cancelled, then stops its
-/// Raft groups and closes its database.
+/// Runs a broker on `listener` until `shutdown` is cancelled, then hands
+/// its leaderships to other replicas (while still serving them the votes),
+/// stops its Raft groups and closes its database.
 pub async fn run(
     config: BrokerConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node = Node::start(config, shutdown.child_token()).await?;
-    let result = service::serve(node.clone(), listener, shutdown.clone()).await;
-    node.stop().await;
+    let (node, task) = spawn(config, listener, shutdown).await?;
+    let result = task.await?;
     // Let in-flight tasks that hold store handles finish before returning,
     // so a restart in the same process can reopen the database.
     drop(node);
     result
 }
 
-/// Starts a broker in the background; returns the node and the task.
+/// Starts a broker in the background; returns the node and the task, which
+/// ends after `shutdown` is cancelled and the graceful stop is done.
 pub async fn spawn(
     config: BrokerConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(Arc<Node>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let node = Node::start(config, shutdown.child_token()).await?;
+    spawn_with(config, listener, shutdown, true).await
+}
+
+/// [`spawn`], choosing whether a stop first hands leaderships away
+/// (`graceful`). An embedded cluster that stops all its brokers at once
+/// has no one to hand them to and skips it.
+pub async fn spawn_with(
+    config: BrokerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    graceful: bool,
+) -> anyhow::Result<(Arc<Node>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let node = Node::start(config, CancellationToken::new()).await?;
     let n = node.clone();
     let task = tokio::spawn(async move {
-        let r = service::serve(n.clone(), listener, shutdown).await;
+        let server_stop = CancellationToken::new();
+        let mut server = tokio::spawn(service::serve(n.clone(), listener, server_stop.clone()));
+        let early = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = &mut server => Some(r),
+        };
+        let r = match early {
+            Some(r) => r,
+            None => {
+                if graceful {
+                    n.hand_off_leaderships().await;
+                }
+                server_stop.cancel();
+                server.await
+            }
+        };
         n.stop().await;
-        r
+        r?
     });
     Ok((node, task))
 }

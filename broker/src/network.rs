@@ -3,7 +3,7 @@
 //! the group up in the registry.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use openraft::error::{
@@ -27,6 +27,10 @@ use crate::types::TypeConfig;
 pub const KIND_APPEND: u32 = 1;
 pub const KIND_VOTE: u32 = 2;
 pub const KIND_SNAPSHOT: u32 = 3;
+/// Leadership hand-off: the leader asks this replica to campaign now.
+pub const KIND_ELECT: u32 = 4;
+/// Controller → leader: hand the group to the broker in the payload.
+pub const KIND_TRANSFER: u32 = 5;
 
 /// Raft RPCs larger than this are refused by the transport. One entry is
 /// at most one proxy append (64 MiB), and an AppendEntries carries at most
@@ -39,9 +43,49 @@ pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
 #[derive(Clone, Default)]
 pub struct PeerPool {
     channels: Arc<DashMap<u64, (String, Channel)>>,
+    /// When each peer last answered a Raft RPC (any group).
+    last_ok: Arc<DashMap<u64, Instant>>,
+    /// Fault injection for tests: peers whose Raft traffic is dropped.
+    blocked: Arc<DashMap<u64, ()>>,
+    self_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PeerPool {
+    /// Whether `peer` answered a Raft RPC within `within`.
+    pub fn heard_from(&self, peer: u64, within: Duration) -> bool {
+        self.last_ok
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() <= within)
+    }
+
+    fn answered(&self, peer: u64) {
+        self.last_ok.insert(peer, Instant::now());
+    }
+
+    /// Fault injection: drop all Raft traffic to and from these peers
+    /// (replacing the previous set). Only reachable when the broker runs
+    /// with `--fault-injection`.
+    pub fn set_blocked(&self, peers: &[u64]) {
+        self.blocked.clear();
+        for p in peers {
+            self.blocked.insert(*p, ());
+        }
+    }
+
+    pub fn with_self_id(id: u64) -> Self {
+        let p = Self::default();
+        p.self_id.store(id, std::sync::atomic::Ordering::Relaxed);
+        p
+    }
+
+    pub fn self_id(&self) -> u64 {
+        self.self_id.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn is_blocked(&self, peer: u64) -> bool {
+        self.blocked.contains_key(&peer)
+    }
+
     /// The shared channel to `id` at `addr` (re-created if the address changed).
     pub fn channel(&self, id: u64, addr: &str) -> Result<Channel, PetrelError> {
         if let Some(e) = self.channels.get(&id) {
@@ -80,6 +124,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             target,
             channel: self.pool.channel(target, &node.addr),
+            pool: self.pool.clone(),
         }
     }
 }
@@ -88,6 +133,7 @@ pub struct PeerClient {
     group: u64,
     target: u64,
     channel: Result<Channel, PetrelError>,
+    pool: PeerPool,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
@@ -108,6 +154,14 @@ impl PeerClient {
             Ok(c) => c.clone(),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
         };
+        if self.pool.is_blocked(self.target) {
+            return Err(RPCError::Unreachable(Unreachable::new(
+                &PetrelError::Unavailable(format!(
+                    "fault injection: broker {} is cut off",
+                    self.target
+                )),
+            )));
+        }
         let payload =
             bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = RaftTransportClient::new(ch)
@@ -117,6 +171,7 @@ impl PeerClient {
             group_id: self.group,
             kind,
             payload: payload.into(),
+            from: self.pool.self_id(),
         });
         let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
             Err(_) => {
@@ -131,6 +186,7 @@ impl PeerClient {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
+        self.pool.answered(self.target);
         if let Some(err) = resp.error {
             let e = PetrelError::from_detail(&err);
             return Err(RPCError::Network(NetworkError::new(&e)));

@@ -9,20 +9,25 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::BasicNode;
+use openraft::{BasicNode, ChangeMembers};
+use petrel_proto::pb::broker as bpb;
+use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
+use petrel_proto::pb::broker::raft_transport_client::RaftTransportClient;
 use petrel_proto::PetrelError;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
 use crate::log_store::LogStore;
-use crate::meta::ClusterMap;
-use crate::network::{NetworkFactory, PeerPool};
+use crate::meta::{plan_leader_moves, ClusterMap, GroupLeadership};
+use crate::network::{NetworkFactory, PeerPool, KIND_ELECT, KIND_TRANSFER};
 use crate::sm::{Kind, QueueShared, StateMachine};
 use crate::storage::Store;
 use crate::types::{Command, Raft, Response, META_GROUP};
@@ -32,11 +37,36 @@ use crate::types::{Command, Raft, Response, META_GROUP};
 const INIT_GRACE: Duration = Duration::from_secs(3);
 /// Upper bound on one replicated write, so a request never hangs forever.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the controller plans leadership and replica moves.
+const BALANCE_EVERY: Duration = Duration::from_secs(2);
+/// A group whose leadership was moved is left alone this long.
+const MOVE_DAMPING: Duration = Duration::from_secs(10);
+/// Leadership or replica moves started per controller round.
+const MOVES_PER_ROUND: usize = 16;
+/// Replica moves in flight at once (groups with retiring replicas).
+const REPLICA_MOVES_IN_FLIGHT: usize = 8;
+/// Bound on one leadership hand-off.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on handing every leadership away at shutdown.
+pub const STOP_HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct GroupHandle {
     pub raft: Raft,
     pub queue: Option<Arc<QueueShared>>,
+    /// Set while this leader hands the group to another replica: it takes
+    /// no new writes, so the target catches up and can win at once.
+    pub handoff: Arc<AtomicBool>,
+}
+
+impl GroupHandle {
+    pub fn new(raft: Raft, queue: Option<Arc<QueueShared>>) -> Self {
+        Self {
+            raft,
+            queue,
+            handoff: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 pub struct Node {
@@ -48,6 +78,15 @@ pub struct Node {
     pub map_rx: watch::Receiver<Arc<ClusterMap>>,
     raft_config: Arc<openraft::Config>,
     pub shutdown: CancellationToken,
+    /// (term, first seen) of each group this node leads: a leader grants a
+    /// hand-off vote only once its own election is a lease old.
+    leader_since: DashMap<u64, (u64, Instant)>,
+    /// Groups whose membership change this node is driving.
+    changing: DashMap<u64, ()>,
+    /// Controller: when each group's leadership was last moved.
+    moved_at: DashMap<u64, Instant>,
+    stopping: AtomicBool,
+    rebalance: Notify,
 }
 
 impl Node {
@@ -75,12 +114,17 @@ impl Node {
         let node = Arc::new(Self {
             id: config.id,
             store: store.clone(),
-            pool: PeerPool::default(),
+            pool: PeerPool::with_self_id(config.id),
             groups: DashMap::new(),
             map_rx,
             raft_config,
             shutdown,
             config,
+            leader_since: DashMap::new(),
+            changing: DashMap::new(),
+            moved_at: DashMap::new(),
+            stopping: AtomicBool::new(false),
+            rebalance: Notify::new(),
         });
         let sm = StateMachine::open(META_GROUP, store.clone(), Kind::Meta(map_tx))?;
         let raft = Raft::new(
@@ -94,21 +138,90 @@ impl Node {
             sm,
         )
         .await?;
-        node.groups.insert(
-            META_GROUP,
-            GroupHandle {
-                raft: raft.clone(),
-                queue: None,
-            },
-        );
+        node.groups
+            .insert(META_GROUP, GroupHandle::new(raft.clone(), None));
         let voters = node.meta_voters();
-        if voters.contains_key(&node.id) {
+        if node.config.join.is_empty() && voters.contains_key(&node.id) {
             let first = *voters.keys().next().expect("non-empty");
             spawn_initialize(raft, voters, first == node.id);
         }
+        if !node.config.join.is_empty() {
+            tokio::spawn(node.clone().join_loop());
+        }
         tokio::spawn(node.clone().reconcile_loop());
         tokio::spawn(node.clone().controller_loop());
+        tokio::spawn(node.clone().leadership_loop());
         Ok(node)
+    }
+
+    /// The leader lease: openraft's `election_timeout_max`.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.raft_config.election_timeout_max)
+    }
+
+    /// Registers this broker through a seed until the map lists it.
+    async fn join_loop(self: Arc<Self>) {
+        let mut i = 0usize;
+        loop {
+            if self.map_rx.borrow().brokers.get(&self.id) == Some(&self.config.advertise) {
+                return;
+            }
+            let seed = self.config.join[i % self.config.join.len()].clone();
+            i += 1;
+            let req = bpb::MetaWriteRequest {
+                op: Some(bpb::meta_write_request::Op::RegisterBroker(
+                    bpb::BrokerAddress {
+                        id: self.id,
+                        address: self.config.advertise.clone(),
+                        draining: false,
+                    },
+                )),
+            };
+            let r = async {
+                let ch = self.pool.channel(u64::MAX - 1, &seed)?;
+                let mut r = tonic::Request::new(req);
+                r.set_timeout(WRITE_TIMEOUT);
+                BrokerDataClient::new(ch)
+                    .meta_write(r)
+                    .await
+                    .map_err(|s| PetrelError::from_status(&s))
+            }
+            .await;
+            match r {
+                Ok(_) => tracing::info!(%seed, "joined the cluster"),
+                Err(e) => tracing::warn!(%seed, error = %e, "joining the cluster"),
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Records when this node was first seen leading each group (term).
+    async fn leadership_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for e in self.groups.iter() {
+                let (leader, term) = {
+                    let m = e.raft.metrics();
+                    let m = m.borrow();
+                    (m.current_leader, m.current_term)
+                };
+                if leader == Some(self.id) {
+                    let fresh = self.leader_since.get(e.key()).is_none_or(|v| v.0 != term);
+                    if fresh {
+                        self.leader_since.insert(*e.key(), (term, Instant::now()));
+                    }
+                } else {
+                    self.leader_since.remove(e.key());
+                }
+            }
+        }
     }
 
     /// Meta voters: the three lowest broker ids among the configured peers.
@@ -144,13 +257,64 @@ impl Node {
                 leader: None,
             });
         };
-        match Self::leader_of(&h.raft) {
-            Some(l) if l == self.id => Ok(h),
+        let (leader, lost) = {
+            let m = h.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader, self.lost_quorum(&m))
+        };
+        match leader {
+            Some(l) if l == self.id => {
+                if h.handoff.load(Ordering::Acquire) {
+                    return Err(PetrelError::NotLeader {
+                        group,
+                        leader: None,
+                    });
+                }
+                if lost {
+                    // Cut off from a quorum (a partition): writes could not
+                    // commit, and a new leader may already exist elsewhere.
+                    return Err(PetrelError::NotLeader {
+                        group,
+                        leader: None,
+                    });
+                }
+                Ok(h)
+            }
             other => Err(PetrelError::NotLeader {
                 group,
                 leader: other,
             }),
         }
+    }
+
+    /// A leader that has not heard from a quorum of its voters for a lease
+    /// stops serving (it is cut off; a new leader may exist elsewhere).
+    /// Judged per peer from the shared transport: every group's heartbeats
+    /// refresh it, so this is cheap and does not go stale when idle.
+    /// (openraft 0.9's `millis_since_quorum_ack` is only refreshed when
+    /// metrics are reported, so it cannot be used for this.)
+    fn lost_quorum(&self, m: &openraft::RaftMetrics<u64, BasicNode>) -> bool {
+        let lease = self.lease();
+        let mut voters = 0;
+        let mut heard = 0;
+        for v in m.membership_config.membership().voter_ids() {
+            voters += 1;
+            if v == self.id || self.pool.heard_from(v, lease) {
+                heard += 1;
+            }
+        }
+        heard < voters / 2 + 1
+    }
+
+    /// Whether this node leads `h` and may serve it (not handing off, not
+    /// cut off from a quorum). Leader claims to proxies use this.
+    pub fn serving(&self, h: &GroupHandle) -> Option<u64> {
+        let m = h.raft.metrics();
+        let m = m.borrow();
+        (m.current_leader == Some(self.id)
+            && !h.handoff.load(Ordering::Acquire)
+            && !self.lost_quorum(&m))
+        .then_some(m.current_term)
     }
 
     /// Replicates `cmd` through `group` and returns its applied response.
@@ -218,13 +382,8 @@ impl Node {
                 sm,
             )
             .await?;
-            self.groups.insert(
-                q.group_id,
-                GroupHandle {
-                    raft: raft.clone(),
-                    queue: Some(shared),
-                },
-            );
+            self.groups
+                .insert(q.group_id, GroupHandle::new(raft.clone(), Some(shared)));
             let members: BTreeMap<u64, BasicNode> = q
                 .replicas
                 .iter()
@@ -233,8 +392,12 @@ impl Node {
                     (*b, BasicNode { addr })
                 })
                 .collect();
-            spawn_initialize(raft, members, q.replicas.first() == Some(&self.id));
-            tracing::info!(group = q.group_id, queue = q.queue, replicas = ?q.replicas, "started queue group");
+            // Only the replicas a group was created with may initialize it;
+            // a replica added by a move is brought in by the leader.
+            if q.generation == 0 {
+                spawn_initialize(raft, members, q.replicas.first() == Some(&self.id));
+            }
+            tracing::info!(group = q.group_id, queue = q.queue, replicas = ?q.replicas, generation = q.generation, "started queue group");
         }
         let stale: Vec<u64> = self
             .groups
@@ -252,62 +415,609 @@ impl Node {
         Ok(())
     }
 
-    /// While this node leads the meta group: make sure every configured
-    /// broker is registered in the map.
+    /// Controller duties while this node leads the meta group: register
+    /// brokers and keep them in the meta group, keep three healthy meta
+    /// voters, move replicas off draining brokers and balance leaderships.
+    /// On every node: drive membership changes of the groups it leads.
     async fn controller_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_balance = Instant::now();
         loop {
-            tokio::select! {
+            let kicked = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tick.tick() => false,
+                _ = self.rebalance.notified() => true,
+            };
+            if self.stopping.load(Ordering::Acquire) {
+                continue;
             }
+            self.reconcile_memberships();
             let meta = self.meta();
             if Self::leader_of(&meta) != Some(self.id) {
                 continue;
             }
-            let map = self.map_rx.borrow().clone();
-            // Brokers beyond the meta voters follow the meta group as
-            // learners, so they learn the map and host their queues.
-            let members: BTreeSet<u64> = meta
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .nodes()
-                .map(|(id, _)| *id)
-                .collect();
-            for (id, addr) in &self.config.peers {
-                if !members.contains(id) {
-                    let node = BasicNode { addr: addr.clone() };
-                    match meta.add_learner(*id, node, false).await {
-                        Ok(_) => tracing::info!(broker = id, "added broker as meta learner"),
-                        Err(e) => tracing::warn!(broker = id, error = %e, "adding meta learner"),
-                    }
-                }
-            }
-            for (id, addr) in &self.config.peers {
-                if map.brokers.get(id) != Some(addr) {
-                    let cmd = Command::RegisterBroker {
-                        id: *id,
-                        address: addr.clone(),
-                    };
-                    let h = GroupHandle {
-                        raft: meta.clone(),
-                        queue: None,
-                    };
-                    match self.write(META_GROUP, &h, cmd).await {
-                        Ok(_) => tracing::info!(broker = id, %addr, "registered broker"),
-                        Err(e) => tracing::warn!(broker = id, error = %e, "registering broker"),
-                    }
+            self.meta_membership(&meta).await;
+            if kicked || last_balance.elapsed() >= BALANCE_EVERY {
+                last_balance = Instant::now();
+                let n = self.balance_round().await;
+                if n > 0 {
+                    tracing::info!(moves = n, "controller started leadership/replica moves");
                 }
             }
         }
     }
 
-    pub async fn stop(&self) {
-        self.shutdown.cancel();
+    async fn meta_write_local(&self, cmd: Command) -> Result<Response, PetrelError> {
+        let h = self.ensure_leader(META_GROUP)?;
+        self.write(META_GROUP, &h, cmd).await
+    }
+
+    /// Registration and meta-group membership (meta leader only).
+    async fn meta_membership(&self, meta: &Raft) {
+        let map = self.map_rx.borrow().clone();
+        for (id, addr) in &self.config.peers {
+            if map.brokers.get(id) != Some(addr) && !map.removed.contains(id) {
+                let cmd = Command::RegisterBroker {
+                    id: *id,
+                    address: addr.clone(),
+                };
+                match self.meta_write_local(cmd).await {
+                    Ok(_) => tracing::info!(broker = id, %addr, "registered broker"),
+                    Err(e) => tracing::warn!(broker = id, error = %e, "registering broker"),
+                }
+            }
+        }
+        let (voters, nodes, joint) = {
+            let m = meta.metrics();
+            let m = m.borrow();
+            let mem = m.membership_config.membership();
+            let voters: BTreeSet<u64> = mem.voter_ids().collect();
+            let nodes: BTreeSet<u64> = mem.nodes().map(|(id, _)| *id).collect();
+            (voters, nodes, mem.get_joint_config().len() > 1)
+        };
+        if joint {
+            return;
+        }
+        // Every registered broker follows the meta group (as a learner).
+        for (id, addr) in &map.brokers {
+            if !nodes.contains(id) {
+                let node = BasicNode { addr: addr.clone() };
+                match meta.add_learner(*id, node, false).await {
+                    Ok(_) => tracing::info!(broker = id, "added broker as meta learner"),
+                    Err(e) => tracing::warn!(broker = id, error = %e, "adding meta learner"),
+                }
+            }
+        }
+        // Replace voters that are draining or removed by active brokers.
+        let bad = |b: &u64| map.draining.contains(b) || map.removed.contains(b);
+        if voters.iter().any(bad) {
+            let mut desired: BTreeSet<u64> = voters.iter().copied().filter(|b| !bad(b)).collect();
+            for b in map.active_brokers() {
+                if desired.len() >= 3 {
+                    break;
+                }
+                desired.insert(b);
+            }
+            if bad(&self.id) {
+                // Hand the meta leadership to a healthy voter first.
+                if let Some(to) = voters.iter().find(|b| !bad(b) && **b != self.id) {
+                    let _ = self.transfer_leader(META_GROUP, *to).await;
+                }
+                return;
+            }
+            if !desired.is_empty() {
+                match meta.change_membership(desired.clone(), true).await {
+                    Ok(_) => tracing::info!(voters = ?desired, "meta voters changed"),
+                    Err(e) => tracing::warn!(error = %e, "changing meta voters"),
+                }
+            }
+            return;
+        }
+        // Removed brokers leave the meta group entirely.
+        let gone: BTreeSet<u64> = nodes
+            .iter()
+            .copied()
+            .filter(|b| map.removed.contains(b) && !voters.contains(b))
+            .collect();
+        if !gone.is_empty() {
+            match meta
+                .change_membership(ChangeMembers::RemoveNodes(gone.clone()), false)
+                .await
+            {
+                Ok(_) => tracing::info!(brokers = ?gone, "removed brokers from the meta group"),
+                Err(e) => tracing::warn!(error = %e, "removing meta learners"),
+            }
+        }
+    }
+
+    /// Asks the controller for a balance round now.
+    pub fn kick_rebalance(&self) {
+        self.rebalance.notify_one();
+    }
+
+    /// One controller round: replica moves off draining brokers, then
+    /// leadership moves towards the fair share. Returns the moves started.
+    pub async fn balance_round(self: &Arc<Self>) -> usize {
+        let map = self.map_rx.borrow().clone();
+        let mut started = 0;
+        // Replica moves, a bounded number in flight.
+        let in_flight = map
+            .topics
+            .values()
+            .flat_map(|t| &t.queues)
+            .filter(|q| !q.retiring.is_empty())
+            .count();
+        if in_flight < REPLICA_MOVES_IN_FLIGHT && !map.draining.is_empty() {
+            for (group, from, to) in map.plan_drain(REPLICA_MOVES_IN_FLIGHT - in_flight) {
+                match self
+                    .meta_write_local(Command::MoveReplica { group, from, to })
+                    .await
+                {
+                    Ok(_) => {
+                        started += 1;
+                        tracing::info!(group, from, to, "moving replica");
+                    }
+                    Err(e) => tracing::warn!(group, from, to, error = %e, "moving replica"),
+                }
+            }
+        }
+        // Leader claims from every broker (highest term wins per group).
+        let mut alive = BTreeSet::new();
+        let mut claims: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        let futs = map.brokers.iter().map(|(id, addr)| {
+            let id = *id;
+            let addr = addr.clone();
+            async move {
+                if id == self.id {
+                    return Some((id, self.routes_response(&self.map_rx.borrow().clone())));
+                }
+                let ch = self.pool.channel(id, &addr).ok()?;
+                let mut r = tonic::Request::new(bpb::RoutesRequest {});
+                r.set_timeout(Duration::from_secs(1));
+                let resp = BrokerDataClient::new(ch).routes(r).await.ok()?;
+                Some((id, resp.into_inner()))
+            }
+        });
+        for (id, r) in futures::future::join_all(futs).await.into_iter().flatten() {
+            alive.insert(id);
+            for c in r.leading {
+                let e = claims.entry(c.group_id).or_insert((c.term, id));
+                if c.term > e.0 {
+                    *e = (c.term, id);
+                }
+            }
+        }
+        let groups: Vec<GroupLeadership> = map
+            .topics
+            .values()
+            .flat_map(|t| &t.queues)
+            .filter(|q| q.retiring.is_empty() && q.replicas.len() > 1)
+            .map(|q| GroupLeadership {
+                group: q.group_id,
+                replicas: q.replicas.clone(),
+                leader: claims.get(&q.group_id).map(|c| c.1),
+            })
+            .collect();
+        if groups.iter().any(|g| g.leader.is_none()) {
+            // Elections in progress: the counts are not stable yet.
+            return started;
+        }
+        let eligible: BTreeSet<u64> = alive
+            .iter()
+            .copied()
+            .filter(|b| !map.draining.contains(b))
+            .collect();
+        let now = Instant::now();
+        let groups: Vec<GroupLeadership> = groups
+            .into_iter()
+            .map(|mut g| {
+                // A recently moved group counts where it is but does not move.
+                if self
+                    .moved_at
+                    .get(&g.group)
+                    .is_some_and(|t| now.duration_since(*t) < MOVE_DAMPING)
+                {
+                    g.replicas = g.leader.into_iter().collect();
+                }
+                g
+            })
+            .collect();
+        for (group, from, to) in plan_leader_moves(&groups, &eligible, MOVES_PER_ROUND) {
+            self.moved_at.insert(group, now);
+            started += 1;
+            let node = self.clone();
+            tokio::spawn(async move {
+                let r = if from == node.id {
+                    node.transfer_leader(group, to).await
+                } else {
+                    node.peer_raft_call(from, group, KIND_TRANSFER, to.to_be_bytes().to_vec())
+                        .await
+                        .map(|_| ())
+                };
+                match r {
+                    Ok(()) => tracing::info!(group, from, to, "moved leadership"),
+                    Err(e) => tracing::info!(group, from, to, error = %e, "leadership move"),
+                }
+            });
+        }
+        started
+    }
+
+    /// A control call to a peer over the Raft transport.
+    pub async fn peer_raft_call(
+        &self,
+        broker: u64,
+        group: u64,
+        kind: u32,
+        payload: Vec<u8>,
+    ) -> Result<Bytes, PetrelError> {
+        let addr = self
+            .map_rx
+            .borrow()
+            .brokers
+            .get(&broker)
+            .cloned()
+            .or_else(|| self.config.peers.get(&broker).cloned())
+            .ok_or_else(|| PetrelError::Unavailable(format!("no address for broker {broker}")))?;
+        let ch = self.pool.channel(broker, &addr)?;
+        let mut r = tonic::Request::new(bpb::RaftRequest {
+            group_id: group,
+            kind,
+            payload: payload.into(),
+            from: self.id,
+        });
+        r.set_timeout(TRANSFER_TIMEOUT + Duration::from_secs(1));
+        let resp = RaftTransportClient::new(ch)
+            .raft(r)
+            .await
+            .map_err(|s| PetrelError::from_status(&s))?
+            .into_inner();
+        match resp.error {
+            Some(e) => Err(PetrelError::from_detail(&e)),
+            None => Ok(resp.payload),
+        }
+    }
+
+    /// Hands this node's leadership of `group` to replica `to`: stop taking
+    /// writes, let `to` catch up to the last entry, then ask it to campaign.
+    /// The old leader grants the vote (its lease counts from its own
+    /// election, which must be a lease old), so `to` wins at once.
+    pub async fn transfer_leader(&self, group: u64, to: u64) -> Result<(), PetrelError> {
+        let h = self.ensure_leader(group)?;
+        let voters: BTreeSet<u64> = h
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if to == self.id || !voters.contains(&to) {
+            return Err(PetrelError::InvalidArgument(format!(
+                "broker {to} is not another voter of group {group}"
+            )));
+        }
+        let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        h.handoff.store(true, Ordering::Release);
+        let r = self.transfer_inner(group, &h, to, deadline).await;
+        h.handoff.store(false, Ordering::Release);
+        r
+    }
+
+    async fn transfer_inner(
+        &self,
+        group: u64,
+        h: &GroupHandle,
+        to: u64,
+        deadline: Instant,
+    ) -> Result<(), PetrelError> {
+        let timeout = || {
+            PetrelError::Timeout(format!(
+                "handing group {group} to broker {to} took longer than {TRANSFER_TIMEOUT:?}"
+            ))
+        };
+        // Our own lease must have run out, or we would refuse the vote.
+        let since = self.leader_since.get(&group).map(|v| v.1);
+        if let Some(since) = since {
+            let ready = since + self.lease() + Duration::from_millis(50);
+            if ready > deadline {
+                return Err(timeout());
+            }
+            tokio::time::sleep_until(ready.into()).await;
+        }
+        // The target must hold every entry we have (writes are held back).
+        loop {
+            let caught_up = {
+                let m = h.raft.metrics();
+                let m = m.borrow();
+                if m.current_leader != Some(self.id) {
+                    return Ok(());
+                }
+                let last = m.last_log_index;
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).cloned().flatten())
+                    .map(|l| l.index);
+                last.is_some() && matched == last
+            };
+            if caught_up {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(timeout());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.peer_raft_call(to, group, KIND_ELECT, Vec::new())
+            .await?;
+        let mut rx = h.raft.metrics();
+        loop {
+            if rx.borrow().current_leader != Some(self.id) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(timeout()),
+            }
+        }
+    }
+
+    /// Campaign now for `group` (the leader is handing it to us).
+    pub async fn elect_now(&self, group: u64) -> Result<(), PetrelError> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(PetrelError::Unavailable(format!(
+                "broker {} is stopping",
+                self.id
+            )));
+        }
+        let h = self.group(group).ok_or_else(|| {
+            PetrelError::NotFound(format!("broker {} does not host group {group}", self.id))
+        })?;
+        h.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| PetrelError::Unavailable(format!("group {group}: {e}")))
+    }
+
+    /// For each group this node leads whose Raft voters differ from the
+    /// map's target replicas: start the membership change (once).
+    fn reconcile_memberships(self: &Arc<Self>) {
+        let map = self.map_rx.borrow().clone();
+        for t in map.topics.values() {
+            for q in &t.queues {
+                if self.changing.contains_key(&q.group_id) {
+                    continue;
+                }
+                let Some(h) = self.group(q.group_id) else {
+                    continue;
+                };
+                if self.serving(&h).is_none() {
+                    continue;
+                }
+                let voters: BTreeSet<u64> = h
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                let target: BTreeSet<u64> = q.replicas.iter().copied().collect();
+                if voters == target && q.retiring.is_empty() {
+                    continue;
+                }
+                self.changing.insert(q.group_id, ());
+                let node = self.clone();
+                let q = q.clone();
+                let addrs = map.brokers.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.change_replicas(&h, &q, voters, target, &addrs).await {
+                        tracing::warn!(group = q.group_id, error = %e, "changing replicas");
+                    }
+                    node.changing.remove(&q.group_id);
+                });
+            }
+        }
+    }
+
+    async fn change_replicas(
+        &self,
+        h: &GroupHandle,
+        q: &crate::meta::QueueAssignment,
+        voters: BTreeSet<u64>,
+        target: BTreeSet<u64>,
+        addrs: &BTreeMap<u64, String>,
+    ) -> Result<(), PetrelError> {
+        let group = q.group_id;
+        if !target.contains(&self.id) {
+            // A leader being moved off hands over to a staying voter first.
+            let to = target
+                .iter()
+                .find(|b| voters.contains(b))
+                .copied()
+                .ok_or_else(|| {
+                    PetrelError::Unavailable(format!("group {group}: no staying voter"))
+                })?;
+            return self.transfer_leader(group, to).await;
+        }
+        if voters != target {
+            for b in target.difference(&voters) {
+                let addr = addrs.get(b).cloned().ok_or_else(|| {
+                    PetrelError::Unavailable(format!("no address for broker {b}"))
+                })?;
+                tracing::info!(group, broker = b, "adding learner");
+                tokio::time::timeout(
+                    Duration::from_secs(120),
+                    h.raft.add_learner(*b, BasicNode { addr }, true),
+                )
+                .await
+                .map_err(|_| PetrelError::Timeout(format!("group {group}: learner {b} catch-up")))?
+                .map_err(|e| PetrelError::Unavailable(format!("group {group}: {e}")))?;
+            }
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                h.raft.change_membership(target.clone(), false),
+            )
+            .await
+            .map_err(|_| PetrelError::Timeout(format!("group {group}: membership change")))?
+            .map_err(|e| PetrelError::Unavailable(format!("group {group}: {e}")))?;
+            tracing::info!(group, voters = ?target, "group membership changed");
+        }
+        self.meta_forward(bpb::MetaWriteRequest {
+            op: Some(bpb::meta_write_request::Op::SettleReplicas(
+                bpb::SettleReplicas {
+                    group_id: group,
+                    generation: q.generation,
+                },
+            )),
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Sends a meta write to the meta leader (possibly this node) over gRPC.
+    pub async fn meta_forward(
+        &self,
+        req: bpb::MetaWriteRequest,
+    ) -> Result<bpb::MetaWriteResponse, PetrelError> {
+        let l = Self::leader_of(&self.meta()).ok_or(PetrelError::NotLeader {
+            group: META_GROUP,
+            leader: None,
+        })?;
+        let addr = self
+            .map_rx
+            .borrow()
+            .brokers
+            .get(&l)
+            .cloned()
+            .or_else(|| self.config.peers.get(&l).cloned())
+            .ok_or_else(|| PetrelError::Unavailable(format!("no address for meta leader {l}")))?;
+        let ch = self.pool.channel(l, &addr)?;
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(WRITE_TIMEOUT);
+        Ok(BrokerDataClient::new(ch)
+            .meta_write(r)
+            .await
+            .map_err(|s| PetrelError::from_status(&s))?
+            .into_inner())
+    }
+
+    /// This broker's view for proxies and the controller: the map, and the
+    /// groups it leads and may serve.
+    pub fn routes_response(&self, map: &ClusterMap) -> bpb::RoutesResponse {
+        let mut leading = Vec::new();
+        let mut hosting = Vec::new();
+        let mut meta_leader = 0;
+        let mut meta_voters = Vec::new();
+        for e in self.groups.iter() {
+            if *e.key() == META_GROUP {
+                let m = e.raft.metrics();
+                let m = m.borrow();
+                meta_leader = m.current_leader.unwrap_or(0);
+                meta_voters = m.membership_config.membership().voter_ids().collect();
+                continue;
+            }
+            hosting.push(*e.key());
+            if let Some(term) = self.serving(&e) {
+                leading.push(bpb::LeaderClaim {
+                    group_id: *e.key(),
+                    term,
+                });
+            }
+        }
+        bpb::RoutesResponse {
+            broker_id: self.id,
+            map_version: map.version,
+            brokers: map
+                .brokers
+                .iter()
+                .map(|(id, a)| bpb::BrokerAddress {
+                    id: *id,
+                    address: a.clone(),
+                    draining: map.draining.contains(id),
+                })
+                .collect(),
+            topics: map
+                .topics
+                .values()
+                .map(crate::service::topic_route)
+                .collect(),
+            leading,
+            meta_leader,
+            hosting,
+            meta_voters,
+        }
+    }
+
+    /// First half of a graceful stop: stop campaigning and hand every
+    /// leadership to an up-to-date replica (bounded by
+    /// `STOP_HANDOFF_TIMEOUT`). The server must still be serving: the
+    /// targets ask this node for its vote.
+    pub async fn hand_off_leaderships(&self) {
+        self.stopping.store(true, Ordering::Release);
         let handles: Vec<(u64, GroupHandle)> =
             self.groups.iter().map(|e| (*e.key(), e.clone())).collect();
+        for (_, h) in &handles {
+            h.raft.runtime_config().elect(false);
+        }
+        let led: Vec<(u64, u64)> = handles
+            .iter()
+            .filter(|(_, h)| self.serving(h).is_some())
+            .filter_map(|(g, h)| {
+                let m = h.raft.metrics();
+                let m = m.borrow();
+                let last = m.last_log_index;
+                // The most up-to-date other voter, spread by group id.
+                let voters: Vec<u64> = m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|v| *v != self.id)
+                    .collect();
+                let matched = |v: &u64| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(v).cloned().flatten())
+                        .map(|l| l.index)
+                };
+                let best = voters.iter().filter_map(matched).max();
+                let cands: Vec<u64> = voters
+                    .iter()
+                    .copied()
+                    .filter(|v| {
+                        best.is_some()
+                            && matched(v) == best
+                            && best >= last.map(|l| l.saturating_sub(64))
+                    })
+                    .collect();
+                (!cands.is_empty()).then(|| (*g, cands[*g as usize % cands.len()]))
+            })
+            .collect();
+        if !led.is_empty() {
+            tracing::info!(
+                groups = led.len(),
+                "handing leaderships away before stopping"
+            );
+            let futs = led.iter().map(|(g, to)| self.transfer_leader(*g, *to));
+            let results =
+                tokio::time::timeout(STOP_HANDOFF_TIMEOUT, futures::future::join_all(futs)).await;
+            let moved = results
+                .as_ref()
+                .map(|r| r.iter().filter(|x| x.is_ok()).count())
+                .unwrap_or(0);
+            tracing::info!(moved, of = led.len(), "leadership hand-off done");
+        }
+    }
+
+    /// Stops every group and flushes state (after `hand_off_leaderships`
+    /// for a graceful stop).
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let handles: Vec<(u64, GroupHandle)> =
+            self.groups.iter().map(|e| (*e.key(), e.clone())).collect();
+        self.shutdown.cancel();
         for (_, h) in handles {
             let _ = h.raft.shutdown().await;
         }

@@ -19,8 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response as TResponse, Status};
 
 use crate::keys;
-use crate::meta::{ClusterMap, TopicSpec};
-use crate::network::{encode_result, KIND_APPEND, KIND_SNAPSHOT, KIND_VOTE, MAX_RAFT_MESSAGE};
+use crate::meta::TopicSpec;
+use crate::network::{
+    encode_result, KIND_APPEND, KIND_ELECT, KIND_SNAPSHOT, KIND_TRANSFER, KIND_VOTE,
+    MAX_RAFT_MESSAGE,
+};
 use crate::node::{GroupHandle, Node};
 use crate::storage::CF_RECORDS;
 use crate::types::{Command, Response, META_GROUP};
@@ -159,16 +162,19 @@ impl Service {
         req: bpb::MetaWriteRequest,
     ) -> Result<bpb::MetaWriteResponse, PetrelError> {
         let meta = self.node.meta();
-        let h = GroupHandle {
-            raft: meta.clone(),
-            queue: None,
-        };
+        let h = GroupHandle::new(meta.clone(), None);
         let map = self.node.map_rx.borrow().clone();
         let (cmd, name) = match req.op {
             None => return Err(PetrelError::InvalidArgument("empty meta write".into())),
             Some(bpb::meta_write_request::Op::CreateTopic(c)) => {
                 validate::topic_name(&c.name)?;
-                let configured = self.node.config.peers.len();
+                let configured = self
+                    .node
+                    .config
+                    .peers
+                    .keys()
+                    .filter(|b| !map.removed.contains(b))
+                    .count();
                 if map.brokers.len() < configured {
                     // Start-up: the controller registers the configured
                     // brokers within a second; placing replicas before that
@@ -178,7 +184,11 @@ impl Service {
                         map.brokers.len()
                     )));
                 }
-                validate::topic_shape(c.queue_count, c.replication_factor, map.brokers.len())?;
+                validate::topic_shape(
+                    c.queue_count,
+                    c.replication_factor,
+                    map.active_brokers().count(),
+                )?;
                 let mt = match pb::MessageType::try_from(c.message_type) {
                     Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => {
                         pb::MessageType::Normal
@@ -236,7 +246,7 @@ impl Service {
                     validate::topic_shape(
                         u.queue_count,
                         t.spec.replication_factor,
-                        map.brokers.len(),
+                        map.active_brokers().count(),
                     )?;
                     map.place(u.queue_count - cur, t.spec.replication_factor)
                 };
@@ -255,6 +265,72 @@ impl Service {
                 validate::topic_name(&name)?;
                 (Command::DeleteTopic { name: name.clone() }, name)
             }
+            Some(bpb::meta_write_request::Op::RegisterBroker(b)) => {
+                if b.id == 0 {
+                    return Err(PetrelError::InvalidArgument(
+                        "broker id must be positive".into(),
+                    ));
+                }
+                validate_address(&b.address)?;
+                if let Some((other, _)) = map
+                    .brokers
+                    .iter()
+                    .find(|(id, a)| **id != b.id && **a == b.address)
+                {
+                    return Err(PetrelError::AlreadyExists(format!(
+                        "address {} is already broker {other}",
+                        b.address
+                    )));
+                }
+                (
+                    Command::RegisterBroker {
+                        id: b.id,
+                        address: b.address,
+                    },
+                    String::new(),
+                )
+            }
+            Some(bpb::meta_write_request::Op::DrainBroker(id)) => {
+                let active = map.active_brokers().filter(|b| *b != id).count();
+                let max_rf = map
+                    .topics
+                    .values()
+                    .map(|t| t.spec.replication_factor as usize)
+                    .max()
+                    .unwrap_or(0);
+                if map.brokers.contains_key(&id) && active < max_rf {
+                    return Err(PetrelError::InvalidArgument(format!(
+                        "cannot drain broker {id}: {active} other active brokers cannot hold \
+                         replication factor {max_rf}; add a broker first"
+                    )));
+                }
+                (Command::SetDraining { id, draining: true }, String::new())
+            }
+            Some(bpb::meta_write_request::Op::UndrainBroker(id)) => (
+                Command::SetDraining {
+                    id,
+                    draining: false,
+                },
+                String::new(),
+            ),
+            Some(bpb::meta_write_request::Op::RemoveBroker(id)) => {
+                (Command::RemoveBroker { id }, String::new())
+            }
+            Some(bpb::meta_write_request::Op::SettleReplicas(s)) => (
+                Command::SettleReplicas {
+                    group: s.group_id,
+                    generation: s.generation,
+                },
+                String::new(),
+            ),
+            Some(bpb::meta_write_request::Op::Rebalance(_)) => {
+                let moves = self.node.balance_round().await as u32;
+                return Ok(bpb::MetaWriteResponse {
+                    topic: None,
+                    map_version: map.version,
+                    moves,
+                });
+            }
         };
         match self.node.write(META_GROUP, &h, cmd).await? {
             Response::Meta(Ok(version)) => {
@@ -262,6 +338,7 @@ impl Service {
                 Ok(bpb::MetaWriteResponse {
                     topic: map.topics.get(&name).map(topic_route),
                     map_version: version,
+                    moves: 0,
                 })
             }
             Response::Meta(Err(e)) => Err(e.into()),
@@ -269,6 +346,21 @@ impl Service {
                 "unexpected response {other:?}"
             ))),
         }
+    }
+}
+
+fn validate_address(a: &str) -> Result<(), PetrelError> {
+    let ok = !a.is_empty()
+        && a.len() <= 255
+        && a.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        && a.chars().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(PetrelError::InvalidArgument(format!(
+            "invalid broker address {a:?}: expected HOST:PORT"
+        )))
     }
 }
 
@@ -293,42 +385,6 @@ pub fn topic_route(t: &crate::meta::Topic) -> bpb::TopicRoute {
                 replicas: q.replicas.clone(),
             })
             .collect(),
-    }
-}
-
-fn routes(node: &Node, map: &ClusterMap) -> bpb::RoutesResponse {
-    let mut leading = Vec::new();
-    let mut hosting = Vec::new();
-    let mut meta_leader = 0;
-    for e in node.groups.iter() {
-        let m = e.raft.metrics().borrow().clone();
-        if *e.key() == META_GROUP {
-            meta_leader = m.current_leader.unwrap_or(0);
-            continue;
-        }
-        hosting.push(*e.key());
-        if m.current_leader == Some(node.id) {
-            leading.push(bpb::LeaderClaim {
-                group_id: *e.key(),
-                term: m.current_term,
-            });
-        }
-    }
-    bpb::RoutesResponse {
-        broker_id: node.id,
-        map_version: map.version,
-        brokers: map
-            .brokers
-            .iter()
-            .map(|(id, a)| bpb::BrokerAddress {
-                id: *id,
-                address: a.clone(),
-            })
-            .collect(),
-        topics: map.topics.values().map(topic_route).collect(),
-        leading,
-        meta_leader,
-        hosting,
     }
 }
 
@@ -590,9 +646,28 @@ impl BrokerData for Service {
         Ok(TResponse::new(bpb::QueueStatsResponse { queues }))
     }
 
+    async fn inject_fault(
+        &self,
+        req: Request<bpb::InjectFaultRequest>,
+    ) -> R<bpb::InjectFaultResponse> {
+        if !self.node.config.fault_injection {
+            return Err(PetrelError::InvalidArgument(
+                "fault injection is disabled (start the broker with --fault-injection)".into(),
+            )
+            .into());
+        }
+        let blocked = req.into_inner().blocked;
+        tracing::warn!(
+            ?blocked,
+            "fault injection: Raft traffic to these brokers is dropped"
+        );
+        self.node.pool.set_blocked(&blocked);
+        Ok(TResponse::new(bpb::InjectFaultResponse {}))
+    }
+
     async fn routes(&self, _req: Request<bpb::RoutesRequest>) -> R<bpb::RoutesResponse> {
         let map = self.node.map_rx.borrow().clone();
-        Ok(TResponse::new(routes(&self.node, &map)))
+        Ok(TResponse::new(self.node.routes_response(&map)))
     }
 
     async fn meta_write(&self, req: Request<bpb::MetaWriteRequest>) -> R<bpb::MetaWriteResponse> {
@@ -634,6 +709,13 @@ impl BrokerData for Service {
 impl RaftTransport for Service {
     async fn raft(&self, req: Request<bpb::RaftRequest>) -> R<bpb::RaftResponse> {
         let req = req.into_inner();
+        if req.from != 0 && self.node.pool.is_blocked(req.from) {
+            return Err(PetrelError::Unavailable(format!(
+                "fault injection: broker {} is cut off",
+                req.from
+            ))
+            .into());
+        }
         // A group just created by the meta group may reach a peer before
         // that peer's reconciler has started it: give it a moment rather
         // than failing the vote or append (and logging an error) at once.
@@ -671,6 +753,21 @@ impl RaftTransport for Service {
                 let rpc = bincode::deserialize(&req.payload).map_err(bad)?;
                 encode_result(&h.raft.install_snapshot(rpc).await)
             }
+            KIND_ELECT => {
+                let r = self.node.elect_now(req.group_id).await;
+                encode_control(r)
+            }
+            KIND_TRANSFER => {
+                let to: [u8; 8] = req.payload[..].try_into().map_err(|_| {
+                    PetrelError::InvalidArgument("transfer payload must be a u64".into())
+                        .to_status()
+                })?;
+                let r = self
+                    .node
+                    .transfer_leader(req.group_id, u64::from_be_bytes(to))
+                    .await;
+                encode_control(r)
+            }
             k => {
                 return Err(
                     PetrelError::InvalidArgument(format!("unknown raft message kind {k}")).into(),
@@ -678,5 +775,20 @@ impl RaftTransport for Service {
             }
         };
         Ok(TResponse::new(resp))
+    }
+}
+
+/// Control calls over the Raft transport answer with an empty payload or
+/// a typed error.
+fn encode_control(r: Result<(), PetrelError>) -> bpb::RaftResponse {
+    match r {
+        Ok(()) => bpb::RaftResponse {
+            payload: Bytes::new(),
+            error: None,
+        },
+        Err(e) => bpb::RaftResponse {
+            payload: Bytes::new(),
+            error: Some(e.to_detail()),
+        },
     }
 }

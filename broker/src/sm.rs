@@ -271,6 +271,12 @@ impl StateMachine {
                 add_queues,
             ),
             Command::DeleteTopic { name } => map.delete_topic(name),
+            Command::SetDraining { id, draining } => map.set_draining(*id, *draining),
+            Command::RemoveBroker { id } => map.remove_broker(*id),
+            Command::MoveReplica { group, from, to } => map.move_replica(*group, *from, *to),
+            Command::SettleReplicas { group, generation } => {
+                map.settle_replicas(*group, *generation)
+            }
             _ => Err(ApplyError::WrongGroupKind),
         })
     }

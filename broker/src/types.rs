@@ -86,6 +86,26 @@ pub enum Command {
     DeleteTopic {
         name: String,
     },
+    /// Mark a broker draining (or active again).
+    SetDraining {
+        id: u64,
+        draining: bool,
+    },
+    /// Forget a broker that hosts nothing.
+    RemoveBroker {
+        id: u64,
+    },
+    /// Replace replica `from` of `group` by `to` (controller).
+    MoveReplica {
+        group: u64,
+        from: u64,
+        to: u64,
+    },
+    /// The group's membership matches generation `generation` (its leader).
+    SettleReplicas {
+        group: u64,
+        generation: u64,
+    },
 }
 
 /// A lease handed out by `Pop` or `ChangeInvisible`.

@@ -29,6 +29,10 @@ pub struct RouteTable {
     pub meta_leader: u64,
     /// Brokers that answered the last refresh.
     pub reachable: HashMap<u64, bool>,
+    /// Brokers being drained.
+    pub draining: std::collections::HashSet<u64>,
+    /// Voters of the meta group (as its leader reports them).
+    pub meta_voters: Vec<u64>,
 }
 
 impl RouteTable {
@@ -177,6 +181,9 @@ impl Router {
                     if r.meta_leader != 0 {
                         t.meta_leader = r.meta_leader;
                     }
+                    if t.meta_voters.is_empty() || r.broker_id == r.meta_leader {
+                        t.meta_voters = r.meta_voters.clone();
+                    }
                 }
                 Err(e) => {
                     if let Some(id) = id {
@@ -196,6 +203,12 @@ impl Router {
                 .brokers
                 .iter()
                 .map(|x| (x.id, x.address.clone()))
+                .collect();
+            t.draining = b
+                .brokers
+                .iter()
+                .filter(|x| x.draining)
+                .map(|x| x.id)
                 .collect();
             t.topics = b
                 .topics

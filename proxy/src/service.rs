@@ -397,12 +397,21 @@ impl Inner {
                 same.then(|| bpb::MetaWriteResponse {
                     topic: Some(t.clone()),
                     map_version: table.map_version,
+                    moves: 0,
                 })
             }
             (Op::DeleteTopic(name), PetrelError::NotFound(_)) if table.topic(name).is_none() => {
                 Some(bpb::MetaWriteResponse {
                     topic: None,
                     map_version: table.map_version,
+                    moves: 0,
+                })
+            }
+            (Op::RemoveBroker(id), PetrelError::NotFound(_)) if !table.brokers.contains_key(id) => {
+                Some(bpb::MetaWriteResponse {
+                    topic: None,
+                    map_version: table.map_version,
+                    moves: 0,
                 })
             }
             _ => None,
@@ -1040,6 +1049,12 @@ impl Petrel for ProxyService {
                 reachable: t.reachable.get(id).copied().unwrap_or(false),
                 leader_count: leaders.get(id).copied().unwrap_or(0),
                 replica_count: replicas.get(id).copied().unwrap_or(0),
+                state: if t.draining.contains(id) {
+                    "draining".into()
+                } else {
+                    "active".into()
+                },
+                meta_voter: t.meta_voters.contains(id),
             })
             .collect();
         brokers.sort_by_key(|b| b.id);
@@ -1049,6 +1064,33 @@ impl Petrel for ProxyService {
             topic_count: t.topics.len() as u32,
             queue_count,
             map_version: t.map_version,
+        }))
+    }
+
+    async fn admin_cluster(
+        &self,
+        req: Request<pb::AdminClusterRequest>,
+    ) -> R<pb::AdminClusterResponse> {
+        use bpb::meta_write_request::Op as M;
+        use pb::admin_cluster_request::Op as A;
+        let s = &self.inner;
+        let op = match req.into_inner().op {
+            None => return Err(PetrelError::InvalidArgument("empty admin request".into()).into()),
+            Some(A::AddBroker(b)) => M::RegisterBroker(bpb::BrokerAddress {
+                id: b.id,
+                address: b.address,
+                draining: false,
+            }),
+            Some(A::DrainBroker(id)) => M::DrainBroker(id),
+            Some(A::UndrainBroker(id)) => M::UndrainBroker(id),
+            Some(A::RemoveBroker(id)) => M::RemoveBroker(id),
+            Some(A::Rebalance(_)) => M::Rebalance(true),
+        };
+        let r = s.meta_write(op).await?;
+        s.router.poke();
+        Ok(Response::new(pb::AdminClusterResponse {
+            map_version: r.map_version,
+            moves: r.moves,
         }))
     }
 }

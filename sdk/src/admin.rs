@@ -178,6 +178,60 @@ impl Admin {
     pub async fn describe_cluster(&self) -> Result<pb::ClusterInfo> {
         unary!(self, describe_cluster, pb::DescribeClusterRequest {})
     }
+
+    async fn admin_cluster(
+        &self,
+        op: pb::admin_cluster_request::Op,
+    ) -> Result<pb::AdminClusterResponse> {
+        unary!(
+            self,
+            admin_cluster,
+            pb::AdminClusterRequest { op: Some(op) }
+        )
+    }
+
+    /// Registers broker `id` at `address` (HOST:PORT). Start the broker with
+    /// `--join` (or `--peers`); the controller then moves replicas to it as
+    /// other brokers drain, and new queues are placed on it.
+    pub async fn add_broker(
+        &self,
+        id: u64,
+        address: impl Into<String>,
+    ) -> Result<pb::AdminClusterResponse> {
+        self.admin_cluster(pb::admin_cluster_request::Op::AddBroker(
+            pb::BrokerEndpoint {
+                id,
+                address: address.into(),
+            },
+        ))
+        .await
+    }
+
+    /// Moves every replica and leadership off broker `id`, in the
+    /// background; `describe_cluster` shows its counts fall to zero.
+    pub async fn drain_broker(&self, id: u64) -> Result<pb::AdminClusterResponse> {
+        self.admin_cluster(pb::admin_cluster_request::Op::DrainBroker(id))
+            .await
+    }
+
+    /// Makes a drained broker eligible for replicas and leaderships again.
+    pub async fn undrain_broker(&self, id: u64) -> Result<pb::AdminClusterResponse> {
+        self.admin_cluster(pb::admin_cluster_request::Op::UndrainBroker(id))
+            .await
+    }
+
+    /// Forgets broker `id`; refused while it still hosts replicas.
+    pub async fn remove_broker(&self, id: u64) -> Result<pb::AdminClusterResponse> {
+        self.admin_cluster(pb::admin_cluster_request::Op::RemoveBroker(id))
+            .await
+    }
+
+    /// Asks the controller to balance leaderships now; returns the moves
+    /// it started (0 when already balanced).
+    pub async fn rebalance(&self) -> Result<pb::AdminClusterResponse> {
+        self.admin_cluster(pb::admin_cluster_request::Op::Rebalance(true))
+            .await
+    }
 }
 
 #[cfg(test)]

@@ -180,6 +180,12 @@ impl pb::petrel_server::Petrel for Mock {
     ) -> Result<Response<pb::ClusterInfo>, Status> {
         unimpl()
     }
+    async fn admin_cluster(
+        &self,
+        _: Request<pb::AdminClusterRequest>,
+    ) -> Result<Response<pb::AdminClusterResponse>, Status> {
+        unimpl()
+    }
 }
 
 /// Starts the mock on an ephemeral port; returns its state and address.

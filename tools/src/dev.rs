@@ -112,7 +112,7 @@ impl LocalCluster {
                 ..Default::default()
             }
             .resolve()?;
-            let (_node, task) = petrel_broker::spawn(cfg, l, shutdown.clone()).await?;
+            let (_node, task) = petrel_broker::spawn_with(cfg, l, shutdown.clone(), false).await?;
             tasks.push(task);
         }
         let proxy_addr = proxy_l.local_addr()?;

@@ -44,6 +44,25 @@ impl Procs {
             let _ = c.wait();
         }
     }
+
+    /// Puts a (re)started child in slot `i`, SIGKILLing whatever was there.
+    pub fn replace(&mut self, i: usize, c: Child) {
+        self.kill(i);
+        self.0[i] = Some(c);
+    }
+
+    /// Whether the child in slot `i` is running (`Err` = it exited, with
+    /// its status).
+    pub fn check_running(&mut self, i: usize) -> Result<(), String> {
+        match self.0[i].as_mut() {
+            None => Err("not started".to_string()),
+            Some(c) => match c.try_wait() {
+                Ok(None) => Ok(()),
+                Ok(Some(status)) => Err(format!("exited: {status}")),
+                Err(e) => Err(format!("wait failed: {e}")),
+            },
+        }
+    }
 }
 
 impl Drop for Procs {
@@ -93,39 +112,66 @@ pub fn spawn_broker(
     dir: &std::path::Path,
     extra: &[&str],
 ) -> Child {
-    std::process::Command::new(bin("petrel-broker"))
-        .args([
-            "--id",
-            &id.to_string(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--peers",
-            peers,
-        ])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(dir.join(format!("b{id}")))
-        .env("PETREL_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+    broker_command(id, port, peers, dir, extra).spawn().unwrap()
+}
+
+/// The command [`spawn_broker`] runs (output discarded; see [`log_to`]).
+pub fn broker_command(
+    id: usize,
+    port: u16,
+    peers: &str,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("petrel-broker"));
+    cmd.args([
+        "--id",
+        &id.to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--peers",
+        peers,
+    ])
+    .args(extra)
+    .arg("--data-dir")
+    .arg(dir.join(format!("b{id}")))
+    .env("PETREL_LOG", "warn")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    cmd
 }
 
 /// Starts `petrel-proxy` on `port`, seeded with `brokers` (HOST:PORT,...).
 pub fn spawn_proxy(port: u16, brokers: &str) -> Child {
-    std::process::Command::new(bin("petrel-proxy"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--brokers",
-            brokers,
-        ])
-        .env("PETREL_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+    proxy_command(port, brokers).spawn().unwrap()
+}
+
+/// The command [`spawn_proxy`] runs (output discarded; see [`log_to`]).
+pub fn proxy_command(port: u16, brokers: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("petrel-proxy"));
+    cmd.args([
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--brokers",
+        brokers,
+    ])
+    .env("PETREL_LOG", "warn")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// Sends a command's stdout and stderr to `file`, appended (so a restarted
+/// process adds to the log of its previous run), without colour codes.
+pub fn log_to(cmd: &mut std::process::Command, file: &std::path::Path) {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .unwrap();
+    cmd.env("NO_COLOR", "1")
+        .stdout(f.try_clone().unwrap())
+        .stderr(f);
 }
 
 /// `HOST:PORT,...` for brokers on 127.0.0.1 `ports`.
