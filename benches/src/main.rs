@@ -14,6 +14,8 @@
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
+
+mod failover;
 use hdrhistogram::Histogram;
 use petrel_sdk::{Client, Error as PetrelError, Message, TopicSpec};
 use serde::Serialize;
@@ -42,6 +44,10 @@ enum Workload {
     /// Receive and ack `--count` records with `--inflight` concurrent
     /// receivers, `--batch` records per receive.
     Consume(ConsumeArgs),
+    /// Start a 3-broker cluster of its own, SIGKILL its brokers in turn
+    /// `--kills` times, and report per affected queue the time
+    /// from the kill to the first acked write (p50/p99/max).
+    Failover(failover::FailoverArgs),
 }
 
 #[derive(Debug, Args)]
@@ -374,6 +380,11 @@ async fn main() -> anyhow::Result<()> {
     let report = match cli.workload {
         Workload::Produce(a) => produce(a).await?,
         Workload::Consume(a) => consume(a).await?,
+        Workload::Failover(a) => {
+            let r = failover::run(a).await?;
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(());
+        }
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

@@ -45,6 +45,8 @@ pub struct PeerPool {
     channels: Arc<DashMap<u64, (String, Channel)>>,
     /// When each peer last answered a Raft RPC (any group).
     last_ok: Arc<DashMap<u64, Instant>>,
+    /// When each peer last sent us a Raft RPC (any group).
+    last_in: Arc<DashMap<u64, Instant>>,
     /// Fault injection for tests: peers whose Raft traffic is dropped.
     blocked: Arc<DashMap<u64, ()>>,
     self_id: Arc<std::sync::atomic::AtomicU64>,
@@ -56,6 +58,22 @@ impl PeerPool {
         self.last_ok
             .get(&peer)
             .is_some_and(|t| t.elapsed() <= within)
+    }
+
+    /// Records an inbound Raft RPC from `peer`.
+    pub fn heard_in(&self, peer: u64) {
+        self.last_in.insert(peer, Instant::now());
+    }
+
+    /// When `peer` last sent us a Raft RPC.
+    pub fn last_in(&self, peer: u64) -> Option<Instant> {
+        self.last_in.get(&peer).map(|t| *t)
+    }
+
+    /// Whether any peer exchanged Raft traffic with us within `within`.
+    pub fn heard_any(&self, within: Duration) -> bool {
+        self.last_in.iter().any(|e| e.elapsed() <= within)
+            || self.last_ok.iter().any(|e| e.elapsed() <= within)
     }
 
     fn answered(&self, peer: u64) {

@@ -87,6 +87,7 @@ pub struct Node {
     moved_at: DashMap<u64, Instant>,
     stopping: AtomicBool,
     rebalance: Notify,
+    started: Instant,
 }
 
 impl Node {
@@ -125,6 +126,7 @@ impl Node {
             moved_at: DashMap::new(),
             stopping: AtomicBool::new(false),
             rebalance: Notify::new(),
+            started: Instant::now(),
         });
         let sm = StateMachine::open(META_GROUP, store.clone(), Kind::Meta(map_tx))?;
         let raft = Raft::new(
@@ -151,6 +153,7 @@ impl Node {
         tokio::spawn(node.clone().reconcile_loop());
         tokio::spawn(node.clone().controller_loop());
         tokio::spawn(node.clone().leadership_loop());
+        tokio::spawn(node.clone().failover_loop());
         Ok(node)
     }
 
@@ -195,6 +198,94 @@ impl Node {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
+        }
+    }
+
+    /// Fast failover. openraft's own election timers fire at a random point
+    /// in [min, max) after the last heartbeat, but voters refuse any vote
+    /// until their leader lease (= max) has run out, so the first campaign
+    /// usually fails and the next one comes a whole timeout later. Here the
+    /// leader's silence is judged per peer from the shared transport, and
+    /// one designated follower per group (the first other voter in replica
+    /// order) campaigns once right after the lease. If that fails (say its
+    /// log is behind), openraft's randomized timers elect someone else; a
+    /// designated follower that kept campaigning with ever higher terms
+    /// would starve them, so it tries at most once per `RETRY`.
+    async fn failover_loop(self: Arc<Self>) {
+        const RETRY: Duration = Duration::from_secs(10);
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut no_leader_since: BTreeMap<u64, Instant> = BTreeMap::new();
+        let mut tried: BTreeMap<u64, Instant> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                continue;
+            }
+            let silence = self.lease() + Duration::from_millis(100);
+            if !self.pool.heard_any(silence) {
+                continue; // cut off from everyone: campaigning cannot win
+            }
+            let map = self.map_rx.borrow().clone();
+            let now = Instant::now();
+            let groups: Vec<(u64, Raft)> = self
+                .groups
+                .iter()
+                .map(|e| (*e.key(), e.raft.clone()))
+                .collect();
+            for (g, raft) in groups {
+                let (leader, voters) = {
+                    let m = raft.metrics();
+                    let m = m.borrow();
+                    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+                    (m.current_leader, voters)
+                };
+                if voters.len() < 2 || !voters.contains(&self.id) || leader == Some(self.id) {
+                    no_leader_since.remove(&g);
+                    continue;
+                }
+                let silent = match leader {
+                    Some(l) => {
+                        no_leader_since.remove(&g);
+                        let last = self
+                            .pool
+                            .last_in(l)
+                            .unwrap_or(self.started)
+                            .max(self.started);
+                        now.duration_since(last) > silence
+                    }
+                    None => {
+                        let since = *no_leader_since.entry(g).or_insert(now);
+                        now.duration_since(since) > silence
+                    }
+                };
+                if !silent {
+                    continue;
+                }
+                let order: Vec<u64> = match map.assignment(g) {
+                    Some((_, q)) => q.replicas.clone(),
+                    None => voters.clone(),
+                };
+                let designated = order
+                    .iter()
+                    .find(|b| voters.contains(b) && Some(**b) != leader)
+                    .copied();
+                if designated != Some(self.id) {
+                    continue;
+                }
+                if tried
+                    .get(&g)
+                    .is_some_and(|t| now.duration_since(*t) < RETRY)
+                {
+                    continue;
+                }
+                tried.insert(g, now);
+                tracing::info!(group = g, old_leader = ?leader, "leader silent past its lease: campaigning");
+                let _ = raft.trigger().elect().await;
+            }
+            tried.retain(|_, t| now.duration_since(*t) < RETRY);
         }
     }
 

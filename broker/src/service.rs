@@ -716,6 +716,9 @@ impl RaftTransport for Service {
             ))
             .into());
         }
+        if req.from != 0 {
+            self.node.pool.heard_in(req.from);
+        }
         // A group just created by the meta group may reach a peer before
         // that peer's reconciler has started it: give it a moment rather
         // than failing the vote or append (and logging an error) at once.

@@ -175,7 +175,7 @@ impl Inner {
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            backoff = (backoff * 2).min(Duration::from_millis(200));
         }
     }
 
@@ -487,7 +487,7 @@ impl Inner {
                 });
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            backoff = (backoff * 2).min(Duration::from_millis(200));
         }
     }
 }
