@@ -16,7 +16,7 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use petrel_proto::pb::broker::raft_transport_client::RaftTransportClient;
-use petrel_proto::pb::broker::{RaftRequest, RaftResponse};
+use petrel_proto::pb::broker::{RaftBatchRequest, RaftRequest, RaftResponse};
 use petrel_proto::PetrelError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -39,6 +39,16 @@ pub const MAX_RAFT_MESSAGE: usize = 1 << 30;
 /// Entries per AppendEntries RPC (openraft `max_payload_entries`).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
 
+/// Heartbeats bound for one peer within this window go in one RPC.
+pub const COALESCE_WINDOW: Duration = Duration::from_millis(10);
+/// Most messages in one coalesced RPC.
+const COALESCE_MAX: usize = 1024;
+
+type Pending = (
+    RaftRequest,
+    tokio::sync::oneshot::Sender<Result<RaftResponse, tonic::Status>>,
+);
+
 /// Lazily connected channels to peer brokers, keyed by broker id.
 #[derive(Clone, Default)]
 pub struct PeerPool {
@@ -50,9 +60,45 @@ pub struct PeerPool {
     /// Fault injection for tests: peers whose Raft traffic is dropped.
     blocked: Arc<DashMap<u64, ()>>,
     self_id: Arc<std::sync::atomic::AtomicU64>,
+    /// Per peer: the queue of the task that coalesces heartbeats.
+    coalescers: Arc<DashMap<u64, (String, tokio::sync::mpsc::UnboundedSender<Pending>)>>,
 }
 
 impl PeerPool {
+    /// Sends `req` to `peer` in the next coalesced batch (one `RaftBatch`
+    /// RPC per peer per `COALESCE_WINDOW`): with a thousand groups, the
+    /// heartbeats between two brokers cost a few RPCs per window instead of
+    /// one each.
+    async fn coalesced(
+        &self,
+        peer: u64,
+        addr: &str,
+        channel: Channel,
+        req: RaftRequest,
+    ) -> Result<RaftResponse, tonic::Status> {
+        let tx = {
+            let fresh = self
+                .coalescers
+                .get(&peer)
+                .filter(|e| e.0 == addr && !e.1.is_closed())
+                .map(|e| e.1.clone());
+            match fresh {
+                Some(tx) => tx,
+                None => {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(coalesce_loop(peer, channel, rx, self.clone()));
+                    self.coalescers.insert(peer, (addr.to_string(), tx.clone()));
+                    tx
+                }
+            }
+        };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        tx.send((req, done))
+            .map_err(|_| tonic::Status::unavailable("coalescer stopped"))?;
+        wait.await
+            .map_err(|_| tonic::Status::unavailable("coalescer dropped the request"))?
+    }
+
     /// Whether `peer` answered a Raft RPC within `within`.
     pub fn heard_from(&self, peer: u64, within: Duration) -> bool {
         self.last_ok
@@ -128,6 +174,54 @@ impl PeerPool {
     }
 }
 
+async fn coalesce_loop(
+    peer: u64,
+    channel: Channel,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>,
+    pool: PeerPool,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let window = tokio::time::sleep(COALESCE_WINDOW);
+        tokio::pin!(window);
+        while batch.len() < COALESCE_MAX {
+            tokio::select! {
+                _ = &mut window => break,
+                m = rx.recv() => match m {
+                    Some(m) => batch.push(m),
+                    None => break,
+                },
+            }
+        }
+        let (reqs, dones): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let mut client = RaftTransportClient::new(channel.clone())
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE);
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut r = tonic::Request::new(RaftBatchRequest { requests: reqs });
+            r.set_timeout(Duration::from_secs(2));
+            match client.raft_batch(r).await {
+                Ok(resp) => {
+                    pool.answered(peer);
+                    let mut resps = resp.into_inner().responses.into_iter();
+                    for d in dones {
+                        let r = resps
+                            .next()
+                            .ok_or_else(|| tonic::Status::internal("short raft batch response"));
+                        let _ = d.send(r);
+                    }
+                }
+                Err(status) => {
+                    for d in dones {
+                        let _ = d.send(Err(status.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Creates per-target clients for one group.
 pub struct NetworkFactory {
     pub group: u64,
@@ -142,6 +236,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             target,
             channel: self.pool.channel(target, &node.addr),
+            addr: node.addr.clone(),
             pool: self.pool.clone(),
         }
     }
@@ -151,6 +246,7 @@ pub struct PeerClient {
     group: u64,
     target: u64,
     channel: Result<Channel, PetrelError>,
+    addr: String,
     pool: PeerPool,
 }
 
@@ -162,6 +258,7 @@ impl PeerClient {
         kind: u32,
         req: &Req,
         option: &RPCOption,
+        coalesce: bool,
     ) -> Result<Resp, RpcErr<E>>
     where
         Req: Serialize,
@@ -182,15 +279,24 @@ impl PeerClient {
         }
         let payload =
             bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = RaftTransportClient::new(ch)
-            .max_decoding_message_size(MAX_RAFT_MESSAGE)
-            .max_encoding_message_size(MAX_RAFT_MESSAGE);
-        let fut = client.raft(RaftRequest {
+        let request = RaftRequest {
             group_id: self.group,
             kind,
             payload: payload.into(),
             from: self.pool.self_id(),
-        });
+        };
+        let fut = async {
+            if coalesce {
+                self.pool
+                    .coalesced(self.target, &self.addr, ch, request)
+                    .await
+            } else {
+                let mut client = RaftTransportClient::new(ch)
+                    .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                    .max_encoding_message_size(MAX_RAFT_MESSAGE);
+                client.raft(request).await.map(|r| r.into_inner())
+            }
+        };
         let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
             Err(_) => {
                 return Err(RPCError::Network(NetworkError::new(&std::io::Error::new(
@@ -202,7 +308,7 @@ impl PeerClient {
                 let e = PetrelError::from_status(&status);
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => r,
         };
         self.pool.answered(self.target);
         if let Some(err) = resp.error {
@@ -221,7 +327,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
-        self.call(KIND_APPEND, &rpc, &option).await
+        // Heartbeats (no entries) are coalesced per peer; data goes at once.
+        let heartbeat = rpc.entries.is_empty();
+        self.call(KIND_APPEND, &rpc, &option, heartbeat).await
     }
 
     async fn install_snapshot(
@@ -229,7 +337,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
-        self.call(KIND_SNAPSHOT, &rpc, &option).await
+        self.call(KIND_SNAPSHOT, &rpc, &option, false).await
     }
 
     async fn vote(
@@ -237,7 +345,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RpcErr> {
-        self.call(KIND_VOTE, &rpc, &option).await
+        self.call(KIND_VOTE, &rpc, &option, false).await
     }
 }
 

@@ -708,7 +708,29 @@ impl BrokerData for Service {
 #[tonic::async_trait]
 impl RaftTransport for Service {
     async fn raft(&self, req: Request<bpb::RaftRequest>) -> R<bpb::RaftResponse> {
-        let req = req.into_inner();
+        Ok(TResponse::new(self.raft_one(req.into_inner()).await?))
+    }
+
+    async fn raft_batch(&self, req: Request<bpb::RaftBatchRequest>) -> R<bpb::RaftBatchResponse> {
+        let reqs = req.into_inner().requests;
+        if reqs.len() > 4096 {
+            return Err(PetrelError::InvalidArgument("raft batch too large".into()).into());
+        }
+        let futs = reqs.into_iter().map(|r| async move {
+            self.raft_one(r)
+                .await
+                .unwrap_or_else(|status| bpb::RaftResponse {
+                    payload: Bytes::new(),
+                    error: Some(PetrelError::from_status(&status).to_detail()),
+                })
+        });
+        let responses = futures::future::join_all(futs).await;
+        Ok(TResponse::new(bpb::RaftBatchResponse { responses }))
+    }
+}
+
+impl Service {
+    async fn raft_one(&self, req: bpb::RaftRequest) -> Result<bpb::RaftResponse, Status> {
         if req.from != 0 && self.node.pool.is_blocked(req.from) {
             return Err(PetrelError::Unavailable(format!(
                 "fault injection: broker {} is cut off",
@@ -729,7 +751,7 @@ impl RaftTransport for Service {
             h = self.node.group(req.group_id);
         }
         let Some(h) = h else {
-            return Ok(TResponse::new(bpb::RaftResponse {
+            return Ok(bpb::RaftResponse {
                 payload: Bytes::new(),
                 error: Some(
                     PetrelError::Unavailable(format!(
@@ -738,7 +760,7 @@ impl RaftTransport for Service {
                     ))
                     .to_detail(),
                 ),
-            }));
+            });
         };
         let bad = |e: bincode::Error| {
             PetrelError::InvalidArgument(format!("undecodable raft payload: {e}")).to_status()
@@ -777,7 +799,7 @@ impl RaftTransport for Service {
                 )
             }
         };
-        Ok(TResponse::new(resp))
+        Ok(resp)
     }
 }
 
