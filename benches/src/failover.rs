@@ -86,7 +86,18 @@ fn percentile(sorted: &[u64], q: f64) -> u64 {
     sorted[i]
 }
 
+/// Runs the measurement; Ctrl-C or SIGTERM stops it and still kills every
+/// process it started.
 pub async fn run(a: FailoverArgs) -> anyhow::Result<FailoverReport> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = measure(a) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = term.recv() => anyhow::bail!("terminated"),
+    }
+}
+
+async fn measure(a: FailoverArgs) -> anyhow::Result<FailoverReport> {
     let tmp = std::env::temp_dir().join(format!("petrel-failover-{}", std::process::id()));
     let dir = a.data_dir.clone().unwrap_or(tmp.clone());
     std::fs::create_dir_all(&dir)?;

@@ -207,15 +207,19 @@ impl Node {
     /// usually fails and the next one comes a whole timeout later. Here the
     /// leader's silence is judged per peer from the shared transport, and
     /// one designated follower per group (the first other voter in replica
-    /// order) campaigns once right after the lease. If that fails (say its
-    /// log is behind), openraft's randomized timers elect someone else; a
-    /// designated follower that kept campaigning with ever higher terms
-    /// would starve them, so it tries at most once per `RETRY`.
+    /// order) campaigns right after the lease, up to three times 300 ms
+    /// apart (another follower's own timer may have taken the term's vote).
+    /// If that fails (say its log is behind), openraft's randomized timers
+    /// elect someone else; a designated follower that kept campaigning with
+    /// ever higher terms would starve them, so it then waits `RETRY`.
     async fn failover_loop(self: Arc<Self>) {
         const RETRY: Duration = Duration::from_secs(10);
+        const ATTEMPTS: u32 = 3;
+        const GAP: Duration = Duration::from_millis(300);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut no_leader_since: BTreeMap<u64, Instant> = BTreeMap::new();
-        let mut tried: BTreeMap<u64, Instant> = BTreeMap::new();
+        // group → (attempts, first, last)
+        let mut tried: BTreeMap<u64, (u32, Instant, Instant)> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -288,17 +292,22 @@ impl Node {
                 if designated != Some(self.id) {
                     continue;
                 }
-                if tried
-                    .get(&g)
-                    .is_some_and(|t| now.duration_since(*t) < RETRY)
-                {
+                // Up to ATTEMPTS campaigns GAP apart (a follower whose own
+                // timer fired first may hold this term's vote), then quiet
+                // until RETRY has passed since the first.
+                let e = tried.entry(g).or_insert((0, now, now - GAP));
+                if now.duration_since(e.1) >= RETRY {
+                    *e = (0, now, now - GAP);
+                }
+                if e.0 >= ATTEMPTS || now.duration_since(e.2) < GAP {
                     continue;
                 }
-                tried.insert(g, now);
+                e.0 += 1;
+                e.2 = now;
                 tracing::info!(group = g, old_leader = ?leader, "leader silent past its lease: campaigning");
                 let _ = raft.trigger().elect().await;
             }
-            tried.retain(|_, t| now.duration_since(*t) < RETRY);
+            tried.retain(|_, t| now.duration_since(t.1) < RETRY);
         }
     }
 
@@ -802,6 +811,19 @@ impl Node {
             )));
         }
         let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        // Our own lease must have run out, or we would refuse the vote.
+        // Wait for that while still taking writes.
+        let since = self.leader_since.get(&group).map(|v| v.1);
+        if let Some(since) = since {
+            let ready = since + self.lease() + Duration::from_millis(50);
+            if ready > deadline {
+                return Err(PetrelError::Unavailable(format!(
+                    "group {group}: leader elected too recently to hand off"
+                )));
+            }
+            tokio::time::sleep_until(ready.into()).await;
+            self.ensure_leader(group)?;
+        }
         h.handoff.store(true, Ordering::Release);
         let r = self.transfer_inner(group, &h, to, deadline).await;
         h.handoff.store(false, Ordering::Release);
@@ -820,15 +842,6 @@ impl Node {
                 "handing group {group} to broker {to} took longer than {TRANSFER_TIMEOUT:?}"
             ))
         };
-        // Our own lease must have run out, or we would refuse the vote.
-        let since = self.leader_since.get(&group).map(|v| v.1);
-        if let Some(since) = since {
-            let ready = since + self.lease() + Duration::from_millis(50);
-            if ready > deadline {
-                return Err(timeout());
-            }
-            tokio::time::sleep_until(ready.into()).await;
-        }
         // The target must hold every entry we have (writes are held back).
         loop {
             let caught_up = {
