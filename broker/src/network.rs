@@ -31,6 +31,8 @@ pub const KIND_SNAPSHOT: u32 = 3;
 pub const KIND_ELECT: u32 = 4;
 /// Controller → leader: hand the group to the broker in the payload.
 pub const KIND_TRANSFER: u32 = 5;
+/// Liveness probe between brokers (no group involved).
+pub const KIND_PING: u32 = 6;
 
 /// Raft RPCs larger than this are refused by the transport. One entry is
 /// at most one proxy append (64 MiB), and an AppendEntries carries at most
@@ -120,6 +122,11 @@ impl PeerPool {
     pub fn heard_any(&self, within: Duration) -> bool {
         self.last_in.iter().any(|e| e.elapsed() <= within)
             || self.last_ok.iter().any(|e| e.elapsed() <= within)
+    }
+
+    /// Records an answer from `peer` to a control call.
+    pub fn mark_answered(&self, peer: u64) {
+        self.answered(peer);
     }
 
     fn answered(&self, peer: u64) {

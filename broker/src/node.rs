@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::BrokerConfig;
 use crate::log_store::LogStore;
 use crate::meta::{plan_leader_moves, ClusterMap, GroupLeadership};
-use crate::network::{NetworkFactory, PeerPool, KIND_ELECT, KIND_TRANSFER};
+use crate::network::{NetworkFactory, PeerPool, KIND_ELECT, KIND_PING, KIND_TRANSFER};
 use crate::sm::{Kind, QueueShared, StateMachine};
 use crate::storage::Store;
 use crate::types::{Command, Raft, Response, META_GROUP};
@@ -85,6 +85,10 @@ pub struct Node {
     changing: DashMap<u64, ()>,
     /// Controller: when each group's leadership was last moved.
     moved_at: DashMap<u64, Instant>,
+    /// Controller: leadership moves started and not finished (group → to).
+    moves_in_flight: DashMap<u64, u64>,
+    /// Campaigns are off because this broker reaches no peer.
+    isolated: AtomicBool,
     stopping: AtomicBool,
     rebalance: Notify,
     started: Instant,
@@ -124,6 +128,8 @@ impl Node {
             leader_since: DashMap::new(),
             changing: DashMap::new(),
             moved_at: DashMap::new(),
+            moves_in_flight: DashMap::new(),
+            isolated: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             rebalance: Notify::new(),
             started: Instant::now(),
@@ -154,6 +160,7 @@ impl Node {
         tokio::spawn(node.clone().controller_loop());
         tokio::spawn(node.clone().leadership_loop());
         tokio::spawn(node.clone().failover_loop());
+        tokio::spawn(node.clone().ping_loop());
         Ok(node)
     }
 
@@ -311,6 +318,54 @@ impl Node {
         }
     }
 
+    /// Pings every other broker every 200 ms (node-level liveness on the
+    /// Raft transport, whatever groups they share), and turns this broker's
+    /// own election timers off while it reaches none of them: openraft 0.9
+    /// has no pre-vote, so a cut-off broker that kept campaigning would
+    /// come back with a higher term and depose healthy leaders on healing.
+    async fn ping_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let peers: BTreeSet<u64> = {
+                let map = self.map_rx.borrow();
+                map.brokers
+                    .keys()
+                    .chain(self.config.peers.keys())
+                    .copied()
+                    .filter(|b| *b != self.id && !map.removed.contains(b))
+                    .collect()
+            };
+            for b in &peers {
+                let node = self.clone();
+                let b = *b;
+                tokio::spawn(async move {
+                    let _ = node
+                        .peer_raft_call(b, META_GROUP, KIND_PING, Vec::new())
+                        .await;
+                });
+            }
+            let lease = self.lease();
+            let isolated = !peers.is_empty()
+                && self.started.elapsed() > lease
+                && !self.pool.heard_any(lease)
+                && !self.stopping.load(Ordering::Acquire);
+            if isolated != self.isolated.swap(isolated, Ordering::AcqRel) {
+                if isolated {
+                    tracing::warn!("no peer reachable: pausing elections on this broker");
+                } else {
+                    tracing::info!("peers reachable again: elections resumed");
+                }
+                for e in self.groups.iter() {
+                    e.raft.runtime_config().elect(!isolated);
+                }
+            }
+        }
+    }
+
     /// Records when this node was first seen leading each group (term).
     async fn leadership_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -437,20 +492,52 @@ impl Node {
         h: &GroupHandle,
         cmd: Command,
     ) -> Result<Response, PetrelError> {
-        match tokio::time::timeout(WRITE_TIMEOUT, h.raft.client_write(cmd)).await {
+        // A leader that loses its leadership or its quorum while the write
+        // waits answers early with a retryable error rather than holding
+        // the request for the whole timeout (the outcome is then unknown;
+        // producers' retries are de-duplicated).
+        let lost = async {
+            let mut since: Option<Instant> = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let gone = {
+                    let m = h.raft.metrics();
+                    let m = m.borrow();
+                    m.current_leader != Some(self.id) || self.lost_quorum(&m)
+                };
+                match (gone, since) {
+                    (false, _) => since = None,
+                    (true, None) => since = Some(Instant::now()),
+                    (true, Some(t)) if t.elapsed() > Duration::from_millis(300) => return,
+                    _ => {}
+                }
+            }
+        };
+        let write = async {
+            tokio::select! {
+                r = h.raft.client_write(cmd) => Some(r),
+                _ = lost => None,
+            }
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(None) => Err(PetrelError::Unavailable(format!(
+                "group {group}: this broker lost its leadership or quorum while the write waited"
+            ))),
+            Ok(Some(r)) => match r {
+                Ok(r) => Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(PetrelError::NotLeader {
+                        group,
+                        leader: f.leader_id,
+                    })
+                }
+                Err(RaftError::APIError(e)) => Err(PetrelError::Internal(e.to_string())),
+                Err(RaftError::Fatal(e)) => Err(PetrelError::Unavailable(format!(
+                    "group {group} is stopped: {e}"
+                ))),
+            },
             Err(_) => Err(PetrelError::Timeout(format!(
                 "replicating to group {group} took longer than {WRITE_TIMEOUT:?}"
-            ))),
-            Ok(Ok(r)) => Ok(r.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(PetrelError::NotLeader {
-                    group,
-                    leader: f.leader_id,
-                })
-            }
-            Ok(Err(RaftError::APIError(e))) => Err(PetrelError::Internal(e.to_string())),
-            Ok(Err(RaftError::Fatal(e))) => Err(PetrelError::Unavailable(format!(
-                "group {group} is stopped: {e}"
             ))),
         }
     }
@@ -546,8 +633,10 @@ impl Node {
             }
             self.reconcile_memberships();
             let meta = self.meta();
-            if Self::leader_of(&meta) != Some(self.id) {
-                continue;
+            // Not while cut off from the other meta voters (fenced).
+            match self.group(META_GROUP) {
+                Some(h) if self.serving(&h).is_some() => {}
+                _ => continue,
             }
             self.meta_membership(&meta).await;
             if kicked || last_balance.elapsed() >= BALANCE_EVERY {
@@ -708,17 +797,27 @@ impl Node {
             .map(|q| GroupLeadership {
                 group: q.group_id,
                 replicas: q.replicas.clone(),
-                leader: claims.get(&q.group_id).map(|c| c.1),
+                // A move still in flight counts as done, so two rounds (or
+                // a round and `cluster rebalance`) do not both plan it.
+                leader: self
+                    .moves_in_flight
+                    .get(&q.group_id)
+                    .map(|to| *to)
+                    .or_else(|| claims.get(&q.group_id).map(|c| c.1)),
             })
             .collect();
         if groups.iter().any(|g| g.leader.is_none()) {
             // Elections in progress: the counts are not stable yet.
             return started;
         }
+        // Eligible: answers Routes *and* exchanges Raft traffic with us (a
+        // broker cut off from its peers may still answer gRPC).
+        let lease = self.lease();
         let eligible: BTreeSet<u64> = alive
             .iter()
             .copied()
             .filter(|b| !map.draining.contains(b))
+            .filter(|b| *b == self.id || self.pool.heard_from(*b, lease))
             .collect();
         let now = Instant::now();
         let groups: Vec<GroupLeadership> = groups
@@ -737,6 +836,7 @@ impl Node {
             .collect();
         for (group, from, to) in plan_leader_moves(&groups, &eligible, MOVES_PER_ROUND) {
             self.moved_at.insert(group, now);
+            self.moves_in_flight.insert(group, to);
             started += 1;
             let node = self.clone();
             tokio::spawn(async move {
@@ -747,6 +847,7 @@ impl Node {
                         .await
                         .map(|_| ())
                 };
+                node.moves_in_flight.remove(&group);
                 match r {
                     Ok(()) => tracing::info!(group, from, to, "moved leadership"),
                     Err(e) => tracing::info!(group, from, to, error = %e, "leadership move"),
@@ -772,6 +873,11 @@ impl Node {
             .cloned()
             .or_else(|| self.config.peers.get(&broker).cloned())
             .ok_or_else(|| PetrelError::Unavailable(format!("no address for broker {broker}")))?;
+        if self.pool.is_blocked(broker) {
+            return Err(PetrelError::Unavailable(format!(
+                "fault injection: broker {broker} is cut off"
+            )));
+        }
         let ch = self.pool.channel(broker, &addr)?;
         let mut r = tonic::Request::new(bpb::RaftRequest {
             group_id: group,
@@ -779,12 +885,17 @@ impl Node {
             payload: payload.into(),
             from: self.id,
         });
-        r.set_timeout(TRANSFER_TIMEOUT + Duration::from_secs(1));
+        r.set_timeout(if kind == KIND_PING {
+            Duration::from_millis(500)
+        } else {
+            TRANSFER_TIMEOUT + Duration::from_secs(1)
+        });
         let resp = RaftTransportClient::new(ch)
             .raft(r)
             .await
             .map_err(|s| PetrelError::from_status(&s))?
             .into_inner();
+        self.pool.mark_answered(broker);
         match resp.error {
             Some(e) => Err(PetrelError::from_detail(&e)),
             None => Ok(resp.payload),
@@ -808,6 +919,11 @@ impl Node {
         if to == self.id || !voters.contains(&to) {
             return Err(PetrelError::InvalidArgument(format!(
                 "broker {to} is not another voter of group {group}"
+            )));
+        }
+        if !self.pool.heard_from(to, self.lease()) {
+            return Err(PetrelError::Unavailable(format!(
+                "broker {to} is not reachable over Raft; not handing group {group} to it"
             )));
         }
         let deadline = Instant::now() + TRANSFER_TIMEOUT;
@@ -1078,6 +1194,15 @@ impl Node {
             self.groups.iter().map(|e| (*e.key(), e.clone())).collect();
         for (_, h) in &handles {
             h.raft.runtime_config().elect(false);
+        }
+        // Let hand-offs already in flight (controller moves) finish first.
+        let settle = Instant::now() + TRANSFER_TIMEOUT;
+        while Instant::now() < settle
+            && handles
+                .iter()
+                .any(|(_, h)| h.handoff.load(Ordering::Acquire))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let led: Vec<(u64, u64)> = handles
             .iter()

@@ -21,7 +21,7 @@ use tonic::{Request, Response as TResponse, Status};
 use crate::keys;
 use crate::meta::TopicSpec;
 use crate::network::{
-    encode_result, KIND_APPEND, KIND_ELECT, KIND_SNAPSHOT, KIND_TRANSFER, KIND_VOTE,
+    encode_result, KIND_APPEND, KIND_ELECT, KIND_PING, KIND_SNAPSHOT, KIND_TRANSFER, KIND_VOTE,
     MAX_RAFT_MESSAGE,
 };
 use crate::node::{GroupHandle, Node};
@@ -383,6 +383,7 @@ pub fn topic_route(t: &crate::meta::Topic) -> bpb::TopicRoute {
                 queue: q.queue,
                 group_id: q.group_id,
                 replicas: q.replicas.clone(),
+                retiring: q.retiring.clone(),
             })
             .collect(),
     }
@@ -778,6 +779,7 @@ impl Service {
                 let rpc = bincode::deserialize(&req.payload).map_err(bad)?;
                 encode_result(&h.raft.install_snapshot(rpc).await)
             }
+            KIND_PING => encode_control(Ok(())),
             KIND_ELECT => {
                 let r = self.node.elect_now(req.group_id).await;
                 encode_control(r)

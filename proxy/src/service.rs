@@ -1035,7 +1035,8 @@ impl Petrel for ProxyService {
         for tr in t.topics.values() {
             for q in &tr.queues {
                 queue_count += 1;
-                for r in &q.replicas {
+                // Retiring replicas still hold data until the move settles.
+                for r in q.replicas.iter().chain(&q.retiring) {
                     *replicas.entry(*r).or_default() += 1;
                 }
             }

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod cluster;
+pub mod workload;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Child;
@@ -49,6 +52,31 @@ impl Procs {
     pub fn replace(&mut self, i: usize, c: Child) {
         self.kill(i);
         self.0[i] = Some(c);
+    }
+
+    /// The PID of the child in slot `i`, if one is there.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.0.get(i).and_then(|c| c.as_ref()).map(|c| c.id())
+    }
+
+    /// Sends SIGTERM to the child in slot `i` (by PID, with `kill -TERM`);
+    /// false if there is none or `kill` failed. Does not wait.
+    pub fn sigterm(&self, i: usize) -> bool {
+        let Some(pid) = self.pid(i) else {
+            return false;
+        };
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// If the child in slot `i` has exited: reaps it, empties the slot and
+    /// returns its status.
+    pub fn try_reap(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let status = self.0.get_mut(i)?.as_mut()?.try_wait().ok()??;
+        self.0[i] = None;
+        Some(status)
     }
 
     /// Whether the child in slot `i` is running (`Err` = it exited, with
@@ -131,6 +159,33 @@ pub fn broker_command(
         &format!("127.0.0.1:{port}"),
         "--peers",
         peers,
+    ])
+    .args(extra)
+    .arg("--data-dir")
+    .arg(dir.join(format!("b{id}")))
+    .env("PETREL_LOG", "warn")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// The command of a broker that joins a running cluster through `seeds`
+/// (`--join HOST:PORT,...`, no `--peers`); otherwise as [`broker_command`].
+pub fn join_broker_command(
+    id: usize,
+    port: u16,
+    seeds: &str,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("petrel-broker"));
+    cmd.args([
+        "--id",
+        &id.to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--join",
+        seeds,
     ])
     .args(extra)
     .arg("--data-dir")
