@@ -276,6 +276,9 @@ impl Node {
                     }
                 };
                 if !silent {
+                    // A healthy leader ends the episode: the next silence
+                    // gets fresh attempts.
+                    tried.remove(&g);
                     continue;
                 }
                 let voters: Vec<u64> = raft
