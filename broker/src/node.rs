@@ -45,6 +45,10 @@ const MOVE_DAMPING: Duration = Duration::from_secs(10);
 const MOVES_PER_ROUND: usize = 64;
 /// Replica moves in flight at once (groups with retiring replicas).
 const REPLICA_MOVES_IN_FLIGHT: usize = 8;
+/// How often each queue leader checks retention.
+pub const RETENTION_EVERY: Duration = Duration::from_secs(2);
+/// Records examined per queue per retention round.
+const RETENTION_SCAN: usize = 100_000;
 /// Bound on one leadership hand-off.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on handing every leadership away at shutdown.
@@ -161,6 +165,7 @@ impl Node {
         tokio::spawn(node.clone().leadership_loop());
         tokio::spawn(node.clone().failover_loop());
         tokio::spawn(node.clone().ping_loop());
+        tokio::spawn(node.clone().retention_loop());
         Ok(node)
     }
 
@@ -319,6 +324,99 @@ impl Node {
             }
             tried.retain(|_, t| now.duration_since(t.1) < RETRY);
         }
+    }
+
+    /// Retention, on each queue's leader every `RETENTION_EVERY`: finds the
+    /// first record to keep (younger than `retention_ms` and within
+    /// `retention_bytes` of the end) and replicates `Truncate`, so every
+    /// replica range-deletes the same prefix. At most
+    /// `RETENTION_SCAN` records are examined per queue per round.
+    async fn retention_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RETENTION_EVERY);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let map = self.map_rx.borrow().clone();
+            for t in map.topics.values() {
+                let (age_ms, max_bytes) = (t.spec.retention_ms, t.spec.retention_bytes);
+                if age_ms == 0 && max_bytes == 0 {
+                    continue;
+                }
+                for q in &t.queues {
+                    let Some(h) = self.group(q.group_id) else {
+                        continue;
+                    };
+                    if self.serving(&h).is_none() {
+                        continue;
+                    }
+                    let Some(shared) = h.queue.clone() else {
+                        continue;
+                    };
+                    let header = shared.read().header;
+                    let Some((before, freed)) =
+                        self.retention_cut(q.group_id, header, age_ms, max_bytes)
+                    else {
+                        continue;
+                    };
+                    let cmd = Command::Truncate {
+                        before,
+                        freed_bytes: freed,
+                    };
+                    match self.write(q.group_id, &h, cmd).await {
+                        Ok(_) => tracing::info!(
+                            group = q.group_id,
+                            removed = before - header.start_offset,
+                            freed_bytes = freed,
+                            "retention removed records"
+                        ),
+                        Err(e) => tracing::warn!(group = q.group_id, error = %e, "retention"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `(first offset to keep, bytes before it)` if anything is due.
+    fn retention_cut(
+        &self,
+        group: u64,
+        header: crate::queue::QueueHeader,
+        age_ms: u64,
+        max_bytes: u64,
+    ) -> Option<(u64, u64)> {
+        let cutoff = petrel_proto::now_ms().saturating_sub(age_ms as i64);
+        let excess = if max_bytes > 0 {
+            header.bytes.saturating_sub(max_bytes)
+        } else {
+            0
+        };
+        let cf = self.store.cf(crate::storage::CF_RECORDS);
+        let from = crate::keys::record_key(group, header.start_offset);
+        let iter = self.store.db().iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+        );
+        let mut before = header.start_offset;
+        let mut freed = 0u64;
+        for item in iter.take(RETENTION_SCAN) {
+            let Ok((k, v)) = item else { break };
+            let Some((g, off)) = crate::keys::decode_group_u64(&k) else {
+                break;
+            };
+            if g != group || off >= header.next_offset {
+                break;
+            }
+            let expired = age_ms > 0
+                && petrel_proto::record::store_timestamp_ms(&v).is_some_and(|ts| ts < cutoff);
+            if !expired && freed >= excess {
+                break;
+            }
+            before = off + 1;
+            freed += v.len() as u64;
+        }
+        (before > header.start_offset).then_some((before, freed))
     }
 
     /// Pings every other broker every 200 ms (node-level liveness on the

@@ -25,6 +25,8 @@ pub const MAX_PRODUCERS: usize = 10_000;
 pub struct QueueHeader {
     pub start_offset: u64,
     pub next_offset: u64,
+    /// Stored bytes in `start_offset..next_offset` (encoded records).
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,8 @@ pub struct ConsumerState {
     pub next_fresh: u64,
     pub leases: BTreeMap<u64, Lease>,
     pub acked: BTreeSet<u64>,
+    /// Records removed by retention before this group acked them.
+    pub skipped: u64,
 }
 
 impl ConsumerState {
@@ -82,6 +86,8 @@ pub struct Changes {
     pub consumers: HashSet<String>,
     pub producers: HashSet<String>,
     pub removed_producers: Vec<String>,
+    /// Records `old..new` removed by retention.
+    pub truncated: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -126,6 +132,7 @@ impl QueueState {
             }
             let off = self.header.next_offset;
             self.header.next_offset += 1;
+            self.header.bytes += bytes.len() as u64;
             ch.records.push((off, bytes.clone()));
             out.push((off, false));
         }
@@ -187,6 +194,36 @@ impl QueueState {
                 out
             }
         }
+    }
+
+    /// Retention: drops records below `before` (clamped to the stored
+    /// range); `freed_bytes` is their size as the leader measured it.
+    /// Consumer groups behind move to the new start; what they had neither
+    /// acked is counted in `skipped`. Returns the number
+    /// of records removed.
+    pub fn truncate(&mut self, before: u64, freed_bytes: u64, ch: &mut Changes) -> u64 {
+        let old = self.header.start_offset;
+        let new = before.clamp(old, self.header.next_offset);
+        if new == old {
+            return 0;
+        }
+        self.header.start_offset = new;
+        self.header.bytes = self.header.bytes.saturating_sub(freed_bytes);
+        ch.header = true;
+        ch.truncated = Some((old, new));
+        for (name, c) in self.consumers.iter_mut() {
+            if c.committed >= new {
+                continue;
+            }
+            let acked = c.acked.range(c.committed..new).count() as u64;
+            c.skipped += new - c.committed - acked;
+            c.committed = new;
+            c.next_fresh = c.next_fresh.max(new);
+            c.leases.retain(|off, _| *off >= new);
+            c.acked.retain(|off| *off >= new);
+            ch.consumers.insert(name.clone());
+        }
+        new - old
     }
 
     /// Leases up to `max` records: expired leases first (attempt + 1), then
@@ -503,5 +540,36 @@ mod tests {
         q.commit_offset("g", 1, &mut ch).unwrap();
         assert_eq!(q.consumers["g"].next_fresh, 1);
         assert!(q.commit_offset("g", 6, &mut ch).is_err());
+    }
+
+    #[test]
+    fn truncate_moves_groups_behind_and_counts_what_they_skipped() {
+        let mut q = q_with(10);
+        assert_eq!(q.header.bytes, 10);
+        let mut ch = Changes::default();
+        // Group g leases 0..4 and acks 0, 1 and 3; group h never consumed.
+        let leases = q.pop("g", 4, 1000, 60_000, 2, &mut ch);
+        let acks: Vec<(u64, u64)> = leases
+            .iter()
+            .filter(|l| l.offset != 2)
+            .map(|l| (l.offset, l.lease_id))
+            .collect();
+        q.ack("g", &acks, &mut ch);
+        q.consumer("h");
+        let mut ch = Changes::default();
+        assert_eq!(q.truncate(5, 5, &mut ch), 5);
+        assert_eq!(ch.truncated, Some((0, 5)));
+        assert_eq!(q.header.start_offset, 5);
+        assert_eq!(q.header.bytes, 5);
+        let g = &q.consumers["g"];
+        // 2 was leased, never acked: lost to retention, as was 4.
+        assert_eq!((g.committed, g.next_fresh, g.skipped), (5, 5, 2));
+        assert!(g.leases.is_empty() && g.acked.is_empty());
+        assert_eq!(q.consumers["h"].skipped, 5);
+        // Clamped to the stored range; nothing to do twice.
+        assert_eq!(q.truncate(3, 0, &mut Changes::default()), 0);
+        assert_eq!(q.truncate(99, 5, &mut Changes::default()), 5);
+        assert_eq!(q.header.start_offset, 10);
+        assert_eq!(q.header.bytes, 0);
     }
 }

@@ -639,6 +639,7 @@ impl BrokerData for Service {
                         name: n.clone(),
                         committed_offset: c.committed,
                         inflight: c.inflight(),
+                        skipped: c.skipped,
                     })
                     .collect(),
                 error: None,

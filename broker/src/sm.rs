@@ -192,6 +192,10 @@ impl StateMachine {
             }
             b.put_cf(&rec, keys::record_key(g, *off), bytes);
         }
+        if let Some((old, new)) = ch.truncated {
+            // Range delete: one tombstone, space returns at compaction.
+            b.delete_range_cf(&rec, keys::record_key(g, old), keys::record_key(g, new));
+        }
         if ch.header {
             let v = bincode::serialize(&q.header).map_err(sm_write_err)?;
             b.put_cf(&sm, keys::state_key(g, sm_state::QUEUE_HEADER), v);
@@ -244,6 +248,13 @@ impl StateMachine {
             )),
             Command::CommitOffset { consumer, offset } => {
                 Response::Done(q.commit_offset(consumer, *offset, ch))
+            }
+            Command::Truncate {
+                before,
+                freed_bytes,
+            } => {
+                q.truncate(*before, *freed_bytes, ch);
+                Response::Done(Ok(()))
             }
             _ => Response::Done(Err(ApplyError::WrongGroupKind)),
         }
@@ -479,6 +490,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     consumers: st.consumers.keys().cloned().collect(),
                     producers: st.producers.keys().cloned().collect(),
                     removed_producers: Vec::new(),
+                    truncated: None,
                 };
                 ch.records.sort_by_key(|r| r.0);
                 self.persist_queue(&st, ch, &mut b)?;

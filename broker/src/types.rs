@@ -63,6 +63,11 @@ pub enum Command {
         consumer: String,
         offset: u64,
     },
+    /// Retention: drop records below `before` (`freed_bytes` of them).
+    Truncate {
+        before: u64,
+        freed_bytes: u64,
+    },
     // ---- meta group ----
     RegisterBroker {
         id: u64,

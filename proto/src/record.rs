@@ -130,6 +130,13 @@ impl RecordData {
 
 /// Checks the CRC only (used on replication, where the bytes are not needed
 /// decoded).
+/// The store timestamp of an encoded record, without decoding the rest
+/// (retention reads it for many records). `None` if the buffer is too short.
+pub fn store_timestamp_ms(buf: &[u8]) -> Option<i64> {
+    let b: [u8; 8] = buf.get(5..13)?.try_into().ok()?;
+    Some(i64::from_le_bytes(b))
+}
+
 pub fn verify(buf: &[u8]) -> Result<(), DecodeError> {
     if buf.len() < HEADER {
         return Err(DecodeError::Truncated("header"));

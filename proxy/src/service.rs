@@ -994,12 +994,12 @@ impl Petrel for ProxyService {
                 let Some(Ok(st)) = stats.get(&q.group_id) else {
                     continue;
                 };
-                let (committed, inflight) = st
+                let (committed, inflight, skipped) = st
                     .consumer_groups
                     .iter()
                     .find(|c| c.name == group)
-                    .map(|c| (c.committed_offset, c.inflight))
-                    .unwrap_or((st.start_offset, 0));
+                    .map(|c| (c.committed_offset, c.inflight, c.skipped))
+                    .unwrap_or((st.start_offset, 0, 0));
                 queues.push(pb::GroupQueueState {
                     topic: name.clone(),
                     queue: q.queue,
@@ -1007,6 +1007,7 @@ impl Petrel for ProxyService {
                     end_offset: st.end_offset,
                     lag: st.end_offset.saturating_sub(committed),
                     inflight,
+                    skipped,
                 });
             }
         }

@@ -949,11 +949,20 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                         "end_offset": q.end_offset,
                         "lag": q.lag,
                         "inflight": q.inflight,
+                        "skipped": q.skipped,
                     }))?;
                 }
                 return Ok(());
             }
-            let mut tab = Table::new(&["TOPIC", "QUEUE", "COMMITTED", "END", "LAG", "INFLIGHT"]);
+            let mut tab = Table::new(&[
+                "TOPIC",
+                "QUEUE",
+                "COMMITTED",
+                "END",
+                "LAG",
+                "INFLIGHT",
+                "SKIPPED",
+            ]);
             for q in d.queues {
                 tab.row(vec![
                     q.topic,
@@ -962,6 +971,7 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                     q.end_offset.to_string(),
                     q.lag.to_string(),
                     q.inflight.to_string(),
+                    q.skipped.to_string(),
                 ]);
             }
             Ok(tab.print()?)
