@@ -607,6 +607,36 @@ impl BrokerData for Service {
         }
     }
 
+    async fn offset_for_time(
+        &self,
+        req: Request<bpb::BrokerOffsetForTimeRequest>,
+    ) -> R<bpb::BrokerOffsetForTimeResponse> {
+        let req = req.into_inner();
+        let g = req.group_id;
+        let h = self.leader(g)?;
+        let q = queue_of(&h, g)?;
+        let (mut lo, mut hi) = {
+            let st = q.read();
+            (st.header.start_offset, st.header.next_offset)
+        };
+        // Store times are assigned in offset order (by the leader of the
+        // moment), so the first record at or after the time is found by
+        // binary search over the retained range.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let v = self.read_record(g, mid)?;
+            let ts = petrel_proto::record::store_timestamp_ms(&v).unwrap_or(i64::MAX);
+            if ts < req.timestamp_ms {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(TResponse::new(bpb::BrokerOffsetForTimeResponse {
+            offset: lo,
+        }))
+    }
+
     async fn queue_stats(
         &self,
         req: Request<bpb::QueueStatsRequest>,

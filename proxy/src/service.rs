@@ -822,6 +822,31 @@ impl Petrel for ProxyService {
         }))
     }
 
+    async fn offset_for_time(
+        &self,
+        req: Request<pb::OffsetForTimeRequest>,
+    ) -> R<pb::OffsetForTimeResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        let t = s.topic(&req.topic).await?;
+        let group = Inner::group_of(&t, req.queue)?;
+        let breq = bpb::BrokerOffsetForTimeRequest {
+            group_id: group,
+            timestamp_ms: req.timestamp_ms,
+        };
+        let r = s
+            .on_leader(group, |_, _, mut c| async move {
+                c.offset_for_time(breq)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| PetrelError::from_status(&s))
+            })
+            .await?;
+        Ok(Response::new(pb::OffsetForTimeResponse {
+            offset: r.offset,
+        }))
+    }
+
     async fn commit_offset(
         &self,
         req: Request<pb::CommitOffsetRequest>,

@@ -305,6 +305,25 @@ impl PullConsumer {
         &self.group
     }
 
+    /// The first offset of `queue` stored at or after `timestamp_ms`
+    /// (milliseconds since the Unix epoch), or the queue's end if none:
+    /// read from a point in time, or `commit` it to reset the group there.
+    pub async fn offset_for_time(&self, queue: u32, timestamp_ms: i64) -> Result<u64> {
+        let req = pb::OffsetForTimeRequest {
+            topic: self.topic.clone(),
+            queue,
+            timestamp_ms,
+        };
+        let r = self
+            .client
+            .call(Duration::ZERO, |mut c| {
+                let req = req.clone();
+                async move { c.offset_for_time(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(r.offset)
+    }
+
     /// Reads records of `queue` from `offset`, up to `max_bytes` and
     /// `max_messages` (0 = the server's default).
     pub async fn read(

@@ -180,6 +180,12 @@ impl pb::petrel_server::Petrel for Mock {
     ) -> Result<Response<pb::ClusterInfo>, Status> {
         unimpl()
     }
+    async fn offset_for_time(
+        &self,
+        _: Request<pb::OffsetForTimeRequest>,
+    ) -> Result<Response<pb::OffsetForTimeResponse>, Status> {
+        unimpl()
+    }
     async fn admin_cluster(
         &self,
         _: Request<pb::AdminClusterRequest>,

@@ -266,6 +266,27 @@ pub enum GroupCmd {
         /// Consumer group.
         group: String,
     },
+    /// Move a group's position on a topic's queues: to the earliest
+    /// retained record, the end, an offset, or the first record stored at
+    /// or after a time. Leases in flight below the new position are dropped;
+    /// moving back redelivers.
+    Reset {
+        /// Consumer group.
+        group: String,
+        /// Topic whose queues to reset.
+        #[arg(long)]
+        topic: String,
+        /// `earliest`, `latest`, or an offset.
+        #[arg(long, required_unless_present = "to_time", conflicts_with = "to_time")]
+        to: Option<String>,
+        /// A time: RFC 3339 (`2026-11-26T10:00:00Z`) or milliseconds since
+        /// the Unix epoch.
+        #[arg(long)]
+        to_time: Option<String>,
+        /// Only this queue (default: every queue of the topic).
+        #[arg(long)]
+        queue: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -920,9 +941,104 @@ async fn offset(client: &Client, a: OffsetArgs, json: bool) -> CliResult {
 
 // ---------------------------------------------------------------- groups / cluster
 
+/// Where `group reset` moves a queue.
+enum ResetTarget {
+    Earliest,
+    Latest,
+    Offset(u64),
+    Time(i64),
+}
+
+fn reset_target(to: Option<String>, to_time: Option<String>) -> CliResult<ResetTarget> {
+    match (to.as_deref(), to_time) {
+        (Some("earliest"), None) => Ok(ResetTarget::Earliest),
+        (Some("latest"), None) => Ok(ResetTarget::Latest),
+        (Some(n), None) => n.parse().map(ResetTarget::Offset).map_err(|_| {
+            CliError::Usage(format!(
+                "--to must be earliest, latest or an offset, not {n:?}"
+            ))
+        }),
+        (None, Some(t)) => {
+            if let Ok(ms) = t.parse::<i64>() {
+                return Ok(ResetTarget::Time(ms));
+            }
+            let at = humantime::parse_rfc3339_weak(&t).map_err(|e| {
+                CliError::Usage(format!(
+                    "--to-time {t:?}: {e} (use RFC 3339 like 2026-11-26T10:00:00Z, or epoch ms)"
+                ))
+            })?;
+            let ms = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| CliError::Usage(format!("--to-time {t:?} is before 1970")))?
+                .as_millis() as i64;
+            Ok(ResetTarget::Time(ms))
+        }
+        _ => Err(CliError::Usage(
+            "give exactly one of --to or --to-time".to_string(),
+        )),
+    }
+}
+
+async fn group_reset(
+    client: &Client,
+    group: String,
+    topic: String,
+    to: Option<String>,
+    to_time: Option<String>,
+    queue: Option<u32>,
+    json: bool,
+) -> CliResult {
+    let target = reset_target(to, to_time)?;
+    let info = client.admin().describe_topic(topic.clone()).await?;
+    let pull = client.pull_consumer(topic.clone(), group.clone());
+    let queues: Vec<&pb::QueueInfo> = info
+        .queues
+        .iter()
+        .filter(|q| queue.is_none_or(|n| n == q.queue))
+        .collect();
+    if queues.is_empty() {
+        return Err(PetrelError::NotFound(format!(
+            "topic {topic:?} has no queue {}",
+            queue.unwrap_or_default()
+        ))
+        .into());
+    }
+    let mut tab = Table::new(&["TOPIC", "QUEUE", "OFFSET"]);
+    for q in queues {
+        let offset = match target {
+            ResetTarget::Earliest => q.start_offset,
+            ResetTarget::Latest => q.end_offset,
+            ResetTarget::Offset(n) => n,
+            ResetTarget::Time(ms) => pull.offset_for_time(q.queue, ms).await?,
+        };
+        pull.commit(q.queue, offset).await?;
+        if json {
+            json_line(&json!({
+                "group": group,
+                "topic": topic,
+                "queue": q.queue,
+                "offset": offset,
+            }))?;
+        } else {
+            tab.row(vec![topic.clone(), q.queue.to_string(), offset.to_string()]);
+        }
+    }
+    if json {
+        return Ok(());
+    }
+    Ok(tab.print()?)
+}
+
 async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
     let admin = client.admin();
     match cmd {
+        GroupCmd::Reset {
+            group,
+            topic,
+            to,
+            to_time,
+            queue,
+        } => group_reset(client, group, topic, to, to_time, queue, json).await,
         GroupCmd::List => {
             let groups = admin.list_groups().await?.groups;
             if json {

@@ -414,6 +414,10 @@ fn record_with_flipped_bytes_on_disk_is_reported_corrupt_not_served() {
         "produce", "--topic", "fragile", "--count", "5", "--size", "50",
     ]);
     assert_eq!(produced.len(), 5);
+    // An ack means a quorum stored the records; the third replica learns
+    // the commit index with the next heartbeat (250 ms) and only then
+    // applies them to its records column family, which this test reads.
+    std::thread::sleep(Duration::from_millis(1500));
     dev.stop();
 
     for b in 1..=3 {
@@ -449,5 +453,77 @@ fn record_with_flipped_bytes_on_disk_is_reported_corrupt_not_served() {
             .len(),
         1
     );
+    dev.stop();
+}
+
+#[test]
+fn group_reset_moves_a_group_to_earliest_latest_an_offset_or_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(dir.path(), free_port_block());
+    dev.json(&["topic", "create", "rs", "--queues", "1", "--replicas", "3"]);
+    let produce = |n: &str| dev.json(&["produce", "--topic", "rs", "--count", n]);
+    assert_eq!(produce("5").len(), 5);
+    std::thread::sleep(Duration::from_millis(1200));
+    let between = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    std::thread::sleep(Duration::from_millis(1200));
+    let later = produce("5");
+    let consume = |wait: &str| {
+        dev.json(&[
+            "consume",
+            "--topic",
+            "rs",
+            "--group",
+            "g",
+            "--max",
+            "100",
+            "--wait-ms",
+            wait,
+        ])
+    };
+    assert_eq!(consume("2000").len(), 10);
+    let reset = |args: &[&str]| {
+        let mut full = vec!["group", "reset", "g", "--topic", "rs"];
+        full.extend_from_slice(args);
+        dev.json(&full)
+    };
+    // To a time: exactly the records stored after it come again.
+    let r = reset(&["--to-time", &between.to_string()]);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["offset"], 5);
+    assert_eq!(ids(&consume("2000")), ids(&later));
+    // RFC 3339 works too (1970 is before everything: offset 0).
+    assert_eq!(
+        reset(&["--to-time", "1970-01-01T00:00:00Z"])[0]["offset"],
+        0
+    );
+    assert_eq!(consume("2000").len(), 10);
+    // Earliest, an offset, latest.
+    assert_eq!(reset(&["--to", "earliest"])[0]["offset"], 0);
+    assert_eq!(reset(&["--to", "3"])[0]["offset"], 3);
+    assert_eq!(consume("2000").len(), 7);
+    assert_eq!(reset(&["--to", "latest"])[0]["offset"], 10);
+    assert_eq!(consume("500").len(), 0);
+    // Bad input: typed errors, one line each, nothing moved.
+    let o = dev.run(&["group", "reset", "g", "--topic", "rs", "--to", "soon"]);
+    fails_with(&o, "earliest, latest or an offset");
+    assert_eq!(o.status.code(), Some(2));
+    let o = dev.run(&[
+        "group",
+        "reset",
+        "g",
+        "--topic",
+        "rs",
+        "--to-time",
+        "yesterday",
+    ]);
+    fails_with(&o, "rfc 3339");
+    let o = dev.run(&["group", "reset", "g", "--topic", "rs", "--to", "99"]);
+    fails_with(&o, "past the end");
+    let o = dev.run(&["group", "reset", "g", "--topic", "nope", "--to", "earliest"]);
+    fails_with(&o, "not found");
+    assert_eq!(consume("500").len(), 0);
     dev.stop();
 }
