@@ -338,6 +338,58 @@ impl ClusterMap {
         out
     }
 
+    /// Replica moves `(group, from, to)` that spread replicas evenly over
+    /// the active brokers (e.g. onto a broker that just joined): while the
+    /// most loaded has more than one replica above the least loaded, move
+    /// one of its replicas (of a queue the least loaded does not hold yet).
+    /// Queues with a move in flight are left alone. At most `limit` moves.
+    pub fn plan_replica_balance(&self, limit: usize) -> Vec<(u64, u64, u64)> {
+        let mut load: BTreeMap<u64, usize> = self.active_brokers().map(|b| (b, 0)).collect();
+        if load.len() < 2 {
+            return Vec::new();
+        }
+        let mut queues: Vec<(u64, Vec<u64>)> = Vec::new();
+        for t in self.topics.values() {
+            for q in &t.queues {
+                for r in q.replicas.iter().chain(&q.retiring) {
+                    if let Some(n) = load.get_mut(r) {
+                        *n += 1;
+                    }
+                }
+                if q.retiring.is_empty() {
+                    queues.push((q.group_id, q.replicas.clone()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut moved = BTreeSet::new();
+        while out.len() < limit {
+            let (&max_b, &max_n) = load
+                .iter()
+                .max_by_key(|(b, n)| (**n, std::cmp::Reverse(**b)))
+                .expect("non-empty");
+            let (&min_b, &min_n) = load
+                .iter()
+                .min_by_key(|(b, n)| (**n, **b))
+                .expect("non-empty");
+            if max_n <= min_n + 1 {
+                break;
+            }
+            // Prefer a queue where max_b is not the preferred leader.
+            let pick = queues
+                .iter()
+                .filter(|(g, r)| !moved.contains(g) && r.contains(&max_b) && !r.contains(&min_b))
+                .min_by_key(|(g, r)| (r.first() == Some(&max_b), *g));
+            let Some((g, _)) = pick else { break };
+            let g = *g;
+            moved.insert(g);
+            *load.get_mut(&max_b).expect("active") -= 1;
+            *load.get_mut(&min_b).expect("active") += 1;
+            out.push((g, max_b, min_b));
+        }
+        out
+    }
+
     /// Chooses replicas for `count` new queues: each queue's replicas are the
     /// brokers with the fewest replicas so far (ties: fewest preferred
     /// leaderships, then lowest id), and its preferred leader is the chosen
@@ -702,5 +754,29 @@ mod tests {
                 assert!(plan_leader_moves(&g, &eligible, 16).is_empty());
             }
         }
+    }
+
+    #[test]
+    fn replicas_spread_onto_a_new_broker() {
+        let mut m = map(3);
+        let p = m.place(8, 3);
+        m.create_topic(&spec("a", 8, 3), &p, 0).unwrap();
+        assert!(m.plan_replica_balance(100).is_empty());
+        m.register_broker(4, "127.0.0.1:4").unwrap();
+        let moves = m.plan_replica_balance(100);
+        assert_eq!(moves.len(), 6, "{moves:?}");
+        for (g, from, to) in moves {
+            assert_eq!(to, 4);
+            m.move_replica(g, from, to).unwrap();
+            m.settle_replicas(g, 1).unwrap();
+        }
+        let mut load = BTreeMap::new();
+        for q in m.topics["a"].queues.iter() {
+            for r in &q.replicas {
+                *load.entry(*r).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(load, BTreeMap::from([(1, 6), (2, 6), (3, 6), (4, 6)]));
+        assert!(m.plan_replica_balance(100).is_empty());
     }
 }

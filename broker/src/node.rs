@@ -850,8 +850,18 @@ impl Node {
             .flat_map(|t| &t.queues)
             .filter(|q| !q.retiring.is_empty())
             .count();
-        if in_flight < REPLICA_MOVES_IN_FLIGHT && !map.draining.is_empty() {
-            for (group, from, to) in map.plan_drain(REPLICA_MOVES_IN_FLIGHT - in_flight) {
+        if in_flight < REPLICA_MOVES_IN_FLIGHT {
+            // Off draining brokers first; else spread replicas evenly (a
+            // broker that joined receives its share).
+            let mut moves = map.plan_drain(REPLICA_MOVES_IN_FLIGHT - in_flight);
+            if moves.is_empty() && map.draining.is_empty() {
+                moves = map.plan_replica_balance(REPLICA_MOVES_IN_FLIGHT - in_flight);
+            }
+            // Only onto brokers that answer (a registered broker that is
+            // not running yet would hold the move until its timeout).
+            let lease = self.lease();
+            moves.retain(|(_, _, to)| *to == self.id || self.pool.heard_from(*to, lease));
+            for (group, from, to) in moves {
                 match self
                     .meta_write_local(Command::MoveReplica { group, from, to })
                     .await
