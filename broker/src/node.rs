@@ -286,13 +286,7 @@ impl Node {
                     tried.remove(&g);
                     continue;
                 }
-                let voters: Vec<u64> = raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect();
+                let voters: Vec<u64> = voters(&raft);
                 if voters.len() < 2 {
                     continue;
                 }
@@ -968,6 +962,17 @@ impl Node {
         started
     }
 
+    /// A broker's address: from the cluster map, else from `--peers`.
+    pub fn broker_addr(&self, broker: u64) -> Result<String, PetrelError> {
+        self.map_rx
+            .borrow()
+            .brokers
+            .get(&broker)
+            .cloned()
+            .or_else(|| self.config.peers.get(&broker).cloned())
+            .ok_or_else(|| PetrelError::Unavailable(format!("no address for broker {broker}")))
+    }
+
     /// A control call to a peer over the Raft transport.
     pub async fn peer_raft_call(
         &self,
@@ -976,14 +981,7 @@ impl Node {
         kind: u32,
         payload: Vec<u8>,
     ) -> Result<Bytes, PetrelError> {
-        let addr = self
-            .map_rx
-            .borrow()
-            .brokers
-            .get(&broker)
-            .cloned()
-            .or_else(|| self.config.peers.get(&broker).cloned())
-            .ok_or_else(|| PetrelError::Unavailable(format!("no address for broker {broker}")))?;
+        let addr = self.broker_addr(broker)?;
         if self.pool.is_blocked(broker) {
             return Err(PetrelError::Unavailable(format!(
                 "fault injection: broker {broker} is cut off"
@@ -1019,14 +1017,7 @@ impl Node {
     /// election, which must be a lease old), so `to` wins at once.
     pub async fn transfer_leader(&self, group: u64, to: u64) -> Result<(), PetrelError> {
         let h = self.ensure_leader(group)?;
-        let voters: BTreeSet<u64> = h
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters: BTreeSet<u64> = voters(&h.raft);
         if to == self.id || !voters.contains(&to) {
             return Err(PetrelError::InvalidArgument(format!(
                 "broker {to} is not another voter of group {group}"
@@ -1140,14 +1131,7 @@ impl Node {
                 if self.serving(&h).is_none() {
                     continue;
                 }
-                let voters: BTreeSet<u64> = h
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect();
+                let voters: BTreeSet<u64> = voters(&h.raft);
                 let target: BTreeSet<u64> = q.replicas.iter().copied().collect();
                 if voters == target && q.retiring.is_empty() {
                     continue;
@@ -1230,14 +1214,7 @@ impl Node {
             group: META_GROUP,
             leader: None,
         })?;
-        let addr = self
-            .map_rx
-            .borrow()
-            .brokers
-            .get(&l)
-            .cloned()
-            .or_else(|| self.config.peers.get(&l).cloned())
-            .ok_or_else(|| PetrelError::Unavailable(format!("no address for meta leader {l}")))?;
+        let addr = self.broker_addr(l)?;
         let ch = self.pool.channel(l, &addr)?;
         let mut r = tonic::Request::new(req);
         r.set_timeout(WRITE_TIMEOUT);
@@ -1380,6 +1357,17 @@ impl Node {
             tracing::warn!(error = %e, "flushing state at shutdown");
         }
     }
+}
+
+/// Current voters of a group (joint configs included), as this node sees
+/// them.
+fn voters<C: FromIterator<u64>>(raft: &Raft) -> C {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
 }
 
 /// Initializes a group if it has never been: at once on its preferred

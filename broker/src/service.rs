@@ -709,17 +709,7 @@ impl BrokerData for Service {
         match Node::leader_of(&meta) {
             Some(l) if l == self.node.id => Ok(TResponse::new(self.meta_write(req).await?)),
             Some(l) if !forwarded => {
-                let addr = self
-                    .node
-                    .map_rx
-                    .borrow()
-                    .brokers
-                    .get(&l)
-                    .cloned()
-                    .or_else(|| self.node.config.peers.get(&l).cloned())
-                    .ok_or_else(|| {
-                        PetrelError::Unavailable(format!("no address for meta leader {l}"))
-                    })?;
+                let addr = self.node.broker_addr(l)?;
                 let ch = self.node.pool.channel(l, &addr)?;
                 let mut r = Request::new(req);
                 r.metadata_mut()
