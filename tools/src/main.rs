@@ -18,7 +18,11 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(petrel_tools::cli::run(cli));
-    // Do not wait for background tasks (e.g. a lingering long-poll).
-    runtime.shutdown_background();
+    // Drop every task (e.g. a lingering long-poll) rather than wait for it,
+    // but give the workers a moment to do so: `petrel dev`'s brokers close
+    // RocksDB when the last task holding a store handle is dropped, and a
+    // process that exits while RocksDB's threads still run aborts in its
+    // static destructors ("pthread lock: Invalid argument").
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     code
 }

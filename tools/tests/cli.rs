@@ -44,16 +44,25 @@ fn free_port_block() -> u16 {
 struct Dev {
     child: Option<Child>,
     port: u16,
+    log: std::path::PathBuf,
 }
 
 impl Dev {
     fn start(dir: &Path, port: u16) -> Dev {
+        // The cluster's own log goes next to its data, so a failure can show
+        // what the processes said (appended across restarts on one dir).
+        let log = dir.join("dev-stderr.log");
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open dev log");
         let mut child = Command::new(petrel())
             .args(["--json", "dev", "--port", &port.to_string(), "--data-dir"])
             .arg(dir)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(err)
             .spawn()
             .expect("spawn petrel dev");
         let out = child.stdout.take().unwrap();
@@ -66,6 +75,7 @@ impl Dev {
         let dev = Dev {
             child: Some(child),
             port,
+            log,
         };
         let line = rx
             .recv_timeout(READY)
@@ -142,7 +152,15 @@ impl Dev {
         let deadline = std::time::Instant::now() + STOP;
         loop {
             if let Some(st) = c.try_wait().unwrap() {
-                assert!(st.success(), "petrel dev exited with {st}");
+                if !st.success() {
+                    let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    panic!(
+                        "petrel dev exited with {st}; its log ends:\n{}",
+                        tail.join("\n")
+                    );
+                }
                 return;
             }
             if std::time::Instant::now() > deadline {
