@@ -19,6 +19,24 @@ pub fn record_key(group: u64, offset: u64) -> [u8; GROUP_U64_KEY_LEN] {
     group_u64(group, offset)
 }
 
+/// `indexes` CF: `[group][key len u16][key][offset]` → empty. One entry
+/// per keyed record; a lookup scans `[group][len][key]`.
+pub fn key_index_key(group: u64, key: &str, offset: u64) -> Vec<u8> {
+    let mut k = key_index_prefix(group, key);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// The prefix of every index entry of `key` in `group`.
+pub fn key_index_prefix(group: u64, key: &str) -> Vec<u8> {
+    let key = &key.as_bytes()[..key.len().min(u16::MAX as usize)];
+    let mut k = Vec::with_capacity(8 + 2 + key.len() + 8);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
 /// Decodes the index/offset half of a `[group][u64]` key.
 pub fn decode_group_u64(key: &[u8]) -> Option<(u64, u64)> {
     if key.len() != GROUP_U64_KEY_LEN {

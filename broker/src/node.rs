@@ -47,6 +47,10 @@ const MOVES_PER_ROUND: usize = 64;
 const REPLICA_MOVES_IN_FLIGHT: usize = 8;
 /// How often each queue leader checks retention.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(2);
+/// How often queue leaders release due delayed records (their accuracy).
+const RELEASE_EVERY: Duration = Duration::from_millis(50);
+/// Delayed records released per command.
+const RELEASE_BATCH: u32 = 10_000;
 /// Records examined per queue per retention round.
 const RETENTION_SCAN: usize = 100_000;
 /// Bound on one leadership hand-off.
@@ -166,6 +170,7 @@ impl Node {
         tokio::spawn(node.clone().failover_loop());
         tokio::spawn(node.clone().ping_loop());
         tokio::spawn(node.clone().retention_loop());
+        tokio::spawn(node.clone().release_loop());
         Ok(node)
     }
 
@@ -369,6 +374,48 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Delayed delivery, on each queue's leader every `RELEASE_EVERY`:
+    /// replicates `Release` for queues whose earliest held record is due,
+    /// so every replica hands the same records to the consumer groups. A
+    /// new leader picks up where the old one stopped: the held set is
+    /// replicated state.
+    async fn release_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RELEASE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = petrel_proto::now_ms();
+            let due: Vec<(u64, GroupHandle)> = self
+                .groups
+                .iter()
+                .filter(|e| {
+                    e.queue
+                        .as_ref()
+                        .and_then(|q| q.read().next_due())
+                        .is_some_and(|t| t <= now)
+                })
+                .map(|e| (*e.key(), e.clone()))
+                .filter(|(_, h)| self.serving(h).is_some())
+                .collect();
+            let writes = due.into_iter().map(|(g, h)| {
+                let node = self.clone();
+                async move {
+                    let cmd = Command::Release {
+                        now_ms: now,
+                        max: RELEASE_BATCH,
+                    };
+                    if let Err(e) = node.write(g, &h, cmd).await {
+                        tracing::debug!(group = g, error = %e, "release delayed records");
+                    }
+                }
+            });
+            futures::future::join_all(writes).await;
         }
     }
 

@@ -29,24 +29,113 @@ pub struct QueueHeader {
     pub bytes: u64,
 }
 
+/// Per consumer group: delivery attempts before a record is dead-lettered,
+/// and the back-off after a nack (`initial * 2^(attempt-1)`, capped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 16;
+pub const DEFAULT_INITIAL_BACKOFF_MS: u64 = 1000;
+pub const DEFAULT_MAX_BACKOFF_MS: u64 = 60_000;
+/// Upper bound on a group's max attempts.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            initial_backoff_ms: DEFAULT_INITIAL_BACKOFF_MS,
+            max_backoff_ms: DEFAULT_MAX_BACKOFF_MS,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Zero fields take the defaults; values are clamped to sane bounds.
+    pub fn with_defaults(max_attempts: u32, initial_backoff_ms: u64, max_backoff_ms: u64) -> Self {
+        let d = Self::default();
+        let pick = |v: u64, dv: u64| if v == 0 { dv } else { v };
+        let max_backoff_ms = pick(max_backoff_ms, d.max_backoff_ms).min(24 * 3600 * 1000);
+        Self {
+            max_attempts: if max_attempts == 0 {
+                d.max_attempts
+            } else {
+                max_attempts.min(MAX_ATTEMPTS_LIMIT)
+            },
+            initial_backoff_ms: pick(initial_backoff_ms, d.initial_backoff_ms).min(max_backoff_ms),
+            max_backoff_ms,
+        }
+    }
+
+    /// Wait before redelivering after the `attempt`-th delivery failed.
+    pub fn backoff_ms(&self, attempt: u32) -> u64 {
+        let shift = attempt.saturating_sub(1).min(40);
+        self.initial_backoff_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.max_backoff_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub attempt: u32,
     pub lease_id: u64,
+    /// Receipts are valid until then.
     pub deadline_ms: i64,
     /// The lease id this one replaced by a change of invisible duration, so
     /// a retried change (reply lost) gets the current lease back.
     pub prev_lease_id: u64,
+    /// When the record may be delivered again (the deadline, or a nack's
+    /// back-off).
+    pub retry_at_ms: i64,
+    /// FIFO message group hash (0 = none): no other record of it is leased
+    /// while this lease lives.
+    pub mgroup: u64,
+    /// Why the last attempt failed ("" = lease expired).
+    pub reason: String,
 }
 
+/// A record that used up its attempts, waiting to be stored in the group's
+/// dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub attempts: u32,
+    pub reason: String,
+}
+
+/// Dead letters a group may hold before shipping them (more wait as
+/// leases).
+pub const MAX_DEAD_PENDING: usize = 1024;
+/// Passed-over records (FIFO blocked, released delays) a group may hold.
+pub const MAX_PENDING: usize = 4096;
+/// Fresh records one pop examines at most (filters may skip many).
+pub const POP_SCAN_LIMIT: u64 = 4096;
+
+/// One consumer group's position in one queue.
+///
+/// Every offset below `next_fresh` is leased, pending, or done (acked,
+/// filtered out, dead-lettered, or a delayed record still held by the
+/// queue, which comes back as pending when due). `committed` is the lowest
+/// offset not done.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerState {
     pub committed: u64,
     pub next_fresh: u64,
     pub leases: BTreeMap<u64, Lease>,
-    pub acked: BTreeSet<u64>,
+    /// Passed over, to deliver: offset → FIFO message group hash.
+    pub pending: BTreeMap<u64, u64>,
+    pub dead_pending: BTreeMap<u64, DeadLetter>,
     /// Records removed by retention before this group acked them.
     pub skipped: u64,
+    /// Records moved (or moving) to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Records the group's filter passed over.
+    pub filtered: u64,
+    pub policy: RetryPolicy,
 }
 
 impl ConsumerState {
@@ -59,15 +148,62 @@ impl ConsumerState {
     }
 
     fn advance(&mut self) {
-        while self.acked.remove(&self.committed) {
-            self.committed += 1;
+        let mut c = self.next_fresh;
+        if let Some((o, _)) = self.leases.first_key_value() {
+            c = c.min(*o);
         }
+        if let Some((o, _)) = self.pending.first_key_value() {
+            c = c.min(*o);
+        }
+        self.committed = c;
     }
 
     /// Records leased and not yet acked.
     pub fn inflight(&self) -> u64 {
         self.leases.len() as u64
     }
+
+    /// Message groups that may not be leased now.
+    fn blocked(&self) -> HashSet<u64> {
+        self.leases
+            .values()
+            .filter(|l| l.mgroup != 0)
+            .map(|l| l.mgroup)
+            .collect()
+    }
+}
+
+/// What pop needs to know of a record: its tag, properties, message group.
+#[derive(Debug, Clone, Default)]
+pub struct RecordView {
+    pub tag: String,
+    pub properties: Vec<(String, String)>,
+    pub message_group: String,
+}
+
+/// A pop's parameters (from the command).
+#[derive(Debug, Clone, Copy)]
+pub struct PopParams<'a> {
+    pub max: u32,
+    pub now_ms: i64,
+    pub invisible_ms: u64,
+    pub filter: Option<&'a petrel_proto::filter::Filter>,
+    pub fifo: bool,
+    pub policy: RetryPolicy,
+}
+
+/// Stable hash of a FIFO message group (never 0, which means none).
+pub fn mgroup_hash(g: &str) -> u64 {
+    if g.is_empty() {
+        return 0;
+    }
+    // FNV-1a: fixed across builds and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in g.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +224,9 @@ pub struct Changes {
     pub removed_producers: Vec<String>,
     /// Records `old..new` removed by retention.
     pub truncated: Option<(u64, u64)>,
+    /// Delayed records held (offset, deliver time) and released.
+    pub held_added: Vec<(u64, i64)>,
+    pub held_removed: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,15 +234,32 @@ pub struct QueueState {
     pub header: QueueHeader,
     pub consumers: BTreeMap<String, ConsumerState>,
     pub producers: HashMap<String, ProducerWindow>,
+    /// Delayed records not yet due: offset → delivery time. Consumer groups
+    /// pass over them; `release` hands them back as pending when due.
+    pub held: BTreeMap<u64, i64>,
+    /// `held` by time.
+    pub due: BTreeSet<(i64, u64)>,
+}
+
+/// What a pop did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PopOutcome {
+    pub leases: Vec<LeaseInfo>,
+    /// Every dead letter of the group not yet stored (for the caller to
+    /// move to the dead-letter topic and confirm).
+    pub dead: Vec<(u64, DeadLetter)>,
 }
 
 impl QueueState {
     /// Appends records, skipping any whose (producer, sequence) is already
-    /// stored. Returns (offset, duplicate) per record.
+    /// stored. `deliver_at[i]` > 0 holds record i until then (a delayed
+    /// record); an empty `deliver_at` holds none. Returns (offset,
+    /// duplicate) per record.
     pub fn append(
         &mut self,
         producer_id: &str,
         records: &[(u64, Bytes)],
+        deliver_at: &[i64],
         log_index: u64,
         ch: &mut Changes,
     ) -> Vec<(u64, bool)> {
@@ -115,7 +271,7 @@ impl QueueState {
             // new window must not be deleted by that eviction's write.
             ch.removed_producers.retain(|p| p != producer_id);
         }
-        for (seq, bytes) in records {
+        for (i, (seq, bytes)) in records.iter().enumerate() {
             if dedup && *seq != 0 {
                 let w = self.producers.entry(producer_id.to_string()).or_default();
                 w.last_seen = log_index;
@@ -134,10 +290,47 @@ impl QueueState {
             self.header.next_offset += 1;
             self.header.bytes += bytes.len() as u64;
             ch.records.push((off, bytes.clone()));
+            let at = deliver_at.get(i).copied().unwrap_or(0);
+            if at > 0 {
+                self.held.insert(off, at);
+                self.due.insert((at, off));
+                ch.held_added.push((off, at));
+            }
             out.push((off, false));
         }
         ch.header = true;
         out
+    }
+
+    /// Delayed records: hands every one due at `now_ms` (at most `max`)
+    /// to the groups that passed over it. Returns how many.
+    pub fn release(&mut self, now_ms: i64, max: usize, ch: &mut Changes) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some(&(at, off)) = self.due.first() else {
+                break;
+            };
+            if at > now_ms {
+                break;
+            }
+            self.due.pop_first();
+            self.held.remove(&off);
+            ch.held_removed.push(off);
+            for (name, c) in self.consumers.iter_mut() {
+                if c.next_fresh > off {
+                    c.pending.insert(off, 0);
+                    c.advance();
+                    ch.consumers.insert(name.clone());
+                }
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Earliest delivery time of a held record.
+    pub fn next_due(&self) -> Option<i64> {
+        self.due.first().map(|(t, _)| *t)
     }
 
     fn evict_producers_if_full(&mut self, ch: &mut Changes) {
@@ -163,34 +356,52 @@ impl QueueState {
             .or_insert_with(|| ConsumerState::new(start))
     }
 
-    /// Whether a pop for `consumer` at `now_ms` would return anything.
+    /// Whether a pop for `consumer` at `now_ms` could return anything (a
+    /// cheap check before proposing one).
     pub fn has_deliverable(&self, consumer: &str, now_ms: i64) -> bool {
         match self.consumers.get(consumer) {
             None => self.header.next_offset > self.header.start_offset,
             Some(c) => {
-                c.next_fresh < self.header.next_offset
-                    || c.leases.values().any(|l| l.deadline_ms <= now_ms)
+                if !c.dead_pending.is_empty()
+                    || c.next_fresh < self.header.next_offset
+                    || c.leases.values().any(|l| l.retry_at_ms <= now_ms)
+                {
+                    return true;
+                }
+                if c.pending.is_empty() {
+                    return false;
+                }
+                let blocked = c.blocked();
+                c.pending.values().any(|g| *g == 0 || !blocked.contains(g))
             }
         }
     }
 
-    /// The offsets a pop would lease now, in the order it would lease them
-    /// (used by the leader to size a pop by bytes before proposing it).
+    /// The offsets a pop would lease now, in order, ignoring filters and
+    /// FIFO blocking (the leader sizes a pop by bytes with it).
     pub fn pop_candidates(&self, consumer: &str, max: u32, now_ms: i64) -> Vec<u64> {
         let end = self.header.next_offset;
         let max = max as usize;
         match self.consumers.get(consumer) {
-            None => (self.header.start_offset..end).take(max).collect(),
+            None => (self.header.start_offset..end)
+                .filter(|o| !self.held.contains_key(o))
+                .take(max)
+                .collect(),
             Some(c) => {
                 let mut out: Vec<u64> = c
                     .leases
                     .iter()
-                    .filter(|(_, l)| l.deadline_ms <= now_ms)
+                    .filter(|(_, l)| l.retry_at_ms <= now_ms)
                     .map(|(o, _)| *o)
+                    .chain(c.pending.keys().copied())
                     .take(max)
                     .collect();
                 let room = max - out.len();
-                out.extend((c.next_fresh..end).take(room));
+                out.extend(
+                    (c.next_fresh..end)
+                        .filter(|o| !self.held.contains_key(o))
+                        .take(room),
+                );
                 out
             }
         }
@@ -198,9 +409,9 @@ impl QueueState {
 
     /// Retention: drops records below `before` (clamped to the stored
     /// range); `freed_bytes` is their size as the leader measured it.
-    /// Consumer groups behind move to the new start; what they had neither
-    /// acked is counted in `skipped`. Returns the number
-    /// of records removed.
+    /// Consumer groups behind move to the new start; what they had not
+    /// consumed is counted in `skipped`. Returns the number of records
+    /// removed.
     pub fn truncate(&mut self, before: u64, freed_bytes: u64, ch: &mut Changes) -> u64 {
         let old = self.header.start_offset;
         let new = before.clamp(old, self.header.next_offset);
@@ -211,63 +422,177 @@ impl QueueState {
         self.header.bytes = self.header.bytes.saturating_sub(freed_bytes);
         ch.header = true;
         ch.truncated = Some((old, new));
+        let gone: Vec<u64> = self.held.range(..new).map(|(o, _)| *o).collect();
+        for off in gone {
+            if let Some(at) = self.held.remove(&off) {
+                self.due.remove(&(at, off));
+                ch.held_removed.push(off);
+            }
+        }
         for (name, c) in self.consumers.iter_mut() {
             if c.committed >= new {
                 continue;
             }
-            let acked = c.acked.range(c.committed..new).count() as u64;
-            c.skipped += new - c.committed - acked;
-            c.committed = new;
+            let unconsumed = c.leases.range(..new).count()
+                + c.pending.range(..new).count()
+                + new.saturating_sub(c.next_fresh) as usize;
+            c.skipped += unconsumed as u64;
             c.next_fresh = c.next_fresh.max(new);
-            c.leases.retain(|off, _| *off >= new);
-            c.acked.retain(|off| *off >= new);
+            c.leases = c.leases.split_off(&new);
+            c.pending = c.pending.split_off(&new);
+            c.dead_pending = c.dead_pending.split_off(&new);
+            c.advance();
             ch.consumers.insert(name.clone());
         }
         new - old
     }
 
-    /// Leases up to `max` records: expired leases first (attempt + 1), then
-    /// fresh records in offset order.
+    /// Leases up to `p.max` records: redeliveries due first (attempt + 1;
+    /// a record past its last attempt becomes a dead letter instead), then
+    /// pending records, then fresh ones in offset order. `view` reads a
+    /// record for the filter and FIFO groups (only called when one is in
+    /// use); a record it cannot read is delivered unfiltered.
     pub fn pop(
         &mut self,
         consumer: &str,
-        max: u32,
-        now_ms: i64,
-        invisible_ms: u64,
+        p: PopParams<'_>,
         log_index: u64,
+        view: &mut dyn FnMut(u64) -> Option<RecordView>,
         ch: &mut Changes,
-    ) -> Vec<LeaseInfo> {
+    ) -> PopOutcome {
         let end = self.header.next_offset;
-        let deadline_ms = now_ms.saturating_add(invisible_ms.min(i64::MAX as u64) as i64);
-        let c = self.consumer(consumer);
+        let now_ms = p.now_ms;
+        let deadline_ms = now_ms.saturating_add(p.invisible_ms.min(i64::MAX as u64) as i64);
+        let needs_view = p.fifo || p.filter.is_some_and(|f| !f.is_all());
+        let held = &self.held;
+        let start = self.header.start_offset;
+        let c = self
+            .consumers
+            .entry(consumer.to_string())
+            .or_insert_with(|| ConsumerState::new(start));
+        let before = c.clone();
+        c.policy = p.policy;
+        let max = p.max as usize;
         let mut out = Vec::new();
-        for (off, l) in c.leases.iter_mut() {
-            if out.len() >= max as usize {
+        let lease_of = |mgroup: u64| Lease {
+            attempt: 1,
+            lease_id: log_index,
+            deadline_ms,
+            prev_lease_id: 0,
+            retry_at_ms: deadline_ms,
+            mgroup,
+            reason: String::new(),
+        };
+        // 1. Redeliveries (or dead letters).
+        let due: Vec<u64> = c
+            .leases
+            .iter()
+            .filter(|(_, l)| l.retry_at_ms <= now_ms)
+            .map(|(o, _)| *o)
+            .collect();
+        for off in due {
+            if out.len() >= max {
                 break;
             }
-            if l.deadline_ms <= now_ms {
-                l.attempt += 1;
-                l.lease_id = log_index;
-                l.prev_lease_id = 0;
-                l.deadline_ms = deadline_ms;
+            let Some(l) = c.leases.get_mut(&off) else {
+                continue;
+            };
+            if l.attempt >= p.policy.max_attempts {
+                if c.dead_pending.len() >= MAX_DEAD_PENDING {
+                    continue;
+                }
+                let reason = if l.reason.is_empty() {
+                    "lease expired without an ack".to_string()
+                } else {
+                    l.reason.clone()
+                };
+                let attempts = l.attempt;
+                c.leases.remove(&off);
+                c.dead_pending.insert(off, DeadLetter { attempts, reason });
+                c.dead_lettered += 1;
+                continue;
+            }
+            l.attempt += 1;
+            l.lease_id = log_index;
+            l.prev_lease_id = 0;
+            l.deadline_ms = deadline_ms;
+            l.retry_at_ms = deadline_ms;
+            out.push(LeaseInfo {
+                offset: off,
+                attempt: l.attempt,
+                lease_id: log_index,
+                deadline_ms,
+            });
+        }
+        let mut blocked = if p.fifo { c.blocked() } else { HashSet::new() };
+        // 2. Pending records (released delays, FIFO records passed over).
+        if out.len() < max && !c.pending.is_empty() {
+            let cands: Vec<(u64, u64)> = c.pending.iter().map(|(o, g)| (*o, *g)).collect();
+            for (off, g) in cands {
+                if out.len() >= max {
+                    break;
+                }
+                if g != 0 && blocked.contains(&g) {
+                    continue;
+                }
+                c.pending.remove(&off);
+                c.leases.insert(off, lease_of(g));
+                if g != 0 {
+                    blocked.insert(g);
+                }
                 out.push(LeaseInfo {
-                    offset: *off,
-                    attempt: l.attempt,
+                    offset: off,
+                    attempt: 1,
                     lease_id: log_index,
                     deadline_ms,
                 });
             }
         }
-        while out.len() < max as usize && c.next_fresh < end {
+        // 3. Fresh records.
+        let mut scanned = 0;
+        while out.len() < max && c.next_fresh < end && scanned < POP_SCAN_LIMIT {
             let off = c.next_fresh;
-            c.next_fresh += 1;
-            let l = Lease {
-                attempt: 1,
-                lease_id: log_index,
-                deadline_ms,
-                prev_lease_id: 0,
+            if held.contains_key(&off) {
+                c.next_fresh += 1;
+                continue;
+            }
+            let g = if needs_view {
+                match view(off) {
+                    Some(v) => {
+                        if let Some(f) = p.filter {
+                            if !f.matches(&v.tag, &v.properties) {
+                                c.next_fresh += 1;
+                                c.filtered += 1;
+                                scanned += 1;
+                                continue;
+                            }
+                        }
+                        if p.fifo {
+                            mgroup_hash(&v.message_group)
+                        } else {
+                            0
+                        }
+                    }
+                    None => 0,
+                }
+            } else {
+                0
             };
-            c.leases.insert(off, l);
+            if g != 0 && blocked.contains(&g) {
+                if c.pending.len() >= MAX_PENDING {
+                    break;
+                }
+                c.pending.insert(off, g);
+                c.next_fresh += 1;
+                scanned += 1;
+                continue;
+            }
+            c.next_fresh += 1;
+            scanned += 1;
+            c.leases.insert(off, lease_of(g));
+            if g != 0 {
+                blocked.insert(g);
+            }
             out.push(LeaseInfo {
                 offset: off,
                 attempt: 1,
@@ -275,10 +600,17 @@ impl QueueState {
                 deadline_ms,
             });
         }
-        if !out.is_empty() {
+        c.advance();
+        let dead = c
+            .dead_pending
+            .iter()
+            .take(256)
+            .map(|(o, d)| (*o, d.clone()))
+            .collect();
+        if *c != before {
             ch.consumers.insert(consumer.to_string());
         }
-        out
+        PopOutcome { leases: out, dead }
     }
 
     pub fn ack(
@@ -291,20 +623,17 @@ impl QueueState {
         let mut out = Vec::with_capacity(leases.len());
         let mut changed = false;
         for &(off, lease_id) in leases {
-            if off < c.committed || c.acked.contains(&off) {
-                out.push(Ok(())); // already acked: idempotent
-                continue;
-            }
             match c.leases.get(&off) {
                 Some(l) if l.lease_id == lease_id => {
                     c.leases.remove(&off);
-                    c.acked.insert(off);
                     changed = true;
                     out.push(Ok(()));
                 }
                 Some(_) => out.push(Err(ApplyError::ReceiptExpired(format!(
                     "offset {off} was redelivered after this receipt was issued"
                 )))),
+                // Already acked (or dead-lettered): idempotent.
+                None if off < c.next_fresh && !c.pending.contains_key(&off) => out.push(Ok(())),
                 None => out.push(Err(ApplyError::InvalidArgument(format!(
                     "offset {off} is not leased to this group"
                 )))),
@@ -315,6 +644,73 @@ impl QueueState {
             ch.consumers.insert(consumer.to_string());
         }
         out
+    }
+
+    /// A consumer could not process a leased record: it comes back after
+    /// the group's back-off for its attempt, or, after its last attempt,
+    /// becomes a dead letter (then `Ok(None)`).
+    #[allow(clippy::too_many_arguments)] // a command's fields, applied as one
+    pub fn nack(
+        &mut self,
+        consumer: &str,
+        offset: u64,
+        lease_id: u64,
+        reason: &str,
+        now_ms: i64,
+        log_index: u64,
+        ch: &mut Changes,
+    ) -> Result<Option<i64>, ApplyError> {
+        let c = self.consumer(consumer);
+        let policy = c.policy;
+        match c.leases.get_mut(&offset) {
+            Some(l) if l.lease_id == lease_id => {
+                let reason = if reason.is_empty() {
+                    "nacked by the consumer".to_string()
+                } else {
+                    format!("nacked: {reason}")
+                };
+                let out = if l.attempt >= policy.max_attempts {
+                    let attempts = l.attempt;
+                    c.leases.remove(&offset);
+                    c.dead_pending
+                        .insert(offset, DeadLetter { attempts, reason });
+                    c.dead_lettered += 1;
+                    c.advance();
+                    None
+                } else {
+                    let at = now_ms.saturating_add(policy.backoff_ms(l.attempt) as i64);
+                    l.prev_lease_id = 0;
+                    l.lease_id = log_index;
+                    l.deadline_ms = now_ms;
+                    l.retry_at_ms = at;
+                    l.reason = reason;
+                    Some(at)
+                };
+                ch.consumers.insert(consumer.to_string());
+                Ok(out)
+            }
+            Some(_) => Err(ApplyError::ReceiptExpired(format!(
+                "offset {offset} was redelivered after this receipt was issued"
+            ))),
+            None if offset < c.next_fresh && !c.pending.contains_key(&offset) => Err(
+                ApplyError::ReceiptExpired(format!("offset {offset} is already acked")),
+            ),
+            None => Err(ApplyError::InvalidArgument(format!(
+                "offset {offset} is not leased to this group"
+            ))),
+        }
+    }
+
+    /// The proxy stored these dead letters in the dead-letter topic.
+    pub fn dead_lettered(&mut self, consumer: &str, offsets: &[u64], ch: &mut Changes) {
+        let c = self.consumer(consumer);
+        let mut changed = false;
+        for o in offsets {
+            changed |= c.dead_pending.remove(o).is_some();
+        }
+        if changed {
+            ch.consumers.insert(consumer.to_string());
+        }
     }
 
     #[allow(clippy::too_many_arguments)] // a command's fields, applied as one
@@ -340,6 +736,7 @@ impl QueueState {
                 l.prev_lease_id = l.lease_id;
                 l.lease_id = log_index;
                 l.deadline_ms = now_ms.saturating_add(invisible_ms.min(i64::MAX as u64) as i64);
+                l.retry_at_ms = l.deadline_ms;
                 let info = LeaseInfo {
                     offset,
                     attempt: l.attempt,
@@ -352,7 +749,7 @@ impl QueueState {
             Some(_) => Err(ApplyError::ReceiptExpired(format!(
                 "offset {offset} was redelivered after this receipt was issued"
             ))),
-            None if offset < c.committed || c.acked.contains(&offset) => Err(
+            None if offset < c.next_fresh && !c.pending.contains_key(&offset) => Err(
                 ApplyError::ReceiptExpired(format!("offset {offset} is already acked")),
             ),
             None => Err(ApplyError::InvalidArgument(format!(
@@ -362,7 +759,7 @@ impl QueueState {
     }
 
     /// Offset mode: sets the group's committed position (clamped to the
-    /// queue). Moving backwards forgets leases and acks above it.
+    /// queue). Moving backwards forgets leases above it.
     pub fn commit_offset(
         &mut self,
         consumer: &str,
@@ -379,14 +776,13 @@ impl QueueState {
         let c = self.consumer(consumer);
         if offset < c.committed {
             c.leases.clear();
-            c.acked.clear();
+            c.pending.clear();
             c.next_fresh = offset;
         } else {
             c.leases = c.leases.split_off(&offset);
-            c.acked = c.acked.split_off(&offset);
+            c.pending = c.pending.split_off(&offset);
             c.next_fresh = c.next_fresh.max(offset);
         }
-        c.committed = offset;
         c.advance();
         ch.consumers.insert(consumer.to_string());
         Ok(())
@@ -396,11 +792,35 @@ impl QueueState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use petrel_proto::filter::Filter;
+
+    impl QueueState {
+        /// A pop with no filter, not FIFO, default retry policy.
+        fn pop_plain(
+            &mut self,
+            consumer: &str,
+            max: u32,
+            now_ms: i64,
+            invisible_ms: u64,
+            log_index: u64,
+            ch: &mut Changes,
+        ) -> Vec<LeaseInfo> {
+            let p = PopParams {
+                max,
+                now_ms,
+                invisible_ms,
+                filter: None,
+                fifo: false,
+                policy: RetryPolicy::default(),
+            };
+            self.pop(consumer, p, log_index, &mut |_| None, ch).leases
+        }
+    }
 
     fn q_with(n: u64) -> QueueState {
         let mut q = QueueState::default();
         let recs: Vec<_> = (0..n).map(|_| (0, Bytes::from_static(b"x"))).collect();
-        q.append("", &recs, 1, &mut Changes::default());
+        q.append("", &recs, &[], 1, &mut Changes::default());
         q
     }
 
@@ -410,45 +830,51 @@ mod tests {
         let mut ch = Changes::default();
         let recs = vec![(1, Bytes::from_static(b"a")), (2, Bytes::from_static(b"b"))];
         assert_eq!(
-            q.append("p", &recs, 1, &mut ch),
+            q.append("p", &recs, &[], 1, &mut ch),
             vec![(0, false), (1, false)]
         );
         assert_eq!(ch.records.len(), 2);
         let mut ch = Changes::default();
-        assert_eq!(q.append("p", &recs, 2, &mut ch), vec![(0, true), (1, true)]);
+        assert_eq!(
+            q.append("p", &recs, &[], 2, &mut ch),
+            vec![(0, true), (1, true)]
+        );
         assert!(ch.records.is_empty());
         assert_eq!(q.header.next_offset, 2);
         // Another producer with the same sequences is not a duplicate.
         assert_eq!(
-            q.append("p2", &recs, 3, &mut ch),
+            q.append("p2", &recs, &[], 3, &mut ch),
             vec![(2, false), (3, false)]
         );
         // Out-of-order sequences within the window are fine.
         let late = vec![(10, Bytes::new()), (5, Bytes::new())];
         assert_eq!(
-            q.append("p", &late, 4, &mut ch),
+            q.append("p", &late, &[], 4, &mut ch),
             vec![(4, false), (5, false)]
         );
-        assert_eq!(q.append("p", &late, 5, &mut ch), vec![(4, true), (5, true)]);
+        assert_eq!(
+            q.append("p", &late, &[], 5, &mut ch),
+            vec![(4, true), (5, true)]
+        );
     }
 
     #[test]
     fn expired_lease_is_redelivered_with_next_attempt_and_old_receipt_fails() {
         let mut q = q_with(3);
         let mut ch = Changes::default();
-        let first = q.pop("g", 10, 1000, 500, 10, &mut ch);
+        let first = q.pop_plain("g", 10, 1000, 500, 10, &mut ch);
         assert_eq!(
             first.iter().map(|l| l.offset).collect::<Vec<_>>(),
             vec![0, 1, 2]
         );
         assert!(first.iter().all(|l| l.attempt == 1));
         // Not expired yet: nothing.
-        assert!(q.pop("g", 10, 1400, 500, 11, &mut ch).is_empty());
+        assert!(q.pop_plain("g", 10, 1400, 500, 11, &mut ch).is_empty());
         assert!(!q.has_deliverable("g", 1400));
         assert!(q.has_deliverable("g", 1500));
         // Ack offset 1 in time.
         assert_eq!(q.ack("g", &[(1, 10)], &mut ch), vec![Ok(())]);
-        let again = q.pop("g", 10, 1500, 500, 12, &mut ch);
+        let again = q.pop_plain("g", 10, 1500, 500, 12, &mut ch);
         assert_eq!(
             again
                 .iter()
@@ -467,7 +893,7 @@ mod tests {
         );
         let c = &q.consumers["g"];
         assert_eq!(c.committed, 3);
-        assert!(c.leases.is_empty() && c.acked.is_empty());
+        assert!(c.leases.is_empty() && c.pending.is_empty());
         // Acking again is idempotent.
         assert_eq!(q.ack("g", &[(0, 12)], &mut ch), vec![Ok(())]);
     }
@@ -476,8 +902,8 @@ mod tests {
     fn groups_are_independent_and_commit_advances_only_over_contiguous_acks() {
         let mut q = q_with(4);
         let mut ch = Changes::default();
-        let a = q.pop("a", 2, 0, 1000, 5, &mut ch);
-        let b = q.pop("b", 4, 0, 1000, 6, &mut ch);
+        let a = q.pop_plain("a", 2, 0, 1000, 5, &mut ch);
+        let b = q.pop_plain("b", 4, 0, 1000, 6, &mut ch);
         assert_eq!(a.len(), 2);
         assert_eq!(b.len(), 4);
         q.ack("a", &[(1, 5)], &mut ch);
@@ -492,11 +918,11 @@ mod tests {
         let mut q = q_with(6);
         let mut ch = Changes::default();
         assert_eq!(q.pop_candidates("g", 2, 0), vec![0, 1]);
-        q.pop("g", 3, 0, 100, 1, &mut ch);
+        q.pop_plain("g", 3, 0, 100, 1, &mut ch);
         q.ack("g", &[(1, 1)], &mut ch);
         let cands = q.pop_candidates("g", 10, 100);
         let leased: Vec<u64> = q
-            .pop("g", 10, 100, 100, 2, &mut ch)
+            .pop_plain("g", 10, 100, 100, 2, &mut ch)
             .iter()
             .map(|l| l.offset)
             .collect();
@@ -508,12 +934,12 @@ mod tests {
     fn change_invisible_extends_and_rotates_the_lease() {
         let mut q = q_with(1);
         let mut ch = Changes::default();
-        let l = q.pop("g", 1, 0, 100, 7, &mut ch)[0];
+        let l = q.pop_plain("g", 1, 0, 100, 7, &mut ch)[0];
         let l2 = q
             .change_invisible("g", 0, l.lease_id, 50, 1000, 8, &mut ch)
             .unwrap();
         assert_eq!(l2.deadline_ms, 1050);
-        assert!(q.pop("g", 1, 200, 100, 9, &mut ch).is_empty());
+        assert!(q.pop_plain("g", 1, 200, 100, 9, &mut ch).is_empty());
         // A retried change (same old receipt) returns the current lease.
         let again = q
             .change_invisible("g", 0, l.lease_id, 60, 10, 10, &mut ch)
@@ -531,7 +957,7 @@ mod tests {
         let mut ch = Changes::default();
         q.commit_offset("g", 3, &mut ch).unwrap();
         assert_eq!(
-            q.pop("g", 10, 0, 10, 1, &mut ch)
+            q.pop_plain("g", 10, 0, 10, 1, &mut ch)
                 .iter()
                 .map(|l| l.offset)
                 .collect::<Vec<_>>(),
@@ -548,7 +974,7 @@ mod tests {
         assert_eq!(q.header.bytes, 10);
         let mut ch = Changes::default();
         // Group g leases 0..4 and acks 0, 1 and 3; group h never consumed.
-        let leases = q.pop("g", 4, 1000, 60_000, 2, &mut ch);
+        let leases = q.pop_plain("g", 4, 1000, 60_000, 2, &mut ch);
         let acks: Vec<(u64, u64)> = leases
             .iter()
             .filter(|l| l.offset != 2)
@@ -564,12 +990,207 @@ mod tests {
         let g = &q.consumers["g"];
         // 2 was leased, never acked: lost to retention, as was 4.
         assert_eq!((g.committed, g.next_fresh, g.skipped), (5, 5, 2));
-        assert!(g.leases.is_empty() && g.acked.is_empty());
+        assert!(g.leases.is_empty() && g.pending.is_empty());
         assert_eq!(q.consumers["h"].skipped, 5);
         // Clamped to the stored range; nothing to do twice.
         assert_eq!(q.truncate(3, 0, &mut Changes::default()), 0);
         assert_eq!(q.truncate(99, 5, &mut Changes::default()), 5);
         assert_eq!(q.header.start_offset, 10);
         assert_eq!(q.header.bytes, 0);
+    }
+
+    fn rec(tag: &str, group: &str, props: &[(&str, &str)]) -> RecordView {
+        RecordView {
+            tag: tag.into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            message_group: group.into(),
+        }
+    }
+
+    fn params(max: u32, now_ms: i64, fifo: bool, filter: Option<&Filter>) -> PopParams<'_> {
+        PopParams {
+            max,
+            now_ms,
+            invisible_ms: 1000,
+            filter,
+            fifo,
+            policy: RetryPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn delayed_records_are_passed_over_until_released_then_delivered_once() {
+        let mut q = QueueState::default();
+        let mut ch = Changes::default();
+        let recs: Vec<_> = (0..4).map(|_| (0, Bytes::from_static(b"x"))).collect();
+        // Offsets 1 and 2 are delayed until 500 and 300.
+        q.append("", &recs, &[0, 500, 300, 0], 1, &mut ch);
+        assert_eq!(ch.held_added, vec![(1, 500), (2, 300)]);
+        assert_eq!(q.next_due(), Some(300));
+        let got: Vec<u64> = q
+            .pop_plain("g", 10, 0, 1_000_000, 2, &mut ch)
+            .iter()
+            .map(|l| l.offset)
+            .collect();
+        assert_eq!(got, vec![0, 3]);
+        // Nothing is released early.
+        assert_eq!(q.release(299, 100, &mut ch), 0);
+        assert!(q.pop_plain("g", 10, 299, 1_000_000, 3, &mut ch).is_empty());
+        assert_eq!(q.release(300, 100, &mut ch), 1);
+        let got: Vec<u64> = q
+            .pop_plain("g", 10, 300, 1_000_000, 4, &mut ch)
+            .iter()
+            .map(|l| l.offset)
+            .collect();
+        assert_eq!(got, vec![2]);
+        assert_eq!(q.release(10_000, 100, &mut ch), 1);
+        // A group that starts after the release reads it as a fresh record.
+        let late: Vec<u64> = q
+            .pop_plain("late", 10, 10_000, 1_000_000, 5, &mut ch)
+            .iter()
+            .map(|l| l.offset)
+            .collect();
+        assert_eq!(late, vec![0, 1, 2, 3]);
+        let got: Vec<u64> = q
+            .pop_plain("g", 10, 10_000, 1_000_000, 6, &mut ch)
+            .iter()
+            .map(|l| l.offset)
+            .collect();
+        assert_eq!(got, vec![1]);
+        assert!(q.held.is_empty() && q.due.is_empty());
+        assert_eq!(ch.held_removed, vec![2, 1]);
+    }
+
+    #[test]
+    fn fifo_leases_one_record_per_message_group_in_order() {
+        let mut q = q_with(6);
+        // Groups: a b a a b c
+        let views = ["a", "b", "a", "a", "b", "c"];
+        let mut view = |o: u64| Some(rec("", views[o as usize], &[]));
+        let mut ch = Changes::default();
+        let first = q.pop("g", params(10, 0, true, None), 2, &mut view, &mut ch);
+        let offs: Vec<u64> = first.leases.iter().map(|l| l.offset).collect();
+        assert_eq!(offs, vec![0, 1, 5]);
+        assert_eq!(q.consumers["g"].pending.len(), 3);
+        // Nothing more while a and b are leased.
+        let none = q.pop("g", params(10, 0, true, None), 3, &mut view, &mut ch);
+        assert!(none.leases.is_empty());
+        assert!(!q.has_deliverable("g", 0));
+        // Ack a's first record: its next one (2) comes, not 3.
+        q.ack("g", &[(0, 2)], &mut ch);
+        let next = q.pop("g", params(10, 0, true, None), 4, &mut view, &mut ch);
+        assert_eq!(
+            next.leases.iter().map(|l| l.offset).collect::<Vec<_>>(),
+            vec![2]
+        );
+        // b's record 1 expires: redelivered (attempt 2) before 4.
+        let again = q.pop("g", params(10, 1000, true, None), 5, &mut view, &mut ch);
+        let got: Vec<(u64, u32)> = again.leases.iter().map(|l| (l.offset, l.attempt)).collect();
+        assert_eq!(got, vec![(1, 2), (2, 2), (5, 2)]);
+    }
+
+    #[test]
+    fn filtered_records_are_passed_over_without_counting_as_deliveries() {
+        let mut q = q_with(4);
+        let f = Filter::parse_sql("region = 'eu' AND amount > 100").unwrap();
+        let views = [
+            rec("", "", &[("amount", "150"), ("region", "eu")]),
+            rec("", "", &[("amount", "50"), ("region", "eu")]),
+            rec("", "", &[("region", "us")]),
+            rec("", "", &[("amount", "101"), ("region", "eu")]),
+        ];
+        let mut view = |o: u64| Some(views[o as usize].clone());
+        let mut ch = Changes::default();
+        let out = q.pop("g", params(10, 0, false, Some(&f)), 2, &mut view, &mut ch);
+        assert_eq!(
+            out.leases.iter().map(|l| l.offset).collect::<Vec<_>>(),
+            vec![0, 3]
+        );
+        let c = &q.consumers["g"];
+        assert_eq!((c.filtered, c.inflight(), c.committed), (2, 2, 0));
+        q.ack("g", &[(0, 2), (3, 2)], &mut ch);
+        assert_eq!(q.consumers["g"].committed, 4);
+        // Another group without a filter sees all four.
+        let all = q.pop_plain("h", 10, 0, 1000, 3, &mut ch);
+        assert_eq!(all.len(), 4);
+    }
+
+    #[test]
+    fn nack_backs_off_and_the_last_attempt_becomes_a_dead_letter() {
+        let mut q = q_with(1);
+        let mut ch = Changes::default();
+        let policy = RetryPolicy::with_defaults(3, 100, 1000);
+        let mut p = params(1, 0, false, None);
+        p.policy = policy;
+        let mut now = 0;
+        let mut idx = 10;
+        let mut attempts = Vec::new();
+        loop {
+            p.now_ms = now;
+            let out = q.pop("g", p, idx, &mut |_| None, &mut ch);
+            if !out.dead.is_empty() {
+                assert_eq!(out.dead[0].0, 0);
+                assert_eq!(out.dead[0].1.attempts, 3);
+                assert!(out.dead[0].1.reason.contains("boom"));
+                break;
+            }
+            let Some(l) = out.leases.first().copied() else {
+                now += 10;
+                idx += 1;
+                continue;
+            };
+            attempts.push((l.attempt, now));
+            let at = q
+                .nack("g", 0, l.lease_id, "boom", now, idx + 1, &mut ch)
+                .unwrap();
+            if l.attempt < 3 {
+                assert_eq!(at, Some(now + policy.backoff_ms(l.attempt) as i64));
+                // The old receipt no longer acks.
+                assert!(q.ack("g", &[(0, l.lease_id)], &mut ch)[0].is_err());
+            } else {
+                assert_eq!(at, None);
+            }
+            idx += 2;
+        }
+        // Delivered exactly 3 times, 100 then 200 ms apart.
+        assert_eq!(attempts, vec![(1, 0), (2, 100), (3, 300)]);
+        let c = &q.consumers["g"];
+        assert_eq!((c.dead_lettered, c.inflight(), c.committed), (1, 0, 1));
+        q.dead_lettered("g", &[0], &mut ch);
+        assert!(q.consumers["g"].dead_pending.is_empty());
+    }
+
+    #[test]
+    fn an_expired_last_attempt_is_dead_lettered_on_the_next_pop() {
+        let mut q = q_with(1);
+        let mut ch = Changes::default();
+        let mut p = params(1, 0, false, None);
+        p.policy = RetryPolicy::with_defaults(2, 0, 0);
+        for (i, now) in [0i64, 1000].into_iter().enumerate() {
+            p.now_ms = now;
+            let out = q.pop("g", p, i as u64 + 1, &mut |_| None, &mut ch);
+            assert_eq!(out.leases.len(), 1);
+        }
+        p.now_ms = 2000;
+        let out = q.pop("g", p, 5, &mut |_| None, &mut ch);
+        assert!(out.leases.is_empty());
+        assert_eq!(out.dead.len(), 1);
+        assert_eq!(out.dead[0].1.attempts, 2);
+    }
+
+    #[test]
+    fn retry_policy_defaults_and_caps() {
+        let d = RetryPolicy::with_defaults(0, 0, 0);
+        assert_eq!(d, RetryPolicy::default());
+        assert_eq!(d.backoff_ms(1), 1000);
+        assert_eq!(d.backoff_ms(3), 4000);
+        assert_eq!(d.backoff_ms(40), 60_000);
+        assert_eq!(
+            RetryPolicy::with_defaults(u32::MAX, 5, 1).max_attempts,
+            MAX_ATTEMPTS_LIMIT
+        );
     }
 }

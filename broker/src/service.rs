@@ -25,6 +25,7 @@ use crate::network::{
     MAX_RAFT_MESSAGE,
 };
 use crate::node::{GroupHandle, Node};
+use crate::queue::RetryPolicy;
 use crate::storage::CF_RECORDS;
 use crate::types::{Command, Response, META_GROUP};
 
@@ -35,6 +36,8 @@ const UNKNOWN_GROUP_GRACE: std::time::Duration = std::time::Duration::from_milli
 pub const POP_MAX_BYTES: usize = 16 << 20;
 /// Largest gRPC message a proxy may send to a broker.
 pub const MAX_DATA_MESSAGE: usize = 64 << 20;
+/// Longest nack reason kept (longer ones are cut).
+const MAX_REASON: usize = 512;
 const FORWARDED: &str = "x-petrel-forwarded";
 
 pub async fn serve(
@@ -109,9 +112,15 @@ impl Service {
             return Ok(vec![]);
         }
         let now = petrel_proto::now_ms();
+        let mt = self.message_type_of(g.group_id);
         let mut records = Vec::with_capacity(g.messages.len());
+        let mut deliver_at = Vec::new();
         for m in g.messages {
             validate::message(&m, self.node.config.max_record_bytes)?;
+            let at = validate::message_type_fit(&m, mt, now)?;
+            // Already due: stored as a plain record, delivered at once.
+            let hold = if at > now { at } else { 0 };
+            deliver_at.push(hold);
             let mut properties: Vec<(String, String)> = m.properties.into_iter().collect();
             properties.sort();
             let rec = RecordData {
@@ -123,12 +132,18 @@ impl Service {
                 tag: m.tag,
                 properties,
                 body: m.body,
+                message_group: m.message_group,
+                deliver_at_ms: at,
             };
             records.push((m.sequence, rec.encode()));
+        }
+        if deliver_at.iter().all(|t| *t == 0) {
+            deliver_at.clear();
         }
         let cmd = Command::Append {
             producer_id: g.producer_id,
             records,
+            deliver_at,
         };
         match self.node.write(g.group_id, &h, cmd).await? {
             Response::Appended(v) => Ok(v),
@@ -136,6 +151,17 @@ impl Service {
                 "unexpected response {other:?}"
             ))),
         }
+    }
+
+    /// The message type of the topic a queue group belongs to (NORMAL if
+    /// unknown: the map may lag a just-created topic only on followers).
+    fn message_type_of(&self, group: u64) -> pb::MessageType {
+        let map = self.node.map_rx.borrow();
+        map.topics
+            .values()
+            .find(|t| t.queues.iter().any(|q| q.group_id == group))
+            .and_then(|t| pb::MessageType::try_from(t.spec.message_type).ok())
+            .unwrap_or(pb::MessageType::Normal)
     }
 
     /// Reads stored bytes of `offset`, verifying the CRC.
@@ -193,9 +219,10 @@ impl Service {
                     Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => {
                         pb::MessageType::Normal
                     }
+                    Ok(t @ (pb::MessageType::Fifo | pb::MessageType::Delay)) => t,
                     Ok(other) => {
                         return Err(PetrelError::InvalidArgument(format!(
-                            "message type {other:?} is not supported yet; use NORMAL"
+                            "message type {other:?} is not supported yet; use NORMAL, FIFO or DELAY"
                         )))
                     }
                     Err(_) => {
@@ -402,11 +429,25 @@ impl BrokerData for Service {
         let req = req.into_inner();
         let group = req.group_id;
         validate::group_name(&req.consumer_group)?;
+        let filter = match &req.filter {
+            Some(f) if !f.expression.trim().is_empty() && f.expression.trim() != "*" => {
+                crate::sm::compile_filter(f.r#type, &f.expression)?;
+                Some((f.r#type, f.expression.clone()))
+            }
+            _ => None,
+        };
+        let policy = match &req.retry {
+            Some(r) => {
+                RetryPolicy::with_defaults(r.max_attempts, r.initial_backoff_ms, r.max_backoff_ms)
+            }
+            None => RetryPolicy::default(),
+        };
+        let fifo = self.message_type_of(group) == pb::MessageType::Fifo;
         let h = self.leader(group)?;
         let q = queue_of(&h, group)?;
         let now = petrel_proto::now_ms();
         if req.max_messages == 0 || !q.read().has_deliverable(&req.consumer_group, now) {
-            return Ok(TResponse::new(bpb::PopResponse { records: vec![] }));
+            return Ok(TResponse::new(bpb::PopResponse::default()));
         }
         // Size the pop by bytes so one response stays well under the
         // message limit however large the records are (at least one). The
@@ -432,16 +473,19 @@ impl BrokerData for Service {
             max: n.max(1),
             now_ms: now,
             invisible_ms: req.invisible_duration_ms,
+            filter,
+            fifo,
+            policy,
         };
-        let leases = match self.node.write(group, &h, cmd).await? {
+        let outcome = match self.node.write(group, &h, cmd).await? {
             Response::Leased(v) => v,
             other => {
                 return Err(PetrelError::Internal(format!("unexpected response {other:?}")).into())
             }
         };
-        let mut records = Vec::with_capacity(leases.len());
+        let mut records = Vec::with_capacity(outcome.leases.len());
         let mut corrupt = None;
-        for l in leases {
+        for l in outcome.leases {
             let rec = fetched
                 .remove(&l.offset)
                 .unwrap_or_else(|| self.read_record(group, l.offset));
@@ -458,12 +502,79 @@ impl BrokerData for Service {
                 Err(e) => corrupt = Some(e),
             }
         }
-        if records.is_empty() {
+        let mut dead_letters = Vec::with_capacity(outcome.dead.len());
+        for (offset, d) in outcome.dead {
+            // A dead letter whose bytes cannot be read is still reported
+            // (empty), so the group does not hold it forever.
+            let encoded = self.read_record(group, offset).unwrap_or_default();
+            dead_letters.push(bpb::DeadLetter {
+                offset,
+                attempts: d.attempts,
+                reason: d.reason,
+                encoded,
+            });
+        }
+        if records.is_empty() && dead_letters.is_empty() {
             if let Some(e) = corrupt {
                 return Err(e.into());
             }
         }
-        Ok(TResponse::new(bpb::PopResponse { records }))
+        Ok(TResponse::new(bpb::PopResponse {
+            records,
+            dead_letters,
+        }))
+    }
+
+    async fn nack(&self, req: Request<bpb::BrokerNackRequest>) -> R<bpb::BrokerNackResponse> {
+        let req = req.into_inner();
+        validate::group_name(&req.consumer_group)?;
+        let lease = req
+            .lease
+            .ok_or_else(|| PetrelError::InvalidArgument("missing lease".into()))?;
+        let h = self.leader(req.group_id)?;
+        let mut reason = req.reason;
+        if reason.len() > MAX_REASON {
+            let mut cut = MAX_REASON;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        let cmd = Command::Nack {
+            consumer: req.consumer_group,
+            offset: lease.offset,
+            lease_id: lease.lease_id,
+            reason,
+            now_ms: petrel_proto::now_ms(),
+        };
+        match self.node.write(req.group_id, &h, cmd).await? {
+            Response::Nacked(Ok(at)) => Ok(TResponse::new(bpb::BrokerNackResponse {
+                redeliver_at_ms: at.unwrap_or(0),
+            })),
+            Response::Nacked(Err(e)) => Err(PetrelError::from(e).into()),
+            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+        }
+    }
+
+    async fn dead_lettered(
+        &self,
+        req: Request<bpb::DeadLetteredRequest>,
+    ) -> R<bpb::DeadLetteredResponse> {
+        let req = req.into_inner();
+        validate::group_name(&req.consumer_group)?;
+        if req.offsets.len() > 1024 {
+            return Err(PetrelError::InvalidArgument("at most 1024 offsets".into()).into());
+        }
+        let h = self.leader(req.group_id)?;
+        let cmd = Command::DeadLettered {
+            consumer: req.consumer_group,
+            offsets: req.offsets,
+        };
+        match self.node.write(req.group_id, &h, cmd).await? {
+            Response::Done(Ok(())) => Ok(TResponse::new(bpb::DeadLetteredResponse {})),
+            Response::Done(Err(e)) => Err(PetrelError::from(e).into()),
+            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+        }
     }
 
     async fn ack(&self, req: Request<bpb::BrokerAckRequest>) -> R<bpb::BrokerAckResponse> {
@@ -670,6 +781,9 @@ impl BrokerData for Service {
                         committed_offset: c.committed,
                         inflight: c.inflight(),
                         skipped: c.skipped,
+                        dead_lettered: c.dead_lettered,
+                        filtered: c.filtered,
+                        scheduled: st.held.len() as u64,
                     })
                     .collect(),
                 error: None,

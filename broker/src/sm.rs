@@ -5,20 +5,24 @@
 //! in-memory state is updated and persisted under one write lock so that a
 //! reader never sees an offset whose record is not yet readable.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use petrel_proto::filter::{Filter, FilterKind};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 use crate::keys::{self, sm_state};
 use crate::meta::ClusterMap;
-use crate::queue::{Changes, ConsumerState, ProducerWindow, QueueHeader, QueueState};
-use crate::storage::{Store, CF_RECORDS, CF_SM_STATE};
+use crate::queue::{
+    Changes, ConsumerState, PopParams, ProducerWindow, QueueHeader, QueueState, RecordView,
+};
+use crate::storage::{Store, CF_INDEXES, CF_RECORDS, CF_SM_STATE, CF_TIMERS};
 use crate::types::{
     ApplyError, Command, Entry, LogId, RaftStorageError, Response, SnapshotMeta, StoredMembership,
     TypeConfig,
@@ -55,6 +59,22 @@ pub struct StateMachine {
     /// its meta; that first answer is a flush mark instead of a full copy of
     /// the queue (see `get_current_snapshot`).
     startup_snapshot_served: bool,
+    filters: HashMap<(i32, String), Arc<Filter>>,
+}
+
+/// Compiles a subscription filter (`pb::FilterType` as i32).
+pub fn compile_filter(kind: i32, expr: &str) -> Result<Filter, petrel_proto::PetrelError> {
+    use petrel_proto::pb::FilterType;
+    let k = match FilterType::try_from(kind) {
+        Ok(FilterType::Tag) | Ok(FilterType::Unspecified) => FilterKind::Tag,
+        Ok(FilterType::Sql) => FilterKind::Sql,
+        Err(_) => {
+            return Err(petrel_proto::PetrelError::InvalidFilter(format!(
+                "unknown filter type {kind}"
+            )))
+        }
+    };
+    Filter::parse(k, expr).map_err(|e| petrel_proto::PetrelError::InvalidFilter(e.to_string()))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -65,6 +85,8 @@ enum SnapshotPayload {
         consumers: Vec<(String, ConsumerState)>,
         producers: Vec<(String, ProducerWindow)>,
         records: Vec<(u64, Bytes)>,
+        /// Delayed records not yet due: (offset, deliver time).
+        held: Vec<(u64, i64)>,
     },
     /// A snapshot that only marks a flush point (queue groups): the log up to
     /// it may be purged. The data sent to a follower is always produced by
@@ -131,11 +153,32 @@ impl StateMachine {
                 };
                 let consumers = scan_named(&store, group, sm_state::CONSUMER)?;
                 let producers = scan_named(&store, group, sm_state::PRODUCER)?;
+                let mut held = BTreeMap::new();
+                let mut due = BTreeSet::new();
+                let prefix = keys::group_start(group);
+                let cf = store.cf(CF_TIMERS);
+                for kv in store
+                    .db()
+                    .iterator_cf(&cf, IteratorMode::From(&prefix, Direction::Forward))
+                {
+                    let (k, v) = kv.map_err(sm_read_err)?;
+                    let Some((g, off)) = keys::decode_group_u64(&k) else {
+                        break;
+                    };
+                    if g != group {
+                        break;
+                    }
+                    let at = i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+                    held.insert(off, at);
+                    due.insert((at, off));
+                }
                 let mut st = q.state.write().unwrap_or_else(|e| e.into_inner());
                 *st = QueueState {
                     header,
                     consumers: consumers.into_iter().collect(),
                     producers: producers.into_iter().collect(),
+                    held,
+                    due,
                 };
             }
         }
@@ -146,6 +189,7 @@ impl StateMachine {
             membership,
             kind,
             startup_snapshot_served: false,
+            filters: HashMap::new(),
         })
     }
 
@@ -182,6 +226,7 @@ impl StateMachine {
     ) -> Result<(), RaftStorageError> {
         let g = self.group;
         let rec = self.store.cf(CF_RECORDS);
+        let idx = self.store.cf(CF_INDEXES);
         let sm = self.store.cf(CF_SM_STATE);
         for (off, bytes) in &ch.records {
             if let Err(e) = petrel_proto::record::verify(bytes) {
@@ -191,6 +236,16 @@ impl StateMachine {
                 tracing::error!(group = g, offset = off, error = %e, "record failed its CRC on apply");
             }
             b.put_cf(&rec, keys::record_key(g, *off), bytes);
+            if let Some(key) = petrel_proto::record::key_of(bytes).filter(|k| !k.is_empty()) {
+                b.put_cf(&idx, keys::key_index_key(g, key, *off), []);
+            }
+        }
+        let timers = self.store.cf(CF_TIMERS);
+        for (off, at) in &ch.held_added {
+            b.put_cf(&timers, keys::record_key(g, *off), at.to_be_bytes());
+        }
+        for off in &ch.held_removed {
+            b.delete_cf(&timers, keys::record_key(g, *off));
         }
         if let Some((old, new)) = ch.truncated {
             // Range delete: one tombstone, space returns at compaction.
@@ -218,19 +273,92 @@ impl StateMachine {
         Ok(())
     }
 
-    fn apply_queue(q: &mut QueueState, cmd: &Command, index: u64, ch: &mut Changes) -> Response {
+    /// A record's filter/FIFO view: from this apply batch, else the store.
+    fn record_view(&self, recent: &[(u64, Bytes)], off: u64) -> Option<RecordView> {
+        let bytes = match recent.binary_search_by_key(&off, |(o, _)| *o) {
+            Ok(i) => recent[i].1.clone(),
+            Err(_) => Bytes::from(
+                self.store
+                    .get(CF_RECORDS, &keys::record_key(self.group, off))
+                    .ok()??,
+            ),
+        };
+        let r = petrel_proto::record::RecordData::decode(&bytes).ok()?;
+        Some(RecordView {
+            tag: r.tag,
+            properties: r.properties,
+            message_group: r.message_group,
+        })
+    }
+
+    /// A compiled filter, cached by expression.
+    fn filter(&mut self, f: &Option<(i32, String)>) -> Option<Arc<Filter>> {
+        let (kind, expr) = f.as_ref()?;
+        if let Some(c) = self.filters.get(&(*kind, expr.clone())) {
+            return Some(c.clone());
+        }
+        // The leader validated it; a filter that does not parse (none should)
+        // filters nothing, the same way on every replica.
+        let parsed = compile_filter(*kind, expr).ok()?;
+        if self.filters.len() >= 256 {
+            self.filters.clear();
+        }
+        let parsed = Arc::new(parsed);
+        self.filters.insert((*kind, expr.clone()), parsed.clone());
+        Some(parsed)
+    }
+
+    fn apply_queue(
+        &mut self,
+        q: &mut QueueState,
+        cmd: &Command,
+        index: u64,
+        ch: &mut Changes,
+    ) -> Response {
         match cmd {
             Command::Append {
                 producer_id,
                 records,
-            } => Response::Appended(q.append(producer_id, records, index, ch)),
+                deliver_at,
+            } => Response::Appended(q.append(producer_id, records, deliver_at, index, ch)),
             Command::Pop {
                 consumer,
                 max,
                 now_ms,
                 invisible_ms,
-            } => Response::Leased(q.pop(consumer, *max, *now_ms, *invisible_ms, index, ch)),
+                filter,
+                fifo,
+                policy,
+            } => {
+                let filter = self.filter(filter);
+                let p = PopParams {
+                    max: *max,
+                    now_ms: *now_ms,
+                    invisible_ms: *invisible_ms,
+                    filter: filter.as_deref(),
+                    fifo: *fifo,
+                    policy: *policy,
+                };
+                let recent = ch.records.clone();
+                let mut view = |off: u64| self.record_view(&recent, off);
+                Response::Leased(q.pop(consumer, p, index, &mut view, ch))
+            }
             Command::Ack { consumer, leases } => Response::Acked(q.ack(consumer, leases, ch)),
+            Command::Nack {
+                consumer,
+                offset,
+                lease_id,
+                reason,
+                now_ms,
+            } => Response::Nacked(q.nack(consumer, *offset, *lease_id, reason, *now_ms, index, ch)),
+            Command::DeadLettered { consumer, offsets } => {
+                q.dead_lettered(consumer, offsets, ch);
+                Response::Done(Ok(()))
+            }
+            Command::Release { now_ms, max } => {
+                q.release(*now_ms, *max as usize, ch);
+                Response::Done(Ok(()))
+            }
             Command::ChangeInvisible {
                 consumer,
                 offset,
@@ -318,6 +446,7 @@ impl StateMachine {
                     consumers: st.consumers.into_iter().collect(),
                     producers: st.producers.into_iter().collect(),
                     records,
+                    held: st.held.into_iter().collect(),
                 })
             }
         }
@@ -384,7 +513,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut ch = Changes::default();
                 for e in entries {
                     out.push(match self.note_applied(&e) {
-                        Some(cmd) => Self::apply_queue(&mut st, cmd, e.log_id.index, &mut ch),
+                        Some(cmd) => self.apply_queue(&mut st, cmd, e.log_id.index, &mut ch),
                         None => Response::None,
                     });
                 }
@@ -428,6 +557,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 membership: self.membership.clone(),
                 kind: self.kind.clone(),
                 startup_snapshot_served: true,
+                filters: HashMap::new(),
             },
         }
     }
@@ -466,6 +596,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     consumers,
                     producers,
                     records,
+                    held,
                 },
             ) => {
                 let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
@@ -474,15 +605,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     &keys::group_start(g)[..],
                     &keys::group_end(g)[..],
                 );
-                b.delete_range_cf(
-                    &self.store.cf(CF_SM_STATE),
-                    &keys::group_start(g)[..],
-                    &keys::group_end(g)[..],
-                );
+                for cf in [CF_SM_STATE, CF_TIMERS, CF_INDEXES] {
+                    b.delete_range_cf(
+                        &self.store.cf(cf),
+                        &keys::group_start(g)[..],
+                        &keys::group_end(g)[..],
+                    );
+                }
                 *st = QueueState {
                     header,
                     consumers: consumers.into_iter().collect(),
                     producers: producers.into_iter().collect(),
+                    due: held.iter().map(|(o, t)| (*t, *o)).collect(),
+                    held: held.iter().copied().collect(),
                 };
                 let mut ch = Changes {
                     records,
@@ -491,6 +626,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     producers: st.producers.keys().cloned().collect(),
                     removed_producers: Vec::new(),
                     truncated: None,
+                    held_added: held,
+                    held_removed: Vec::new(),
                 };
                 ch.records.sort_by_key(|r| r.0);
                 self.persist_queue(&st, ch, &mut b)?;

@@ -7,15 +7,15 @@
 //!  records     WAL off                         queue records by offset
 //!  sm_state    WAL off                         applied marks, consumer and
 //!                                              de-duplication state, cluster map
-//!  indexes     WAL off                         (reserved: key index, issue 4)
-//!  timers      WAL off                         (reserved: delay timers, issue 4)
+//!  indexes     WAL off                         key index: [group][len][key][offset]
+//!  timers      WAL off                         delayed records held: offset → due time
 //! ```
 //!
 //! # Invariants
 //! - A record's bytes are fsynced once per replica on the write path: in the
 //!   Raft log entry. Applying writes them to `records` with the WAL off; the
 //!   Raft log is their durability until a flush puts them in an SST file.
-//! - `records` and `sm_state` are flushed atomically (`atomic_flush`), so
+//! - `records`, `sm_state`, `timers` and `indexes` are flushed atomically (`atomic_flush`), so
 //!   after a crash they always describe the same applied prefix, and the
 //!   applied mark tells openraft where to resume replaying the log.
 //! - The log of a group is purged only up to a snapshot, and a snapshot is
@@ -154,8 +154,15 @@ impl Store {
     pub fn flush_state(&self) -> Result<(), StorageError> {
         let mut fo = FlushOptions::default();
         fo.set_wait(true);
-        self.db
-            .flush_cfs_opt(&[self.cf(CF_RECORDS), self.cf(CF_SM_STATE)], &fo)?;
+        self.db.flush_cfs_opt(
+            &[
+                self.cf(CF_RECORDS),
+                self.cf(CF_SM_STATE),
+                self.cf(CF_TIMERS),
+                self.cf(CF_INDEXES),
+            ],
+            &fo,
+        )?;
         Ok(())
     }
 

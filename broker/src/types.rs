@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{QueuePlacement, TopicSpec};
+use crate::queue::{PopOutcome, RetryPolicy};
 
 openraft::declare_raft_types!(
     /// One type configuration for every group: one transport, one log store.
@@ -40,6 +41,8 @@ pub enum Command {
     Append {
         producer_id: String,
         records: Vec<(u64, Bytes)>,
+        /// Per record: hold until then (DELAY topics; empty = none held).
+        deliver_at: Vec<i64>,
     },
     /// Lease up to `max` deliverable records to a consumer group.
     Pop {
@@ -47,6 +50,29 @@ pub enum Command {
         max: u32,
         now_ms: i64,
         invisible_ms: u64,
+        /// (`pb::FilterType` as i32, expression); validated by the leader.
+        filter: Option<(i32, String)>,
+        /// FIFO topic: one lease at a time per message group.
+        fifo: bool,
+        policy: RetryPolicy,
+    },
+    /// A consumer failed a record: back off, or dead-letter it.
+    Nack {
+        consumer: String,
+        offset: u64,
+        lease_id: u64,
+        reason: String,
+        now_ms: i64,
+    },
+    /// These dead letters are stored in the dead-letter topic.
+    DeadLettered {
+        consumer: String,
+        offsets: Vec<u64>,
+    },
+    /// Hand delayed records due at `now_ms` (at most `max`) to consumers.
+    Release {
+        now_ms: i64,
+        max: u32,
     },
     Ack {
         consumer: String,
@@ -153,7 +179,9 @@ pub enum Response {
     #[default]
     None,
     Appended(Vec<(u64, bool)>),
-    Leased(Vec<LeaseInfo>),
+    Leased(PopOutcome),
+    /// Nack: when the record comes back (`None`: dead-lettered).
+    Nacked(Result<Option<i64>, ApplyError>),
     Acked(Vec<Result<(), ApplyError>>),
     Lease(Result<LeaseInfo, ApplyError>),
     Done(Result<(), ApplyError>),

@@ -31,6 +31,14 @@ pub enum PetrelError {
     Internal(String),
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The message does not fit the topic's type (e.g. a delayed message
+    /// sent to a NORMAL topic, or a FIFO message without a message group).
+    #[error("wrong message type: {0}")]
+    WrongMessageType(String),
+    /// A subscription's tag or SQL expression does not parse; the message
+    /// names the position.
+    #[error("invalid filter: {0}")]
+    InvalidFilter(String),
 }
 
 impl PetrelError {
@@ -49,6 +57,8 @@ impl PetrelError {
             Self::ReceiptExpired(_) => C::ReceiptExpired,
             Self::Internal(_) => C::Internal,
             Self::Timeout(_) => C::Timeout,
+            Self::WrongMessageType(_) => C::WrongMessageType,
+            Self::InvalidFilter(_) => C::InvalidFilter,
         }
     }
 
@@ -66,6 +76,8 @@ impl PetrelError {
             Self::ReceiptExpired(_) => "receipt_expired",
             Self::Internal(_) => "internal",
             Self::Timeout(_) => "timeout",
+            Self::WrongMessageType(_) => "wrong_message_type",
+            Self::InvalidFilter(_) => "invalid_filter",
         }
     }
 
@@ -91,7 +103,9 @@ impl PetrelError {
             | Self::OffsetOutOfRange(m)
             | Self::ReceiptExpired(m)
             | Self::Internal(m)
-            | Self::Timeout(m) => m.clone(),
+            | Self::Timeout(m)
+            | Self::WrongMessageType(m)
+            | Self::InvalidFilter(m) => m.clone(),
         }
     }
 
@@ -125,6 +139,8 @@ impl PetrelError {
             C::OffsetOutOfRange => Self::OffsetOutOfRange(m),
             C::ReceiptExpired => Self::ReceiptExpired(m),
             C::Timeout => Self::Timeout(m),
+            C::WrongMessageType => Self::WrongMessageType(m),
+            C::InvalidFilter => Self::InvalidFilter(m),
             C::Internal | C::Unspecified => Self::Internal(m),
         }
     }
@@ -134,7 +150,9 @@ impl PetrelError {
         use tonic::Code;
         let code = match self {
             Self::NotFound(_) => Code::NotFound,
-            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::InvalidArgument(_) | Self::WrongMessageType(_) | Self::InvalidFilter(_) => {
+                Code::InvalidArgument
+            }
             Self::NotLeader { .. } | Self::Unavailable(_) => Code::Unavailable,
             Self::TooLarge(_) => Code::ResourceExhausted,
             Self::Corrupt(_) => Code::DataLoss,

@@ -16,6 +16,7 @@
 //!   [`PetrelError::Corrupt`], never silently returned.
 
 pub mod error;
+pub mod filter;
 pub mod ids;
 pub mod receipt;
 pub mod record;

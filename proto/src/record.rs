@@ -6,11 +6,14 @@
 //! [crc32 u32 LE][version u8][store_ts i64][born_ts i64][sequence u64]
 //! [producer_id u16+bytes][key u16+bytes][tag u16+bytes]
 //! [property count u16]{[name u16+bytes][value u32+bytes]}*[body u32+bytes]
+//! version 2 adds: [message_group u16+bytes][deliver_at i64]
 //! ```
+//!
+//! Version 1 records still decode (no message group, not delayed).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 const HEADER: usize = 4 + 1 + 8 + 8 + 8;
 
 /// A decoded record. `body` shares the buffer it was decoded from.
@@ -25,6 +28,10 @@ pub struct RecordData {
     /// Sorted by name.
     pub properties: Vec<(String, String)>,
     pub body: Bytes,
+    /// FIFO message group ("" = none).
+    pub message_group: String,
+    /// Delayed delivery time (0 = not delayed).
+    pub deliver_at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +64,9 @@ impl RecordData {
                 .sum::<usize>()
             + 4
             + self.body.len()
+            + 2
+            + self.message_group.len()
+            + 8
     }
 
     /// Encodes with a leading CRC32. Strings longer than u16::MAX must have
@@ -80,6 +90,8 @@ impl RecordData {
         }
         b.put_u32_le(self.body.len() as u32);
         b.put_slice(&self.body);
+        put_short(&mut b, &self.message_group);
+        b.put_i64_le(self.deliver_at_ms);
         let crc = crc32fast::hash(&b[4..]);
         b[0..4].copy_from_slice(&crc.to_le_bytes());
         b.freeze()
@@ -90,7 +102,7 @@ impl RecordData {
         verify(buf)?;
         let mut r = buf.slice(4..);
         let version = r.get_u8();
-        if version != VERSION {
+        if version != 1 && version != 2 {
             return Err(DecodeError::Version(version));
         }
         let store_timestamp_ms = r.get_i64_le();
@@ -115,7 +127,16 @@ impl RecordData {
         let len = r.get_u32_le() as usize;
         need(&r, len, "body")?;
         let body = r.split_to(len);
+        let (message_group, deliver_at_ms) = if version >= 2 {
+            let g = get_short(&mut r, "message group")?;
+            need(&r, 8, "deliver time")?;
+            (g, r.get_i64_le())
+        } else {
+            (String::new(), 0)
+        };
         Ok(Self {
+            message_group,
+            deliver_at_ms,
             producer_id,
             sequence,
             born_timestamp_ms,
@@ -135,6 +156,20 @@ impl RecordData {
 pub fn store_timestamp_ms(buf: &[u8]) -> Option<i64> {
     let b: [u8; 8] = buf.get(5..13)?.try_into().ok()?;
     Some(i64::from_le_bytes(b))
+}
+
+/// The key of an encoded record without checking the CRC or decoding the
+/// rest (the broker indexes keys on apply). `None` if malformed.
+pub fn key_of(buf: &[u8]) -> Option<&str> {
+    let mut at = HEADER;
+    let short = |at: &mut usize| -> Option<&[u8]> {
+        let len = u16::from_le_bytes(buf.get(*at..*at + 2)?.try_into().ok()?) as usize;
+        let s = buf.get(*at + 2..*at + 2 + len)?;
+        *at += 2 + len;
+        Some(s)
+    };
+    short(&mut at)?; // producer id
+    std::str::from_utf8(short(&mut at)?).ok()
 }
 
 pub fn verify(buf: &[u8]) -> Result<(), DecodeError> {
@@ -184,6 +219,8 @@ mod tests {
             tag: "TagA".into(),
             properties: vec![("a".into(), "1".into()), ("region".into(), "eu".into())],
             body: Bytes::from_static(b"hello"),
+            message_group: "order-7".into(),
+            deliver_at_ms: 123,
         }
     }
 
@@ -193,6 +230,13 @@ mod tests {
         let enc = r.encode();
         assert_eq!(enc.len(), r.encoded_len());
         assert_eq!(RecordData::decode(&enc).unwrap(), r);
+    }
+
+    #[test]
+    fn key_of_reads_the_key_without_decoding() {
+        let enc = sample().encode();
+        assert_eq!(key_of(&enc), Some("k"));
+        assert_eq!(key_of(&enc[..HEADER + 3]), None);
     }
 
     #[test]

@@ -92,6 +92,17 @@ pub fn message(m: &crate::pb::Message, max_record_bytes: usize) -> Result<(), Pe
             m.tag.len()
         )));
     }
+    if m.message_group.len() > MAX_KEY_LEN {
+        return Err(PetrelError::InvalidArgument(format!(
+            "message group is {} bytes, longer than {MAX_KEY_LEN}",
+            m.message_group.len()
+        )));
+    }
+    if m.deliver_at_ms < 0 {
+        return Err(PetrelError::InvalidArgument(
+            "deliver_at_ms must not be negative".into(),
+        ));
+    }
     if m.properties.len() > MAX_PROPERTIES {
         return Err(PetrelError::InvalidArgument(format!(
             "{} properties, more than {MAX_PROPERTIES}",
@@ -141,5 +152,105 @@ mod tests {
         assert!(topic_shape(1, 4, 3).is_err());
         assert!(topic_shape(1, 0, 3).is_err());
         topic_shape(8, 3, 3).unwrap();
+    }
+}
+
+/// Longest delay a DELAY topic accepts (30 days).
+pub const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Checks that `m` fits a topic of type `t` (each type takes exactly its
+/// own fields) and returns the absolute delivery time of a delayed message
+/// (0 for every other type). `now_ms` resolves `delay_ms`.
+pub fn message_type_fit(
+    m: &crate::pb::Message,
+    t: crate::pb::MessageType,
+    now_ms: i64,
+) -> Result<i64, PetrelError> {
+    use crate::pb::MessageType as T;
+    let wrong = |msg: String| Err(PetrelError::WrongMessageType(msg));
+    let delayed = m.deliver_at_ms != 0 || m.delay_ms != 0;
+    let name = match t {
+        T::Fifo => "FIFO",
+        T::Delay => "DELAY",
+        T::Transaction => "TRANSACTION",
+        _ => "NORMAL",
+    };
+    if t != T::Fifo && !m.message_group.is_empty() {
+        return wrong(format!(
+            "a message group is only for FIFO topics; this topic is {name}"
+        ));
+    }
+    if t != T::Delay && delayed {
+        return wrong(format!(
+            "a delivery time or delay is only for DELAY topics; this topic is {name}"
+        ));
+    }
+    match t {
+        T::Fifo if m.message_group.is_empty() => {
+            wrong("a FIFO topic needs a message group on every message".into())
+        }
+        T::Delay => {
+            if m.deliver_at_ms != 0 && m.delay_ms != 0 {
+                return Err(PetrelError::InvalidArgument(
+                    "set deliver_at_ms or delay_ms, not both".into(),
+                ));
+            }
+            if !delayed {
+                return wrong(
+                    "a DELAY topic needs deliver_at_ms or delay_ms on every message".into(),
+                );
+            }
+            if m.delay_ms > MAX_DELAY_MS {
+                return Err(PetrelError::InvalidArgument(format!(
+                    "delay of {} ms is longer than the {MAX_DELAY_MS} ms limit",
+                    m.delay_ms
+                )));
+            }
+            let at = if m.deliver_at_ms != 0 {
+                m.deliver_at_ms
+            } else {
+                now_ms.saturating_add(m.delay_ms as i64)
+            };
+            if at > now_ms.saturating_add(MAX_DELAY_MS as i64) {
+                return Err(PetrelError::InvalidArgument(format!(
+                    "deliver_at_ms {at} is more than {MAX_DELAY_MS} ms ahead"
+                )));
+            }
+            Ok(at)
+        }
+        _ => Ok(0),
+    }
+}
+
+/// The dead-letter topic of a consumer group: `GROUP.dlq` (a long name is
+/// shortened with a hash so the result stays a valid topic name).
+pub fn dead_letter_topic(group: &str) -> String {
+    if group.len() + 4 <= MAX_NAME_LEN {
+        return format!("{group}.dlq");
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in group.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut cut = MAX_NAME_LEN - 21;
+    while !group.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}-{h:016x}.dlq", &group[..cut])
+}
+
+#[cfg(test)]
+mod dlq_tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_topics_are_valid_names() {
+        assert_eq!(dead_letter_topic("workers"), "workers.dlq");
+        let long = "g".repeat(MAX_NAME_LEN);
+        let t = dead_letter_topic(&long);
+        assert!(t.len() <= MAX_NAME_LEN, "{}", t.len());
+        topic_name(&t).unwrap();
+        assert_ne!(t, dead_letter_topic(&"g".repeat(MAX_NAME_LEN - 1)));
     }
 }

@@ -225,17 +225,127 @@ impl Inner {
             attempt: 0,
             receipt_handle: String::new(),
             invisible_until_ms: 0,
+            message_group: r.message_group,
+            deliver_at_ms: r.deliver_at_ms,
         })
+    }
+
+    /// Stores a queue's dead letters in the consumer group's dead-letter
+    /// topic (created on demand), then tells the queue they are stored.
+    /// Idempotent: each is appended with a producer id and sequence that
+    /// name it, so a retry after a crash stores it once.
+    async fn ship_dead_letters(
+        &self,
+        topic: &str,
+        queue: u32,
+        source_group: u64,
+        consumer_group: &str,
+        dead: Vec<bpb::DeadLetter>,
+    ) -> Result<(), PetrelError> {
+        let dlq_name = validate::dead_letter_topic(consumer_group);
+        let dlq = match self.topic(&dlq_name).await {
+            Ok(t) => t,
+            Err(PetrelError::NotFound(_)) => {
+                let brokers = self.router.table().brokers.len().max(1) as u32;
+                let cfg = pb::TopicConfig {
+                    name: dlq_name.clone(),
+                    queue_count: 1,
+                    replication_factor: brokers.min(3),
+                    message_type: pb::MessageType::Normal as i32,
+                    retention_ms: 0,
+                    retention_bytes: 0,
+                };
+                match self
+                    .meta_write(bpb::meta_write_request::Op::CreateTopic(cfg))
+                    .await
+                {
+                    Ok(_) | Err(PetrelError::AlreadyExists(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                self.topic(&dlq_name).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let target = dlq
+            .queues
+            .first()
+            .ok_or_else(|| PetrelError::Unavailable("dead-letter topic has no queue".into()))?
+            .group_id;
+        let mut messages = Vec::with_capacity(dead.len());
+        let mut offsets = Vec::with_capacity(dead.len());
+        for d in &dead {
+            let original = MessageId {
+                topic: topic.to_string(),
+                queue,
+                offset: d.offset,
+            }
+            .to_string();
+            let mut m = match RecordData::decode(&d.encoded) {
+                Ok(r) => pb::Message {
+                    key: r.key,
+                    tag: r.tag,
+                    properties: r.properties.into_iter().collect(),
+                    body: r.body,
+                    born_timestamp_ms: r.born_timestamp_ms,
+                    ..Default::default()
+                },
+                // Unreadable (corrupt or removed): still recorded, without
+                // its body, so the group does not hold it forever.
+                Err(e) => pb::Message {
+                    properties: [("petrel.dlq.unreadable".to_string(), e.to_string())].into(),
+                    ..Default::default()
+                },
+            };
+            m.sequence = d.offset + 1;
+            for (k, v) in [
+                ("petrel.dlq.original_id", original),
+                ("petrel.dlq.original_topic", topic.to_string()),
+                ("petrel.dlq.group", consumer_group.to_string()),
+                ("petrel.dlq.attempts", d.attempts.to_string()),
+                ("petrel.dlq.reason", d.reason.clone()),
+            ] {
+                m.properties.insert(k.to_string(), v);
+            }
+            messages.push(m);
+            offsets.push(d.offset);
+        }
+        let producer_id = format!(
+            "petrel-dlq-{:016x}",
+            hash_of(&[consumer_group.as_bytes(), &source_group.to_le_bytes()])
+        );
+        self.append(
+            target,
+            bpb::AppendRecords {
+                group_id: target,
+                producer_id,
+                messages,
+            },
+        )
+        .await?;
+        let req = bpb::DeadLetteredRequest {
+            group_id: source_group,
+            consumer_group: consumer_group.to_string(),
+            offsets,
+        };
+        self.on_leader(source_group, |_, _, mut c| {
+            let req = req.clone();
+            async move {
+                c.dead_lettered(req)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| PetrelError::from_status(&s))
+            }
+        })
+        .await
     }
 
     /// One pass over the topic's queues, leasing up to `max` records.
     async fn sweep(
         &self,
         t: &bpb::TopicRoute,
-        group: &str,
-        max: u32,
-        invisible_ms: u64,
+        req: &pb::ReceiveRequest,
     ) -> Result<Vec<pb::Record>, PetrelError> {
+        let (group, max) = (req.group.as_str(), req.max_messages);
         let topic = t
             .config
             .as_ref()
@@ -251,17 +361,19 @@ impl Inner {
             }
             let q = &t.queues[(start + i) % n];
             let want = max - out.len() as u32;
-            let req = bpb::PopRequest {
+            let preq = bpb::PopRequest {
                 group_id: q.group_id,
                 consumer_group: group.to_string(),
                 max_messages: want,
-                invisible_duration_ms: invisible_ms,
+                invisible_duration_ms: req.invisible_duration_ms,
+                filter: req.filter.clone(),
+                retry: req.retry,
             };
             // A queue without a reachable leader is skipped for this sweep
             // rather than holding up the whole receive.
             let res = self
                 .on_leader_within(q.group_id, SWEEP_QUEUE_BUDGET, |_, _, mut c| {
-                    let req = req.clone();
+                    let req = preq.clone();
                     async move {
                         c.pop(req)
                             .await
@@ -272,6 +384,27 @@ impl Inner {
                 .await;
             match res {
                 Ok(resp) => {
+                    if !resp.dead_letters.is_empty() {
+                        let n = resp.dead_letters.len();
+                        match self
+                            .ship_dead_letters(
+                                &topic,
+                                q.queue,
+                                q.group_id,
+                                group,
+                                resp.dead_letters,
+                            )
+                            .await
+                        {
+                            Ok(()) => {
+                                tracing::info!(topic = %topic, queue = q.queue, group, n, "dead-lettered")
+                            }
+                            // Kept by the queue; the next receive retries.
+                            Err(e) => {
+                                tracing::warn!(topic = %topic, queue = q.queue, error = %e, "storing dead letters")
+                            }
+                        }
+                    }
                     for l in resp.records {
                         let mut rec = match self.to_record(&topic, q.queue, l.offset, &l.encoded) {
                             Ok(r) => r,
@@ -525,6 +658,23 @@ impl Petrel for ProxyService {
         if n == 0 {
             return Err(PetrelError::Unavailable("topic has no queues".into()).into());
         }
+        let mt = t
+            .config
+            .as_ref()
+            .and_then(|c| pb::MessageType::try_from(c.message_type).ok())
+            .unwrap_or(pb::MessageType::Normal);
+        let now = petrel_proto::now_ms();
+        for (i, m) in req.messages.iter().enumerate() {
+            validate::message_type_fit(m, mt, now).map_err(|e| match e {
+                PetrelError::WrongMessageType(m) => {
+                    PetrelError::WrongMessageType(format!("message {i}: {m}"))
+                }
+                PetrelError::InvalidArgument(m) => {
+                    PetrelError::InvalidArgument(format!("message {i}: {m}"))
+                }
+                e => e,
+            })?;
+        }
         // Queue choice is a pure function of the request, so a retried
         // request (same producer id and sequences) lands where it did.
         let unkeyed = if req.producer_id.is_empty() {
@@ -535,14 +685,17 @@ impl Petrel for ProxyService {
         };
         let mut parts: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, m) in req.messages.iter().enumerate() {
-            let q = if m.key.is_empty() {
+            // A FIFO message group pins its records to one queue, whatever
+            // their keys; otherwise the key does.
+            let q = if !m.message_group.is_empty() {
+                hash_of(&[m.message_group.as_bytes()]) % n
+            } else if m.key.is_empty() {
                 unkeyed
             } else {
                 hash_of(&[m.key.as_bytes()]) % n
             };
             parts.entry(t.queues[q as usize].queue).or_default().push(i);
         }
-        let now = petrel_proto::now_ms();
         let mut messages: Vec<Option<pb::Message>> = req.messages.into_iter().map(Some).collect();
         let futs = parts.into_iter().map(|(queue, idx)| {
             let group = Inner::group_of(&t, queue);
@@ -613,6 +766,21 @@ impl Petrel for ProxyService {
             ))
             .into());
         }
+        if let Some(f) = &req.filter {
+            let kind = match pb::FilterType::try_from(f.r#type) {
+                Ok(pb::FilterType::Sql) => petrel_proto::filter::FilterKind::Sql,
+                Ok(_) => petrel_proto::filter::FilterKind::Tag,
+                Err(_) => {
+                    return Err(PetrelError::InvalidFilter(format!(
+                        "unknown filter type {}",
+                        f.r#type
+                    ))
+                    .into())
+                }
+            };
+            petrel_proto::filter::Filter::parse(kind, &f.expression)
+                .map_err(|e| PetrelError::InvalidFilter(e.to_string()))?;
+        }
         let t = s.topic(&req.topic).await?;
         let wait = Duration::from_millis(req.wait_ms).min(s.config.max_wait);
         let (tx, rx) = mpsc::channel(4);
@@ -620,10 +788,7 @@ impl Petrel for ProxyService {
             let deadline = Instant::now() + wait;
             let mut poll = POLL_MIN;
             loop {
-                match s
-                    .sweep(&t, &req.group, req.max_messages, req.invisible_duration_ms)
-                    .await
-                {
+                match s.sweep(&t, &req).await {
                     Ok(records) if !records.is_empty() => {
                         // Several stream messages when the records are big,
                         // so no single message nears the gRPC size limit.
@@ -736,6 +901,39 @@ impl Petrel for ProxyService {
             }
         }
         Ok(Response::new(pb::AckResponse { results }))
+    }
+
+    async fn nack(&self, req: Request<pb::NackRequest>) -> R<pb::NackResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        validate::topic_name(&req.topic)?;
+        validate::group_name(&req.group)?;
+        let r = s
+            .receipts
+            .decode(&req.receipt_handle, &req.topic, &req.group)?;
+        let breq = bpb::BrokerNackRequest {
+            group_id: r.group_id,
+            consumer_group: req.group.clone(),
+            lease: Some(bpb::LeaseRef {
+                offset: r.offset,
+                lease_id: r.lease_id,
+            }),
+            reason: req.reason,
+        };
+        let resp = s
+            .on_leader(r.group_id, |_, _, mut c| {
+                let breq = breq.clone();
+                async move {
+                    c.nack(breq)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| PetrelError::from_status(&s))
+                }
+            })
+            .await?;
+        Ok(Response::new(pb::NackResponse {
+            redeliver_at_ms: resp.redeliver_at_ms,
+        }))
     }
 
     async fn change_invisible_duration(
@@ -1019,12 +1217,16 @@ impl Petrel for ProxyService {
                 let Some(Ok(st)) = stats.get(&q.group_id) else {
                     continue;
                 };
-                let (committed, inflight, skipped) = st
+                let c = st
                     .consumer_groups
                     .iter()
                     .find(|c| c.name == group)
-                    .map(|c| (c.committed_offset, c.inflight, c.skipped))
-                    .unwrap_or((st.start_offset, 0, 0));
+                    .cloned()
+                    .unwrap_or(bpb::ConsumerGroupStats {
+                        committed_offset: st.start_offset,
+                        ..Default::default()
+                    });
+                let (committed, inflight, skipped) = (c.committed_offset, c.inflight, c.skipped);
                 queues.push(pb::GroupQueueState {
                     topic: name.clone(),
                     queue: q.queue,
@@ -1033,6 +1235,9 @@ impl Petrel for ProxyService {
                     lag: st.end_offset.saturating_sub(committed),
                     inflight,
                     skipped,
+                    dead_lettered: c.dead_lettered,
+                    filtered: c.filtered,
+                    scheduled: c.scheduled,
                 });
             }
         }

@@ -263,6 +263,16 @@ impl Client {
         SimpleConsumerBuilder::new(self.clone(), topic.into(), group.into())
     }
 
+    /// A consumer that calls a handler for each message, acking on success
+    /// and nacking (with back-off) on failure.
+    pub fn push_consumer(
+        &self,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+    ) -> crate::push::PushConsumerBuilder {
+        crate::push::PushConsumerBuilder::new(self.simple_consumer(topic, group))
+    }
+
     /// An offset-mode consumer for replay and stream processing.
     pub fn pull_consumer(
         &self,

@@ -40,6 +40,39 @@ pub struct SimpleConsumerBuilder {
     group: String,
     invisible_duration: Duration,
     wait: Duration,
+    filter: Option<pb::FilterExpression>,
+    retry: Option<pb::RetryPolicy>,
+}
+
+/// A consumer group's redelivery policy: attempts before a record moves
+/// to the group's dead-letter topic (`GROUP.dlq`), and the back-off after a
+/// nack, `initial * 2^(attempt-1)` capped at `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 16 attempts; 1 s doubling to 60 s.
+    fn default() -> Self {
+        Self {
+            max_attempts: 16,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn to_pb(self) -> pb::RetryPolicy {
+        pb::RetryPolicy {
+            max_attempts: self.max_attempts,
+            initial_backoff_ms: ms(self.initial_backoff),
+            max_backoff_ms: ms(self.max_backoff),
+        }
+    }
 }
 
 impl SimpleConsumerBuilder {
@@ -50,7 +83,36 @@ impl SimpleConsumerBuilder {
             group,
             invisible_duration: DEFAULT_INVISIBLE_DURATION,
             wait: DEFAULT_WAIT,
+            filter: None,
+            retry: None,
         }
+    }
+
+    /// Receive only records whose tag matches: `*`, `TagA`, `TagA || TagB`.
+    /// Filtering happens on the broker; a bad expression fails the first
+    /// receive with [`Error::InvalidFilter`](crate::Error).
+    pub fn filter_tag(mut self, expr: impl Into<String>) -> Self {
+        self.filter = Some(pb::FilterExpression {
+            r#type: pb::FilterType::Tag as i32,
+            expression: expr.into(),
+        });
+        self
+    }
+
+    /// Receive only records whose properties match a SQL-92-style
+    /// expression, e.g. `region = 'eu' AND amount > 100`.
+    pub fn filter_sql(mut self, expr: impl Into<String>) -> Self {
+        self.filter = Some(pb::FilterExpression {
+            r#type: pb::FilterType::Sql as i32,
+            expression: expr.into(),
+        });
+        self
+    }
+
+    /// The group's redelivery policy (default [`RetryPolicy::default`]).
+    pub fn retry_policy(mut self, p: RetryPolicy) -> Self {
+        self.retry = Some(p.to_pb());
+        self
     }
 
     /// How long received messages stay leased before redelivery (default 30 s).
@@ -72,6 +134,8 @@ impl SimpleConsumerBuilder {
             group: self.group,
             invisible_duration: self.invisible_duration,
             wait: self.wait,
+            filter: self.filter,
+            retry: self.retry,
         }
     }
 }
@@ -102,6 +166,8 @@ pub struct SimpleConsumer {
     group: String,
     invisible_duration: Duration,
     wait: Duration,
+    filter: Option<pb::FilterExpression>,
+    retry: Option<pb::RetryPolicy>,
 }
 
 impl SimpleConsumer {
@@ -136,6 +202,8 @@ impl SimpleConsumer {
             max_messages: max,
             invisible_duration_ms: ms(invisible),
             wait_ms: ms(wait),
+            filter: self.filter.clone(),
+            retry: self.retry,
         };
         let records = self
             .client
@@ -191,6 +259,27 @@ impl SimpleConsumer {
             })
             .await?;
         ack_results(resp, messages.len())
+    }
+
+    /// Processing failed: the message comes back after the group's back-off
+    /// for its attempt, or, if this was its last attempt, moves to the
+    /// group's dead-letter topic with `reason`. Returns when it will be
+    /// redelivered (ms since the Unix epoch), `None` if dead-lettered.
+    pub async fn nack(&self, message: &ReceivedMessage, reason: &str) -> Result<Option<i64>> {
+        let req = pb::NackRequest {
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            receipt_handle: message.receipt_handle.clone(),
+            reason: reason.to_string(),
+        };
+        let resp = self
+            .client
+            .call(Duration::ZERO, |mut c| {
+                let req = req.clone();
+                async move { c.nack(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok((resp.redeliver_at_ms != 0).then_some(resp.redeliver_at_ms))
     }
 
     /// Extends (or shortens) the lease of a received message. Returns a copy

@@ -71,14 +71,16 @@ mod client;
 mod consumer;
 mod message;
 pub mod producer;
+pub mod push;
 
 pub use admin::{Admin, TopicSpec};
 pub use client::{Client, ClientBuilder};
-pub use consumer::{PullConsumer, ReadBatch, SimpleConsumer, SimpleConsumerBuilder};
+pub use consumer::{PullConsumer, ReadBatch, RetryPolicy, SimpleConsumer, SimpleConsumerBuilder};
 pub use message::{Message, ReceivedMessage, SendReceipt};
 pub use petrel_proto::pb;
 pub use petrel_proto::PetrelError as Error;
 pub use producer::{Producer, ProducerBuilder};
+pub use push::{PushConsumer, PushConsumerBuilder, PushStats};
 
 /// The result of every SDK call.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -28,6 +28,13 @@ pub struct Message {
     /// Client-side creation time (ms since the Unix epoch); 0 = stamped
     /// when the producer accepts the message.
     pub born_timestamp_ms: i64,
+    /// FIFO topics: records of one message group are delivered one at a
+    /// time, in send order. Required on FIFO topics, refused on others.
+    pub message_group: String,
+    /// DELAY topics: deliver at this time (ms since the Unix epoch).
+    pub deliver_at_ms: i64,
+    /// DELAY topics: deliver this long after the proxy receives it.
+    pub delay_ms: u64,
 }
 
 impl Message {
@@ -51,6 +58,26 @@ impl Message {
         self
     }
 
+    /// Sets the FIFO message group.
+    pub fn with_message_group(mut self, group: impl Into<String>) -> Self {
+        self.message_group = group.into();
+        self
+    }
+
+    /// Delays delivery by `d` (DELAY topics).
+    pub fn with_delay(mut self, d: std::time::Duration) -> Self {
+        self.delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.deliver_at_ms = 0;
+        self
+    }
+
+    /// Delivers at `ms` since the Unix epoch (DELAY topics).
+    pub fn with_deliver_at(mut self, ms: i64) -> Self {
+        self.deliver_at_ms = ms;
+        self.delay_ms = 0;
+        self
+    }
+
     /// Adds (or replaces) one property.
     pub fn with_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.properties.insert(name.into(), value.into());
@@ -70,6 +97,9 @@ impl Message {
             } else {
                 self.born_timestamp_ms
             },
+            message_group: self.message_group,
+            deliver_at_ms: self.deliver_at_ms,
+            delay_ms: self.delay_ms,
         }
     }
 }
@@ -138,6 +168,10 @@ pub struct ReceivedMessage {
     pub receipt_handle: String,
     /// When the lease expires, ms since the Unix epoch (pop mode only).
     pub invisible_until_ms: i64,
+    /// FIFO message group ("" = none).
+    pub message_group: String,
+    /// When a delayed message became deliverable (0 = not delayed).
+    pub deliver_at_ms: i64,
 }
 
 impl From<pb::Record> for ReceivedMessage {
@@ -158,6 +192,8 @@ impl From<pb::Record> for ReceivedMessage {
             attempt: r.attempt,
             receipt_handle: r.receipt_handle,
             invisible_until_ms: r.invisible_until_ms,
+            message_group: r.message_group,
+            deliver_at_ms: r.deliver_at_ms,
         }
     }
 }

@@ -105,6 +105,14 @@ impl pb::petrel_server::Petrel for Mock {
         self.0.lock().unwrap().acks.push(req);
         Ok(Response::new(pb::AckResponse { results }))
     }
+    async fn nack(
+        &self,
+        _: Request<pb::NackRequest>,
+    ) -> Result<Response<pb::NackResponse>, Status> {
+        Ok(Response::new(pb::NackResponse {
+            redeliver_at_ms: 99,
+        }))
+    }
     async fn change_invisible_duration(
         &self,
         _: Request<pb::ChangeInvisibleDurationRequest>,

@@ -168,6 +168,15 @@ pub struct ProduceArgs {
     /// Tag of every message.
     #[arg(long)]
     pub tag: Option<String>,
+    /// FIFO topics: the message group of every message.
+    #[arg(long)]
+    pub message_group: Option<String>,
+    /// DELAY topics: deliver this many milliseconds after sending.
+    #[arg(long, conflicts_with = "deliver_at")]
+    pub delay_ms: Option<u64>,
+    /// DELAY topics: deliver at this time (RFC 3339 or ms since the epoch).
+    #[arg(long)]
+    pub deliver_at: Option<String>,
     /// A property NAME=VALUE of every message; repeat for several.
     #[arg(long = "property", value_name = "NAME=VALUE", value_parser = parse_property)]
     pub properties: Vec<(String, String)>,
@@ -209,6 +218,20 @@ pub struct ConsumeArgs {
     /// Lease of each received record, in ms (redelivered if not acked by then).
     #[arg(long, default_value_t = 30_000)]
     pub invisible_ms: u64,
+    /// Only records whose tag matches: `*`, `TagA || TagB`.
+    #[arg(long, conflicts_with = "filter_sql")]
+    pub filter_tag: Option<String>,
+    /// Only records whose properties match, e.g. "region = 'eu' AND amount > 100".
+    #[arg(long)]
+    pub filter_sql: Option<String>,
+    /// Deliveries before a record moves to the group's dead-letter topic
+    /// (GROUP.dlq); default 16.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Nack every received record instead of acking it (with this reason):
+    /// exercises retries and dead letters.
+    #[arg(long, conflicts_with = "no_ack")]
+    pub nack: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -728,8 +751,22 @@ async fn produce(client: &Client, a: ProduceArgs, json: bool) -> CliResult {
         }
         None => stdin_messages(),
     };
+    let deliver_at = match &a.deliver_at {
+        Some(t) => Some(parse_time(t)?),
+        None => None,
+    };
     let (key, tag, props) = (a.key, a.tag, a.properties);
+    let (mgroup, delay_ms) = (a.message_group, a.delay_ms);
     let decorate = move |mut m: Message| {
+        if let Some(g) = &mgroup {
+            m = m.with_message_group(g.clone());
+        }
+        if let Some(d) = delay_ms {
+            m = m.with_delay(Duration::from_millis(d));
+        }
+        if let Some(at) = deliver_at {
+            m = m.with_deliver_at(at);
+        }
         if let Some(k) = &key {
             m = m.with_key(k.clone());
         }
@@ -789,6 +826,9 @@ fn record_json(m: &ReceivedMessage) -> Value {
         "key": m.key,
         "tag": m.tag,
         "attempt": m.attempt,
+        "message_group": m.message_group,
+        "deliver_at_ms": m.deliver_at_ms,
+        "store_timestamp_ms": m.store_timestamp_ms,
         "properties": props,
         "body": body,
         "body_encoding": enc,
@@ -817,9 +857,20 @@ fn print_record(m: &ReceivedMessage, json: bool) -> CliResult {
 }
 
 async fn consume(client: &Client, a: ConsumeArgs, json: bool) -> CliResult {
-    let consumer = client
-        .simple_consumer(a.topic.clone(), a.group.clone())
-        .build();
+    let mut builder = client.simple_consumer(a.topic.clone(), a.group.clone());
+    if let Some(f) = &a.filter_tag {
+        builder = builder.filter_tag(f.clone());
+    }
+    if let Some(f) = &a.filter_sql {
+        builder = builder.filter_sql(f.clone());
+    }
+    if let Some(n) = a.max_attempts {
+        builder = builder.retry_policy(petrel_sdk::RetryPolicy {
+            max_attempts: n,
+            ..Default::default()
+        });
+    }
+    let consumer = builder.build();
     let invisible = Duration::from_millis(a.invisible_ms);
     let wait = a.wait_ms.map(Duration::from_millis);
     let work = async {
@@ -843,7 +894,13 @@ async fn consume(client: &Client, a: ConsumeArgs, json: bool) -> CliResult {
                 print_record(m, json)?;
             }
             printed += batch.len() as u64;
-            if !a.no_ack {
+            if let Some(reason) = &a.nack {
+                for m in &batch {
+                    if let Err(e) = consumer.nack(m, reason).await {
+                        tracing::warn!(id = %m.message_id, error = %e, "nack failed");
+                    }
+                }
+            } else if !a.no_ack {
                 for (m, r) in batch.iter().zip(consumer.ack_many(&batch).await?) {
                     if let Err(e) = r {
                         tracing::warn!(id = %m.message_id, error = %e, "ack failed; the record will be redelivered");
@@ -949,6 +1006,22 @@ enum ResetTarget {
     Time(i64),
 }
 
+/// A time given as epoch ms or RFC 3339, as epoch ms.
+fn parse_time(t: &str) -> CliResult<i64> {
+    if let Ok(ms) = t.parse::<i64>() {
+        return Ok(ms);
+    }
+    let at = humantime::parse_rfc3339_weak(t).map_err(|e| {
+        CliError::Usage(format!(
+            "time {t:?}: {e} (use RFC 3339 like 2026-11-26T10:00:00Z, or epoch ms)"
+        ))
+    })?;
+    Ok(at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| CliError::Usage(format!("time {t:?} is before 1970")))?
+        .as_millis() as i64)
+}
+
 fn reset_target(to: Option<String>, to_time: Option<String>) -> CliResult<ResetTarget> {
     match (to.as_deref(), to_time) {
         (Some("earliest"), None) => Ok(ResetTarget::Earliest),
@@ -958,21 +1031,7 @@ fn reset_target(to: Option<String>, to_time: Option<String>) -> CliResult<ResetT
                 "--to must be earliest, latest or an offset, not {n:?}"
             ))
         }),
-        (None, Some(t)) => {
-            if let Ok(ms) = t.parse::<i64>() {
-                return Ok(ResetTarget::Time(ms));
-            }
-            let at = humantime::parse_rfc3339_weak(&t).map_err(|e| {
-                CliError::Usage(format!(
-                    "--to-time {t:?}: {e} (use RFC 3339 like 2026-11-26T10:00:00Z, or epoch ms)"
-                ))
-            })?;
-            let ms = at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| CliError::Usage(format!("--to-time {t:?} is before 1970")))?
-                .as_millis() as i64;
-            Ok(ResetTarget::Time(ms))
-        }
+        (None, Some(t)) => Ok(ResetTarget::Time(parse_time(&t)?)),
         _ => Err(CliError::Usage(
             "give exactly one of --to or --to-time".to_string(),
         )),
@@ -1066,6 +1125,9 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                         "lag": q.lag,
                         "inflight": q.inflight,
                         "skipped": q.skipped,
+                        "dead_lettered": q.dead_lettered,
+                        "filtered": q.filtered,
+                        "scheduled": q.scheduled,
                     }))?;
                 }
                 return Ok(());
@@ -1078,6 +1140,9 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                 "LAG",
                 "INFLIGHT",
                 "SKIPPED",
+                "DEAD",
+                "FILTERED",
+                "SCHEDULED",
             ]);
             for q in d.queues {
                 tab.row(vec![
@@ -1088,6 +1153,9 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                     q.lag.to_string(),
                     q.inflight.to_string(),
                     q.skipped.to_string(),
+                    q.dead_lettered.to_string(),
+                    q.filtered.to_string(),
+                    q.scheduled.to_string(),
                 ]);
             }
             Ok(tab.print()?)
