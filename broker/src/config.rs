@@ -68,6 +68,11 @@ pub struct BrokerArgs {
     /// [default: info,openraft=error].
     #[arg(long, env = "PETREL_LOG")]
     pub log: Option<String>,
+    /// Ask a producer's checker about a transaction left open this long,
+    /// then again at this interval; after 5 unanswered checks it is rolled
+    /// back [default: 5000].
+    #[arg(long, env = "PETREL_TRANSACTION_CHECK_MS")]
+    pub transaction_check_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,7 +89,13 @@ struct FileConfig {
     snapshot_every: Option<u64>,
     max_record_bytes: Option<usize>,
     log: Option<String>,
+    transaction_check_ms: Option<u64>,
 }
+
+/// Default first check (and re-check interval) of an open transaction.
+pub const DEFAULT_TRANSACTION_CHECK_MS: u64 = 5000;
+/// Unanswered checks after which an open transaction is rolled back.
+pub const TRANSACTION_MAX_CHECKS: u32 = 5;
 
 /// Validated, effective configuration.
 #[derive(Debug, Clone)]
@@ -103,6 +114,7 @@ pub struct BrokerConfig {
     pub snapshot_every: u64,
     pub max_record_bytes: usize,
     pub log: String,
+    pub transaction_check_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +264,11 @@ impl BrokerArgs {
                 .log
                 .or(file.log)
                 .unwrap_or_else(|| "info,openraft=error".into()),
+            transaction_check_ms: self
+                .transaction_check_ms
+                .or(file.transaction_check_ms)
+                .unwrap_or(DEFAULT_TRANSACTION_CHECK_MS)
+                .clamp(100, 3_600_000),
         })
     }
 }

@@ -94,6 +94,8 @@ pub mod sm_state {
     pub const PRODUCER: u8 = 4;
     /// `bincode(ClusterMap)`, meta group only.
     pub const CLUSTER_MAP: u8 = 5;
+    /// `[group][6][transaction id]` → bincode(Txn).
+    pub const TXN: u8 = 6;
 }
 
 /// `[group][kind]`

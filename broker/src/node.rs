@@ -171,6 +171,7 @@ impl Node {
         tokio::spawn(node.clone().ping_loop());
         tokio::spawn(node.clone().retention_loop());
         tokio::spawn(node.clone().release_loop());
+        tokio::spawn(node.clone().txn_timeout_loop());
         Ok(node)
     }
 
@@ -416,6 +417,60 @@ impl Node {
                 }
             });
             futures::future::join_all(writes).await;
+        }
+    }
+
+    /// Transactions nobody resolves: on each queue's leader, a transaction
+    /// still open after `TRANSACTION_MAX_CHECKS` check intervals past its
+    /// last check is rolled back (its records are discarded).
+    async fn txn_timeout_loop(self: Arc<Self>) {
+        let interval = self.config.transaction_check_ms;
+        let mut tick = tokio::time::interval(Duration::from_millis(interval.clamp(100, 1000)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = petrel_proto::now_ms();
+            let expired: Vec<(u64, GroupHandle, String)> = self
+                .groups
+                .iter()
+                .filter(|e| self.serving(e).is_some())
+                .flat_map(|e| {
+                    let (g, h) = (*e.key(), e.clone());
+                    let ids: Vec<String> = e
+                        .queue
+                        .as_ref()
+                        .map(|q| {
+                            q.read()
+                                .stale_txns(now)
+                                .into_iter()
+                                .filter(|(_, t)| {
+                                    t.checks >= crate::config::TRANSACTION_MAX_CHECKS
+                                        || now - t.opened_ms
+                                            > (interval as i64)
+                                                * (crate::config::TRANSACTION_MAX_CHECKS as i64 + 2)
+                                })
+                                .map(|(id, _)| id)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    ids.into_iter().map(move |id| (g, h.clone(), id))
+                })
+                .collect();
+            for (g, h, id) in expired {
+                let cmd = Command::EndTxn {
+                    id: id.clone(),
+                    commit: false,
+                };
+                match self.write(g, &h, cmd).await {
+                    Ok(_) => {
+                        tracing::info!(group = g, txn = %id, "rolled back an unresolved transaction")
+                    }
+                    Err(e) => tracing::debug!(group = g, error = %e, "rolling back a transaction"),
+                }
+            }
         }
     }
 

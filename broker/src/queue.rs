@@ -173,6 +173,16 @@ impl ConsumerState {
     }
 }
 
+/// An append inside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnOpen {
+    pub id: String,
+    /// Leader's clock at the send.
+    pub now_ms: i64,
+    /// First check after this long.
+    pub check_ms: u64,
+}
+
 /// What pop needs to know of a record: its tag, properties, message group.
 #[derive(Debug, Clone, Default)]
 pub struct RecordView {
@@ -227,6 +237,30 @@ pub struct Changes {
     /// Delayed records held (offset, deliver time) and released.
     pub held_added: Vec<(u64, i64)>,
     pub held_removed: Vec<u64>,
+    /// Transactions changed (to write) and forgotten (to delete).
+    pub txns: HashSet<String>,
+    pub txns_removed: Vec<String>,
+}
+
+/// `held` time of a record in an open (or rolled back) transaction: never
+/// released by time.
+pub const TXN_HOLD: i64 = i64::MAX;
+/// Ended transactions remembered per queue (so a retried commit, or a late
+/// send, finds the outcome).
+pub const ENDED_TXNS: usize = 10_000;
+
+/// A transaction's records in one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Txn {
+    pub offsets: Vec<u64>,
+    pub opened_ms: i64,
+    /// Checks handed out so far, and when the next is due.
+    pub checks: u32,
+    pub next_check_ms: i64,
+    /// `Some(committed)` once ended.
+    pub outcome: Option<bool>,
+    /// Log index of the end (eviction order of ended transactions).
+    pub ended_index: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -237,8 +271,10 @@ pub struct QueueState {
     /// Delayed records not yet due: offset → delivery time. Consumer groups
     /// pass over them; `release` hands them back as pending when due.
     pub held: BTreeMap<u64, i64>,
-    /// `held` by time.
+    /// `held` by time (records of transactions are not in it).
     pub due: BTreeSet<(i64, u64)>,
+    /// Transactions, open and recently ended, by id.
+    pub txns: BTreeMap<String, Txn>,
 }
 
 /// What a pop did.
@@ -255,11 +291,13 @@ impl QueueState {
     /// stored. `deliver_at[i]` > 0 holds record i until then (a delayed
     /// record); an empty `deliver_at` holds none. Returns (offset,
     /// duplicate) per record.
+    #[allow(clippy::too_many_arguments)] // a command's fields, applied as one
     pub fn append(
         &mut self,
         producer_id: &str,
         records: &[(u64, Bytes)],
         deliver_at: &[i64],
+        txn: Option<&TxnOpen>,
         log_index: u64,
         ch: &mut Changes,
     ) -> Vec<(u64, bool)> {
@@ -290,10 +328,26 @@ impl QueueState {
             self.header.next_offset += 1;
             self.header.bytes += bytes.len() as u64;
             ch.records.push((off, bytes.clone()));
-            let at = deliver_at.get(i).copied().unwrap_or(0);
+            let mut at = deliver_at.get(i).copied().unwrap_or(0);
+            if let Some(t) = txn {
+                at = TXN_HOLD;
+                let e = self.txns.entry(t.id.clone()).or_insert_with(|| Txn {
+                    opened_ms: t.now_ms,
+                    next_check_ms: t.now_ms.saturating_add(t.check_ms as i64),
+                    ..Default::default()
+                });
+                // A record sent after its transaction ended stays held
+                // (the leader refuses such sends; this is the race).
+                if e.outcome.is_none() {
+                    e.offsets.push(off);
+                }
+                ch.txns.insert(t.id.clone());
+            }
             if at > 0 {
                 self.held.insert(off, at);
-                self.due.insert((at, off));
+                if at != TXN_HOLD {
+                    self.due.insert((at, off));
+                }
                 ch.held_added.push((off, at));
             }
             out.push((off, false));
@@ -326,6 +380,74 @@ impl QueueState {
             n += 1;
         }
         n
+    }
+
+    /// Ends a transaction: commit hands its records to the groups that
+    /// passed them (like a due delayed record); rollback keeps them held
+    /// for good (never delivered, removed by retention). Returns how many
+    /// records this call ended (0 if already ended or unknown here).
+    pub fn end_txn(&mut self, id: &str, commit: bool, log_index: u64, ch: &mut Changes) -> u64 {
+        let Some(t) = self.txns.get_mut(id) else {
+            return 0;
+        };
+        if t.outcome.is_some() {
+            return 0;
+        }
+        t.outcome = Some(commit);
+        t.ended_index = log_index;
+        let offsets = std::mem::take(&mut t.offsets);
+        ch.txns.insert(id.to_string());
+        if commit {
+            for off in &offsets {
+                if self.held.remove(off).is_some() {
+                    ch.held_removed.push(*off);
+                }
+                for (name, c) in self.consumers.iter_mut() {
+                    if c.next_fresh > *off {
+                        c.pending.insert(*off, 0);
+                        c.advance();
+                        ch.consumers.insert(name.clone());
+                    }
+                }
+            }
+        }
+        // Forget the oldest ended transactions beyond the bound.
+        let ended = self.txns.values().filter(|t| t.outcome.is_some()).count();
+        if ended > ENDED_TXNS {
+            let mut old: Vec<(u64, String)> = self
+                .txns
+                .iter()
+                .filter(|(_, t)| t.outcome.is_some())
+                .map(|(k, t)| (t.ended_index, k.clone()))
+                .collect();
+            old.sort();
+            for (_, k) in old.into_iter().take(ended - ENDED_TXNS) {
+                self.txns.remove(&k);
+                ch.txns.remove(&k);
+                ch.txns_removed.push(k);
+            }
+        }
+        offsets.len() as u64
+    }
+
+    /// Records that these open transactions were handed to a checker.
+    pub fn txn_checked(&mut self, ids: &[String], now_ms: i64, interval_ms: u64, ch: &mut Changes) {
+        for id in ids {
+            if let Some(t) = self.txns.get_mut(id).filter(|t| t.outcome.is_none()) {
+                t.checks += 1;
+                t.next_check_ms = now_ms.saturating_add(interval_ms as i64);
+                ch.txns.insert(id.clone());
+            }
+        }
+    }
+
+    /// Open transactions due for a check at `now_ms`.
+    pub fn stale_txns(&self, now_ms: i64) -> Vec<(String, Txn)> {
+        self.txns
+            .iter()
+            .filter(|(_, t)| t.outcome.is_none() && t.next_check_ms <= now_ms)
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect()
     }
 
     /// Earliest delivery time of a held record.
@@ -427,6 +549,12 @@ impl QueueState {
             if let Some(at) = self.held.remove(&off) {
                 self.due.remove(&(at, off));
                 ch.held_removed.push(off);
+            }
+        }
+        for (id, t) in self.txns.iter_mut() {
+            if t.offsets.first().is_some_and(|o| *o < new) {
+                t.offsets.retain(|o| *o >= new);
+                ch.txns.insert(id.clone());
             }
         }
         for (name, c) in self.consumers.iter_mut() {
@@ -820,7 +948,7 @@ mod tests {
     fn q_with(n: u64) -> QueueState {
         let mut q = QueueState::default();
         let recs: Vec<_> = (0..n).map(|_| (0, Bytes::from_static(b"x"))).collect();
-        q.append("", &recs, &[], 1, &mut Changes::default());
+        q.append("", &recs, &[], None, 1, &mut Changes::default());
         q
     }
 
@@ -830,30 +958,30 @@ mod tests {
         let mut ch = Changes::default();
         let recs = vec![(1, Bytes::from_static(b"a")), (2, Bytes::from_static(b"b"))];
         assert_eq!(
-            q.append("p", &recs, &[], 1, &mut ch),
+            q.append("p", &recs, &[], None, 1, &mut ch),
             vec![(0, false), (1, false)]
         );
         assert_eq!(ch.records.len(), 2);
         let mut ch = Changes::default();
         assert_eq!(
-            q.append("p", &recs, &[], 2, &mut ch),
+            q.append("p", &recs, &[], None, 2, &mut ch),
             vec![(0, true), (1, true)]
         );
         assert!(ch.records.is_empty());
         assert_eq!(q.header.next_offset, 2);
         // Another producer with the same sequences is not a duplicate.
         assert_eq!(
-            q.append("p2", &recs, &[], 3, &mut ch),
+            q.append("p2", &recs, &[], None, 3, &mut ch),
             vec![(2, false), (3, false)]
         );
         // Out-of-order sequences within the window are fine.
         let late = vec![(10, Bytes::new()), (5, Bytes::new())];
         assert_eq!(
-            q.append("p", &late, &[], 4, &mut ch),
+            q.append("p", &late, &[], None, 4, &mut ch),
             vec![(4, false), (5, false)]
         );
         assert_eq!(
-            q.append("p", &late, &[], 5, &mut ch),
+            q.append("p", &late, &[], None, 5, &mut ch),
             vec![(4, true), (5, true)]
         );
     }
@@ -1027,7 +1155,7 @@ mod tests {
         let mut ch = Changes::default();
         let recs: Vec<_> = (0..4).map(|_| (0, Bytes::from_static(b"x"))).collect();
         // Offsets 1 and 2 are delayed until 500 and 300.
-        q.append("", &recs, &[0, 500, 300, 0], 1, &mut ch);
+        q.append("", &recs, &[0, 500, 300, 0], None, 1, &mut ch);
         assert_eq!(ch.held_added, vec![(1, 500), (2, 300)]);
         assert_eq!(q.next_due(), Some(300));
         let got: Vec<u64> = q
@@ -1179,6 +1307,53 @@ mod tests {
         assert!(out.leases.is_empty());
         assert_eq!(out.dead.len(), 1);
         assert_eq!(out.dead[0].1.attempts, 2);
+    }
+
+    #[test]
+    fn transactions_stay_invisible_until_commit_and_rollback_discards() {
+        let mut q = q_with(1); // offset 0: a plain record
+        let mut ch = Changes::default();
+        let recs: Vec<_> = (0..2).map(|_| (0, Bytes::from_static(b"t"))).collect();
+        let open = |id: &str| TxnOpen {
+            id: id.into(),
+            now_ms: 100,
+            check_ms: 50,
+        };
+        q.append("", &recs, &[], Some(&open("a")), 2, &mut ch); // 1, 2
+        q.append("", &recs, &[], Some(&open("b")), 3, &mut ch); // 3, 4
+        let got: Vec<u64> = q
+            .pop_plain("g", 10, 0, 1_000_000, 4, &mut ch)
+            .iter()
+            .map(|l| l.offset)
+            .collect();
+        assert_eq!(got, vec![0]);
+        assert_eq!(q.stale_txns(149).len(), 0);
+        assert_eq!(q.stale_txns(150).len(), 2);
+        q.txn_checked(&["a".to_string()], 150, 50, &mut ch);
+        assert_eq!(q.stale_txns(150).len(), 1);
+        assert_eq!(q.txns["a"].checks, 1);
+        assert_eq!(q.end_txn("a", true, 5, &mut ch), 2);
+        assert_eq!(
+            q.end_txn("a", true, 6, &mut ch),
+            0,
+            "a retried commit is a no-op"
+        );
+        assert_eq!(q.end_txn("b", false, 7, &mut ch), 2);
+        assert_eq!(q.end_txn("nope", true, 8, &mut ch), 0);
+        let got: Vec<u64> = q
+            .pop_plain("g", 10, 0, 1_000_000, 9, &mut ch)
+            .iter()
+            .map(|l| l.offset)
+            .collect();
+        assert_eq!(got, vec![1, 2]);
+        // A group that starts now sees exactly the committed ones too.
+        let late: Vec<u64> = q
+            .pop_plain("late", 10, 0, 1_000_000, 10, &mut ch)
+            .iter()
+            .map(|l| l.offset)
+            .collect();
+        assert_eq!(late, vec![0, 1, 2]);
+        assert!(q.stale_txns(i64::MAX - 1).is_empty());
     }
 
     #[test]

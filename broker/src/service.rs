@@ -25,7 +25,7 @@ use crate::network::{
     MAX_RAFT_MESSAGE,
 };
 use crate::node::{GroupHandle, Node};
-use crate::queue::RetryPolicy;
+use crate::queue::{RetryPolicy, TxnOpen};
 use crate::storage::CF_RECORDS;
 use crate::types::{Command, Response, META_GROUP};
 
@@ -113,6 +113,34 @@ impl Service {
         }
         let now = petrel_proto::now_ms();
         let mt = self.message_type_of(g.group_id);
+        let txn_id = g.messages[0].transaction_id.clone();
+        if g.messages.iter().any(|m| m.transaction_id != txn_id) {
+            return Err(PetrelError::InvalidArgument(
+                "all messages of one request must belong to the same transaction".into(),
+            ));
+        }
+        let txn = if txn_id.is_empty() {
+            None
+        } else {
+            let q = queue_of(&h, g.group_id)?;
+            if let Some(t) = q.read().txns.get(&txn_id) {
+                if let Some(committed) = t.outcome {
+                    let how = if committed {
+                        "committed"
+                    } else {
+                        "rolled back"
+                    };
+                    return Err(PetrelError::InvalidArgument(format!(
+                        "transaction {txn_id:?} was already {how}"
+                    )));
+                }
+            }
+            Some(TxnOpen {
+                id: txn_id,
+                now_ms: now,
+                check_ms: self.node.config.transaction_check_ms,
+            })
+        };
         let mut records = Vec::with_capacity(g.messages.len());
         let mut deliver_at = Vec::new();
         for m in g.messages {
@@ -144,6 +172,7 @@ impl Service {
             producer_id: g.producer_id,
             records,
             deliver_at,
+            txn,
         };
         match self.node.write(g.group_id, &h, cmd).await? {
             Response::Appended(v) => Ok(v),
@@ -219,12 +248,7 @@ impl Service {
                     Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => {
                         pb::MessageType::Normal
                     }
-                    Ok(t @ (pb::MessageType::Fifo | pb::MessageType::Delay)) => t,
-                    Ok(other) => {
-                        return Err(PetrelError::InvalidArgument(format!(
-                            "message type {other:?} is not supported yet; use NORMAL, FIFO or DELAY"
-                        )))
-                    }
+                    Ok(t) => t,
                     Err(_) => {
                         return Err(PetrelError::InvalidArgument("unknown message type".into()))
                     }
@@ -556,6 +580,68 @@ impl BrokerData for Service {
         }
     }
 
+    async fn end_transaction(
+        &self,
+        req: Request<bpb::BrokerEndTransactionRequest>,
+    ) -> R<bpb::BrokerEndTransactionResponse> {
+        let req = req.into_inner();
+        validate::transaction_id(&req.transaction_id)?;
+        let h = self.leader(req.group_id)?;
+        let cmd = Command::EndTxn {
+            id: req.transaction_id,
+            commit: req.commit,
+        };
+        match self.node.write(req.group_id, &h, cmd).await? {
+            Response::Count(n) => Ok(TResponse::new(bpb::BrokerEndTransactionResponse {
+                records: n,
+            })),
+            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+        }
+    }
+
+    async fn stale_transactions(
+        &self,
+        req: Request<bpb::StaleTransactionsRequest>,
+    ) -> R<bpb::StaleTransactionsResponse> {
+        let group = req.into_inner().group_id;
+        let h = self.leader(group)?;
+        let now = petrel_proto::now_ms();
+        // Past the last check, the broker's own timeout rolls it back.
+        let mut stale: Vec<_> = queue_of(&h, group)?
+            .read()
+            .stale_txns(now)
+            .into_iter()
+            .filter(|(_, t)| t.checks < crate::config::TRANSACTION_MAX_CHECKS)
+            .collect();
+        if stale.is_empty() {
+            return Ok(TResponse::new(bpb::StaleTransactionsResponse::default()));
+        }
+        stale.truncate(256);
+        // Record the checks first, so each is handed out once per interval.
+        let cmd = Command::TxnChecked {
+            ids: stale.iter().map(|(id, _)| id.clone()).collect(),
+            now_ms: now,
+            interval_ms: self.node.config.transaction_check_ms,
+        };
+        self.node.write(group, &h, cmd).await?;
+        let mut transactions = Vec::with_capacity(stale.len());
+        for (id, t) in stale {
+            let first = t.offsets.first().copied();
+            transactions.push(bpb::StaleTransaction {
+                transaction_id: id,
+                opened_ms: t.opened_ms,
+                check: t.checks + 1,
+                first_offset: first.unwrap_or(0),
+                first_encoded: first
+                    .and_then(|o| self.read_record(group, o).ok())
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(TResponse::new(bpb::StaleTransactionsResponse {
+            transactions,
+        }))
+    }
+
     async fn dead_lettered(
         &self,
         req: Request<bpb::DeadLetteredRequest>,
@@ -783,7 +869,13 @@ impl BrokerData for Service {
                         skipped: c.skipped,
                         dead_lettered: c.dead_lettered,
                         filtered: c.filtered,
-                        scheduled: st.held.len() as u64,
+                        scheduled: st.due.len() as u64,
+                        uncommitted: st
+                            .txns
+                            .values()
+                            .filter(|t| t.outcome.is_none())
+                            .map(|t| t.offsets.len() as u64)
+                            .sum(),
                     })
                     .collect(),
                 error: None,

@@ -20,7 +20,8 @@ use tokio::sync::{watch, Notify};
 use crate::keys::{self, sm_state};
 use crate::meta::ClusterMap;
 use crate::queue::{
-    Changes, ConsumerState, PopParams, ProducerWindow, QueueHeader, QueueState, RecordView,
+    Changes, ConsumerState, PopParams, ProducerWindow, QueueHeader, QueueState, RecordView, Txn,
+    TXN_HOLD,
 };
 use crate::storage::{Store, CF_INDEXES, CF_RECORDS, CF_SM_STATE, CF_TIMERS};
 use crate::types::{
@@ -87,6 +88,7 @@ enum SnapshotPayload {
         records: Vec<(u64, Bytes)>,
         /// Delayed records not yet due: (offset, deliver time).
         held: Vec<(u64, i64)>,
+        txns: Vec<(String, Txn)>,
     },
     /// A snapshot that only marks a flush point (queue groups): the log up to
     /// it may be purged. The data sent to a follower is always produced by
@@ -170,8 +172,11 @@ impl StateMachine {
                     }
                     let at = i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
                     held.insert(off, at);
-                    due.insert((at, off));
+                    if at != TXN_HOLD {
+                        due.insert((at, off));
+                    }
                 }
+                let txns = scan_named(&store, group, sm_state::TXN)?;
                 let mut st = q.state.write().unwrap_or_else(|e| e.into_inner());
                 *st = QueueState {
                     header,
@@ -179,6 +184,7 @@ impl StateMachine {
                     producers: producers.into_iter().collect(),
                     held,
                     due,
+                    txns: txns.into_iter().collect(),
                 };
             }
         }
@@ -270,6 +276,15 @@ impl StateMachine {
         for name in &ch.removed_producers {
             b.delete_cf(&sm, keys::named_state_key(g, sm_state::PRODUCER, name));
         }
+        for id in &ch.txns {
+            if let Some(t) = q.txns.get(id) {
+                let v = bincode::serialize(t).map_err(sm_write_err)?;
+                b.put_cf(&sm, keys::named_state_key(g, sm_state::TXN, id), v);
+            }
+        }
+        for id in &ch.txns_removed {
+            b.delete_cf(&sm, keys::named_state_key(g, sm_state::TXN, id));
+        }
         Ok(())
     }
 
@@ -320,7 +335,24 @@ impl StateMachine {
                 producer_id,
                 records,
                 deliver_at,
-            } => Response::Appended(q.append(producer_id, records, deliver_at, index, ch)),
+                txn,
+            } => Response::Appended(q.append(
+                producer_id,
+                records,
+                deliver_at,
+                txn.as_ref(),
+                index,
+                ch,
+            )),
+            Command::EndTxn { id, commit } => Response::Count(q.end_txn(id, *commit, index, ch)),
+            Command::TxnChecked {
+                ids,
+                now_ms,
+                interval_ms,
+            } => {
+                q.txn_checked(ids, *now_ms, *interval_ms, ch);
+                Response::Done(Ok(()))
+            }
             Command::Pop {
                 consumer,
                 max,
@@ -447,6 +479,7 @@ impl StateMachine {
                     producers: st.producers.into_iter().collect(),
                     records,
                     held: st.held.into_iter().collect(),
+                    txns: st.txns.into_iter().collect(),
                 })
             }
         }
@@ -597,6 +630,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     producers,
                     records,
                     held,
+                    txns,
                 },
             ) => {
                 let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
@@ -616,8 +650,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     header,
                     consumers: consumers.into_iter().collect(),
                     producers: producers.into_iter().collect(),
-                    due: held.iter().map(|(o, t)| (*t, *o)).collect(),
+                    due: held
+                        .iter()
+                        .filter(|(_, t)| *t != TXN_HOLD)
+                        .map(|(o, t)| (*t, *o))
+                        .collect(),
                     held: held.iter().copied().collect(),
+                    txns: txns.into_iter().collect(),
                 };
                 let mut ch = Changes {
                     records,
@@ -628,6 +667,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     truncated: None,
                     held_added: held,
                     held_removed: Vec::new(),
+                    txns: st.txns.keys().cloned().collect(),
+                    txns_removed: Vec::new(),
                 };
                 ch.records.sort_by_key(|r| r.0);
                 self.persist_queue(&st, ch, &mut b)?;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{QueuePlacement, TopicSpec};
-use crate::queue::{PopOutcome, RetryPolicy};
+use crate::queue::{PopOutcome, RetryPolicy, TxnOpen};
 
 openraft::declare_raft_types!(
     /// One type configuration for every group: one transport, one log store.
@@ -43,6 +43,19 @@ pub enum Command {
         records: Vec<(u64, Bytes)>,
         /// Per record: hold until then (DELAY topics; empty = none held).
         deliver_at: Vec<i64>,
+        /// TRANSACTION topics: the transaction these records belong to.
+        txn: Option<TxnOpen>,
+    },
+    /// Commit or roll back a transaction's records in this queue.
+    EndTxn {
+        id: String,
+        commit: bool,
+    },
+    /// These open transactions were handed to a checker at `now_ms`.
+    TxnChecked {
+        ids: Vec<String>,
+        now_ms: i64,
+        interval_ms: u64,
     },
     /// Lease up to `max` deliverable records to a consumer group.
     Pop {
@@ -180,6 +193,8 @@ pub enum Response {
     None,
     Appended(Vec<(u64, bool)>),
     Leased(PopOutcome),
+    /// A count (records a transaction end affected).
+    Count(u64),
     /// Nack: when the record comes back (`None`: dead-lettered).
     Nacked(Result<Option<i64>, ApplyError>),
     Acked(Vec<Result<(), ApplyError>>),

@@ -50,6 +50,16 @@ pub fn group_name(s: &str) -> Result<(), PetrelError> {
     name("consumer group", s)
 }
 
+/// Transaction ids: up to 128 bytes of printable ASCII (empty = none).
+pub fn transaction_id(s: &str) -> Result<(), PetrelError> {
+    if s.len() > 128 || s.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return Err(PetrelError::InvalidArgument(
+            "transaction id must be at most 128 printable ASCII characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub fn producer_id(s: &str) -> Result<(), PetrelError> {
     if s.len() > MAX_NAME_LEN {
         return Err(PetrelError::InvalidArgument(format!(
@@ -180,6 +190,17 @@ pub fn message_type_fit(
             "a message group is only for FIFO topics; this topic is {name}"
         ));
     }
+    if t != T::Transaction && !m.transaction_id.is_empty() {
+        return wrong(format!(
+            "a transaction id is only for TRANSACTION topics; this topic is {name}"
+        ));
+    }
+    if t == T::Transaction && m.transaction_id.is_empty() {
+        return wrong(
+            "a TRANSACTION topic takes messages sent in a transaction (Producer::begin)".into(),
+        );
+    }
+    transaction_id(&m.transaction_id)?;
     if t != T::Delay && delayed {
         return wrong(format!(
             "a delivery time or delay is only for DELAY topics; this topic is {name}"

@@ -41,7 +41,7 @@ pub async fn run(
             .clone()
             .run(config.route_refresh, shutdown.child_token()),
     );
-    let svc = service::ProxyService::new(config, router);
+    let svc = service::ProxyService::new(config, router, shutdown.child_token());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -72,6 +72,7 @@ mod consumer;
 mod message;
 pub mod producer;
 pub mod push;
+pub mod transaction;
 
 pub use admin::{Admin, TopicSpec};
 pub use client::{Client, ClientBuilder};
@@ -81,6 +82,7 @@ pub use petrel_proto::pb;
 pub use petrel_proto::PetrelError as Error;
 pub use producer::{Producer, ProducerBuilder};
 pub use push::{PushConsumer, PushConsumerBuilder, PushStats};
+pub use transaction::{Transaction, TransactionCheck, TransactionResolution};
 
 /// The result of every SDK call.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -100,6 +100,7 @@ impl Message {
             message_group: self.message_group,
             deliver_at_ms: self.deliver_at_ms,
             delay_ms: self.delay_ms,
+            transaction_id: String::new(),
         }
     }
 }

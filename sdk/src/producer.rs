@@ -66,6 +66,7 @@ pub struct ProducerBuilder {
     max_batch_bytes: usize,
     max_batch_messages: usize,
     max_in_flight: usize,
+    checker: Option<crate::transaction::Checker>,
 }
 
 impl ProducerBuilder {
@@ -78,7 +79,24 @@ impl ProducerBuilder {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            checker: None,
         }
+    }
+
+    /// TRANSACTION topics: answers the broker's questions about
+    /// transactions left open (by this producer or one that died). The
+    /// proxy this producer is connected to streams each check; the answer
+    /// commits, rolls back, or (`Unknown`) leaves it for the next check.
+    /// After 5 unanswered checks the broker rolls it back.
+    pub fn transaction_checker<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&crate::transaction::TransactionCheck) -> crate::transaction::TransactionResolution
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.checker = Some(crate::transaction::Checker(Arc::new(f)));
+        self
     }
 
     /// Stable producer id used for de-duplication (default: a random unique
@@ -131,6 +149,15 @@ impl ProducerBuilder {
             max_in_flight: self.max_in_flight,
         };
         self.client.spawn(batcher.run(rx));
+        let (alive, alive_rx) = tokio::sync::watch::channel(());
+        if let Some(checker) = self.checker {
+            self.client.spawn(crate::transaction::run_checker(
+                self.client.clone(),
+                self.topic.clone(),
+                checker,
+                alive_rx,
+            ));
+        }
         Producer {
             inner: Arc::new(Shared {
                 client: self.client,
@@ -139,6 +166,8 @@ impl ProducerBuilder {
                 next_sequence,
                 tx,
                 closed: AtomicBool::new(false),
+                _alive: alive,
+                txn_counter: AtomicU64::new(0),
             }),
         }
     }
@@ -188,6 +217,9 @@ struct Shared {
     next_sequence: Arc<AtomicU64>,
     tx: mpsc::Sender<Command>,
     closed: AtomicBool,
+    /// Dropped with the last clone: stops the transaction checker.
+    _alive: tokio::sync::watch::Sender<()>,
+    txn_counter: AtomicU64,
 }
 
 impl std::fmt::Debug for Producer {
@@ -201,7 +233,7 @@ impl std::fmt::Debug for Producer {
 
 enum Command {
     Send {
-        msg: pb::Message,
+        msg: Box<pb::Message>,
         done: oneshot::Sender<Result<SendReceipt>>,
     },
     Flush {
@@ -237,7 +269,10 @@ impl Producer {
         let (done, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Command::Send { msg, done })
+            .send(Command::Send {
+                msg: Box::new(msg),
+                done,
+            })
             .await
             .map_err(|_| Error::Internal("producer batcher stopped".to_string()))?;
         rx.await
@@ -269,6 +304,50 @@ impl Producer {
             messages: pbs,
         };
         send_request(&self.inner.client, req).await
+    }
+
+    /// Opens a transaction (TRANSACTION topics): its messages stay
+    /// invisible to consumers until [`Transaction::commit`](crate::Transaction::commit).
+    pub fn begin(&self) -> crate::Transaction {
+        let n = self.inner.txn_counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!(
+            "{}-{n}-{:08x}",
+            self.inner.producer_id,
+            rand::random::<u32>()
+        );
+        crate::transaction::Transaction::new(self.clone(), id)
+    }
+
+    /// One request of messages that belong to transaction `txn`.
+    pub(crate) async fn send_in_txn(
+        &self,
+        messages: Vec<Message>,
+        txn: &str,
+    ) -> Result<Vec<SendReceipt>> {
+        self.check()?;
+        let mut pbs = messages
+            .into_iter()
+            .map(|m| {
+                let mut m = m.into_pb(0);
+                m.transaction_id = txn.to_string();
+                validate::message(&m, validate::DEFAULT_MAX_RECORD_BYTES).map(|_| m)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let first = self
+            .inner
+            .next_sequence
+            .fetch_add(pbs.len() as u64, Ordering::Relaxed);
+        assign_sequences(&mut pbs, first);
+        let req = pb::SendRequest {
+            topic: self.inner.topic.clone(),
+            producer_id: self.inner.producer_id.clone(),
+            messages: pbs,
+        };
+        send_request(&self.inner.client, req).await
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.inner.client
     }
 
     /// Sends a prepared request verbatim (with retries). For tests that
@@ -406,7 +485,8 @@ impl Batcher {
                     self.dispatch(acc.take(), &permits).await;
                     return;
                 }
-                Some(Command::Send { mut msg, done }) => {
+                Some(Command::Send { msg, done }) => {
+                    let mut msg = *msg;
                     msg.sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
                     let size = msg.encoded_len();
                     let full = acc.push(Pending { msg, done }, size);

@@ -105,6 +105,20 @@ impl pb::petrel_server::Petrel for Mock {
         self.0.lock().unwrap().acks.push(req);
         Ok(Response::new(pb::AckResponse { results }))
     }
+    async fn end_transaction(
+        &self,
+        _: Request<pb::EndTransactionRequest>,
+    ) -> Result<Response<pb::EndTransactionResponse>, Status> {
+        Err(Status::unimplemented("not in the mock"))
+    }
+    type WatchTransactionsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::TransactionCheck, Status>> + Send>>;
+    async fn watch_transactions(
+        &self,
+        _: Request<pb::WatchTransactionsRequest>,
+    ) -> Result<Response<Self::WatchTransactionsStream>, Status> {
+        Err(Status::unimplemented("not in the mock"))
+    }
     async fn nack(
         &self,
         _: Request<pb::NackRequest>,

@@ -1128,6 +1128,7 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                         "dead_lettered": q.dead_lettered,
                         "filtered": q.filtered,
                         "scheduled": q.scheduled,
+                        "uncommitted": q.uncommitted,
                     }))?;
                 }
                 return Ok(());

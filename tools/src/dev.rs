@@ -42,6 +42,8 @@ pub struct ClusterOptions {
     pub port: u16,
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_ms: Option<u64>,
+    /// Brokers' `--transaction-check-ms` (default 5000).
+    pub transaction_check_ms: Option<u64>,
 }
 
 impl ClusterOptions {
@@ -52,6 +54,7 @@ impl ClusterOptions {
             port: 0,
             heartbeat_ms: None,
             election_timeout_ms: None,
+            transaction_check_ms: None,
         }
     }
 }
@@ -109,6 +112,7 @@ impl LocalCluster {
                 peers: Some(peers.clone()),
                 heartbeat_ms: opts.heartbeat_ms,
                 election_timeout_ms: opts.election_timeout_ms,
+                transaction_check_ms: opts.transaction_check_ms,
                 ..Default::default()
             }
             .resolve()?;
@@ -180,6 +184,7 @@ pub async fn run(args: DevArgs, json: bool) -> anyhow::Result<()> {
         port: args.port,
         heartbeat_ms: None,
         election_timeout_ms: None,
+        transaction_check_ms: None,
     };
     let cluster = LocalCluster::start(opts).await?;
     cluster.wait_ready(READY_TIMEOUT).await?;

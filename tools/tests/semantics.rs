@@ -11,12 +11,14 @@ use petrel_sdk::{Client, Error, Message, RetryPolicy, TopicSpec};
 use petrel_tools::dev::{ClusterOptions, LocalCluster};
 
 const READY: Duration = Duration::from_secs(30);
+const TXN_CHECK_MS: u64 = 1000;
 
 async fn cluster() -> (tempfile::TempDir, LocalCluster, Client) {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::start(ClusterOptions::new(dir.path()))
-        .await
-        .unwrap();
+    let mut opts = ClusterOptions::new(dir.path());
+    // Transaction checks every second (default 5 s), to keep tests short.
+    opts.transaction_check_ms = Some(TXN_CHECK_MS);
+    let cluster = LocalCluster::start(opts).await.unwrap();
     cluster.wait_ready(READY).await.unwrap();
     let client = Client::connect([cluster.endpoint()]).unwrap();
     (dir, cluster, client)
@@ -84,14 +86,14 @@ async fn each_topic_type_takes_only_its_own_messages() {
     )
     .await
     .unwrap();
-    // Transactions are not accepted yet: a typed error at creation.
-    match admin
+    // TRANSACTION topics take only messages sent in a transaction.
+    admin
         .create_topic(TopicSpec::new("tx").message_type(MessageType::Transaction))
         .await
-    {
-        Err(Error::InvalidArgument(_)) => {}
-        other => panic!("expected invalid_argument, got {other:?}"),
-    }
+        .unwrap();
+    wrong(send("tx", Message::new("x")).await);
+    let txn = client.producer("plain").build().begin();
+    wrong(txn.send(Message::new("x")).await);
     cluster.stop().await;
 }
 
@@ -375,5 +377,118 @@ async fn push_consumer_bounds_concurrency_and_finishes_in_flight_handlers_on_shu
     let second = push.shutdown().await;
     assert_eq!(first.succeeded + second.succeeded, 40);
     assert!(done.lock().unwrap().values().all(|n| *n == 1));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumers_see_exactly_the_committed_transactions() {
+    use petrel_sdk::TransactionResolution as Res;
+    let (_dir, cluster, client) = cluster().await;
+    client
+        .admin()
+        .create_topic(
+            TopicSpec::new("ledger")
+                .queues(3)
+                .message_type(MessageType::Transaction),
+        )
+        .await
+        .unwrap();
+    let consumer = client
+        .simple_consumer("ledger", "books")
+        .wait(Duration::from_millis(300))
+        .build();
+    let mut seen: Vec<String> = Vec::new();
+    async fn drain(c: &petrel_sdk::SimpleConsumer, seen: &mut Vec<String>) {
+        let batch = c.receive(10).await.unwrap();
+        for m in &batch {
+            seen.push(String::from_utf8(m.body.to_vec()).unwrap());
+        }
+        c.ack_many(&batch).await.unwrap();
+    }
+    let msgs = |t: &str| -> Vec<Message> {
+        (0..3)
+            .map(|i| Message::new(format!("{t}{i}")).with_key(format!("{t}-{i}")))
+            .collect()
+    };
+
+    // Commit: all three appear; rollback: none.
+    let producer = client.producer("ledger").build();
+    let a = producer.begin();
+    a.send_batch(msgs("a")).await.unwrap();
+    let b = producer.begin();
+    for m in msgs("b") {
+        b.send(m).await.unwrap();
+    }
+    let batch = consumer.receive(10).await.unwrap();
+    assert!(
+        batch.is_empty(),
+        "open transactions are invisible: {batch:?}"
+    );
+    assert_eq!(a.commit().await.unwrap(), 3);
+    assert_eq!(b.rollback().await.unwrap(), 3);
+
+    // A producer dies with three transactions open: c (its business
+    // committed it), d (rolled back), e (nobody knows).
+    let dying = client.producer("ledger").build();
+    let (c, d, e) = (dying.begin(), dying.begin(), dying.begin());
+    c.send_batch(msgs("c")).await.unwrap();
+    d.send_batch(msgs("d")).await.unwrap();
+    e.send_batch(msgs("e")).await.unwrap();
+    let (c_id, d_id) = (c.id().to_string(), d.id().to_string());
+    drop((c, d, e, dying));
+    // Another producer of the topic answers the checks.
+    let checks: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let log = checks.clone();
+    let (cc, dd) = (c_id.clone(), d_id.clone());
+    let _checker = client
+        .producer("ledger")
+        .transaction_checker(move |chk| {
+            log.lock()
+                .unwrap()
+                .push((chk.transaction_id.clone(), chk.check));
+            // The transaction's first record in the asking queue.
+            let first = chk
+                .first
+                .as_ref()
+                .map(|m| m.key.clone())
+                .unwrap_or_default();
+            if !["c-", "d-", "e-"].iter().any(|p| first.starts_with(p)) {
+                return Res::Unknown; // fails the test below: never resolved
+            }
+            if chk.transaction_id == cc {
+                Res::Commit
+            } else if chk.transaction_id == dd {
+                Res::Rollback
+            } else {
+                Res::Unknown
+            }
+        })
+        .build();
+    // c becomes visible after its first check; e is rolled back after the
+    // unanswered checks. Wait for both.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        drain(&consumer, &mut seen).await;
+        let asked: Vec<(String, u32)> = checks.lock().unwrap().clone();
+        let e_checks = asked
+            .iter()
+            .filter(|(id, _)| *id != c_id && *id != d_id)
+            .count();
+        let described = client.admin().describe_group("books").await.unwrap();
+        let open: u64 = described.queues.iter().map(|q| q.uncommitted).sum();
+        if seen.len() >= 6 && e_checks >= 1 && open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seen {seen:?}, checks {asked:?}, open {open}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A little longer: nothing else may appear.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drain(&consumer, &mut seen).await;
+    seen.sort();
+    assert_eq!(seen, vec!["a0", "a1", "a2", "c0", "c1", "c2"]);
     cluster.stop().await;
 }
