@@ -450,6 +450,48 @@ impl QueueState {
             .collect()
     }
 
+    /// How a stored record is held: "scheduled", "uncommitted",
+    /// "rolled_back", or "" (deliverable).
+    pub fn hold_of(&self, offset: u64) -> &'static str {
+        match self.held.get(&offset) {
+            None => "",
+            Some(&TXN_HOLD) => {
+                if self
+                    .txns
+                    .values()
+                    .any(|t| t.outcome.is_none() && t.offsets.contains(&offset))
+                {
+                    "uncommitted"
+                } else {
+                    "rolled_back"
+                }
+            }
+            Some(_) => "scheduled",
+        }
+    }
+
+    /// Where `offset` stands in each consumer group: (group, state,
+    /// attempt, lease end).
+    pub fn delivery_states(&self, offset: u64) -> Vec<(String, &'static str, u32, i64)> {
+        self.consumers
+            .iter()
+            .map(|(name, c)| {
+                let (state, attempt, until) = if let Some(l) = c.leases.get(&offset) {
+                    ("leased", l.attempt, l.deadline_ms)
+                } else if c.pending.contains_key(&offset) {
+                    ("pending", 0, 0)
+                } else if let Some(d) = c.dead_pending.get(&offset) {
+                    ("dead_lettering", d.attempts, 0)
+                } else if offset >= c.next_fresh || self.held.contains_key(&offset) {
+                    ("not_delivered", 0, 0)
+                } else {
+                    ("done", 0, 0)
+                };
+                (name.clone(), state, attempt, until)
+            })
+            .collect()
+    }
+
     /// Earliest delivery time of a held record.
     pub fn next_due(&self) -> Option<i64> {
         self.due.first().map(|(t, _)| *t)

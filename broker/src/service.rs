@@ -580,6 +580,81 @@ impl BrokerData for Service {
         }
     }
 
+    async fn lookup(&self, req: Request<bpb::LookupRequest>) -> R<bpb::LookupResponse> {
+        let req = req.into_inner();
+        let h = self.leader(req.group_id)?;
+        let q = queue_of(&h, req.group_id)?;
+        let (start, end) = {
+            let st = q.read();
+            (st.header.start_offset, st.header.next_offset)
+        };
+        if req.offset < start || req.offset >= end {
+            return Err(PetrelError::NotFound(format!(
+                "offset {} is not stored (the queue holds {start}..{end})",
+                req.offset
+            ))
+            .into());
+        }
+        let encoded = self.read_record(req.group_id, req.offset)?;
+        let st = q.read();
+        Ok(TResponse::new(bpb::LookupResponse {
+            encoded,
+            hold: st.hold_of(req.offset).to_string(),
+            deliveries: st
+                .delivery_states(req.offset)
+                .into_iter()
+                .map(|(group, state, attempt, until)| pb::DeliveryState {
+                    group,
+                    state: state.to_string(),
+                    attempt,
+                    invisible_until_ms: until,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn find_by_key(&self, req: Request<bpb::FindByKeyRequest>) -> R<bpb::FindByKeyResponse> {
+        let req = req.into_inner();
+        if req.key.is_empty() || req.key.len() > validate::MAX_KEY_LEN {
+            return Err(PetrelError::InvalidArgument(format!(
+                "key must be 1..={} bytes",
+                validate::MAX_KEY_LEN
+            ))
+            .into());
+        }
+        let max = if req.max == 0 { 100 } else { req.max.min(1000) } as usize;
+        let h = self.leader(req.group_id)?;
+        let start = queue_of(&h, req.group_id)?.read().header.start_offset;
+        let prefix = keys::key_index_prefix(req.group_id, &req.key);
+        let cf = self.node.store.cf(crate::storage::CF_INDEXES);
+        let mut records = Vec::new();
+        for kv in self
+            .node
+            .store
+            .db()
+            .iterator_cf(&cf, IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, _) = kv.map_err(|e| PetrelError::Internal(e.to_string()))?;
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 8 {
+                break;
+            }
+            let off = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
+            // Index entries of records removed by retention are skipped
+            // (they are not range-deleted with the records).
+            if off < start {
+                continue;
+            }
+            records.push(bpb::StoredRecord {
+                offset: off,
+                encoded: self.read_record(req.group_id, off)?,
+            });
+            if records.len() >= max {
+                break;
+            }
+        }
+        Ok(TResponse::new(bpb::FindByKeyResponse { records }))
+    }
+
     async fn end_transaction(
         &self,
         req: Request<bpb::BrokerEndTransactionRequest>,

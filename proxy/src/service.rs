@@ -995,6 +995,80 @@ impl Petrel for ProxyService {
         Ok(Response::new(pb::AckResponse { results }))
     }
 
+    async fn get_message(&self, req: Request<pb::GetMessageRequest>) -> R<pb::GetMessageResponse> {
+        let s = &self.inner;
+        let id: MessageId = req.into_inner().message_id.parse()?;
+        let t = s.topic(&id.topic).await?;
+        let group = Inner::group_of(&t, id.queue)?;
+        let breq = bpb::LookupRequest {
+            group_id: group,
+            offset: id.offset,
+        };
+        let resp = s
+            .on_leader(group, |_, _, mut c| async move {
+                c.lookup(breq)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| PetrelError::from_status(&s))
+            })
+            .await?;
+        let record = s.to_record(&id.topic, id.queue, id.offset, &resp.encoded)?;
+        Ok(Response::new(pb::GetMessageResponse {
+            record: Some(record),
+            hold: resp.hold,
+            deliveries: resp.deliveries,
+        }))
+    }
+
+    async fn find_messages(
+        &self,
+        req: Request<pb::FindMessagesRequest>,
+    ) -> R<pb::FindMessagesResponse> {
+        let s = &self.inner;
+        let req = req.into_inner();
+        if req.key.is_empty() || req.key.len() > validate::MAX_KEY_LEN {
+            return Err(PetrelError::InvalidArgument(format!(
+                "key must be 1..={} bytes",
+                validate::MAX_KEY_LEN
+            ))
+            .into());
+        }
+        let max = if req.max == 0 { 100 } else { req.max.min(1000) };
+        let t = s.topic(&req.topic).await?;
+        // Every queue: a key's records stay where they were stored when
+        // the topic's queue count changed since.
+        let futs = t.queues.iter().map(|q| {
+            let breq = bpb::FindByKeyRequest {
+                group_id: q.group_id,
+                key: req.key.clone(),
+                max,
+            };
+            async move {
+                let r = s
+                    .on_leader(q.group_id, |_, _, mut c| {
+                        let breq = breq.clone();
+                        async move {
+                            c.find_by_key(breq)
+                                .await
+                                .map(|r| r.into_inner())
+                                .map_err(|s| PetrelError::from_status(&s))
+                        }
+                    })
+                    .await;
+                (q.queue, r)
+            }
+        });
+        let mut records = Vec::new();
+        for (queue, r) in futures::future::join_all(futs).await {
+            for sr in r?.records {
+                records.push(s.to_record(&req.topic, queue, sr.offset, &sr.encoded)?);
+            }
+        }
+        records.sort_by_key(|r| (r.store_timestamp_ms, r.queue, r.offset));
+        records.truncate(max as usize);
+        Ok(Response::new(pb::FindMessagesResponse { records }))
+    }
+
     async fn end_transaction(
         &self,
         req: Request<pb::EndTransactionRequest>,

@@ -162,6 +162,40 @@ impl Admin {
         unary!(self, list_groups, pb::ListGroupsRequest {})
     }
 
+    /// A stored record by message id, with its state in every consumer
+    /// group (`NotFound` once retention removed it).
+    pub async fn get_message(
+        &self,
+        message_id: impl Into<String>,
+    ) -> Result<pb::GetMessageResponse> {
+        unary!(
+            self,
+            get_message,
+            pb::GetMessageRequest {
+                message_id: message_id.into()
+            }
+        )
+    }
+
+    /// Records of `topic` with `key`, oldest first (at most `max`, 0 = 100).
+    pub async fn find_messages(
+        &self,
+        topic: impl Into<String>,
+        key: impl Into<String>,
+        max: u32,
+    ) -> Result<Vec<crate::ReceivedMessage>> {
+        let r: pb::FindMessagesResponse = unary!(
+            self,
+            find_messages,
+            pb::FindMessagesRequest {
+                topic: topic.into(),
+                key: key.into(),
+                max,
+            }
+        )?;
+        Ok(r.records.into_iter().map(Into::into).collect())
+    }
+
     pub async fn describe_group(
         &self,
         group: impl Into<String>,

@@ -105,6 +105,18 @@ impl pb::petrel_server::Petrel for Mock {
         self.0.lock().unwrap().acks.push(req);
         Ok(Response::new(pb::AckResponse { results }))
     }
+    async fn get_message(
+        &self,
+        _: Request<pb::GetMessageRequest>,
+    ) -> Result<Response<pb::GetMessageResponse>, Status> {
+        Err(Status::unimplemented("not in the mock"))
+    }
+    async fn find_messages(
+        &self,
+        _: Request<pb::FindMessagesRequest>,
+    ) -> Result<Response<pb::FindMessagesResponse>, Status> {
+        Err(Status::unimplemented("not in the mock"))
+    }
     async fn end_transaction(
         &self,
         _: Request<pb::EndTransactionRequest>,

@@ -80,6 +80,30 @@ pub enum Command {
     /// Show the cluster's brokers and leadership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Look up stored messages: by id, or by key.
+    #[command(subcommand)]
+    Message(MessageCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MessageCmd {
+    /// One message by id (TOPIC/QUEUE/OFFSET): body, properties, and its
+    /// delivery state in every consumer group.
+    Get {
+        /// Message id, as printed by `produce`.
+        id: String,
+    },
+    /// Messages of a topic with a key (from the brokers' key index),
+    /// oldest first.
+    Find {
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        key: String,
+        /// Most messages shown.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        max: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -473,6 +497,70 @@ async fn execute(cli: Cli) -> CliResult {
         Command::Group(cmd) => group(&client, cmd, json).await,
         Command::Cluster(ClusterCmd::Describe) => cluster(&client, json).await,
         Command::Cluster(cmd) => cluster_admin(&client, cmd, json).await,
+        Command::Message(cmd) => message(&client, cmd, json).await,
+    }
+}
+
+async fn message(client: &Client, cmd: MessageCmd, json: bool) -> CliResult {
+    let admin = client.admin();
+    match cmd {
+        MessageCmd::Get { id } => {
+            let r = admin.get_message(id).await?;
+            let m = ReceivedMessage::from(r.record.unwrap_or_default());
+            let deliveries: Vec<Value> = r
+                .deliveries
+                .iter()
+                .map(|d| {
+                    json!({
+                        "group": d.group,
+                        "state": d.state,
+                        "attempt": d.attempt,
+                        "invisible_until_ms": d.invisible_until_ms,
+                    })
+                })
+                .collect();
+            if json {
+                let mut v = record_json(&m);
+                v["hold"] = json!(r.hold);
+                v["deliveries"] = json!(deliveries);
+                return Ok(json_line(&v)?);
+            }
+            let (body, enc) = body_text(&m.body);
+            line(&format!("id:         {}", m.message_id))?;
+            line(&format!("key:        {}", m.key))?;
+            line(&format!("tag:        {}", m.tag))?;
+            if !m.message_group.is_empty() {
+                line(&format!("group:      {}", m.message_group))?;
+            }
+            if m.deliver_at_ms != 0 {
+                line(&format!("deliver at: {} ms", m.deliver_at_ms))?;
+            }
+            if !r.hold.is_empty() {
+                line(&format!("held:       {}", r.hold))?;
+            }
+            line(&format!("stored at:  {} ms", m.store_timestamp_ms))?;
+            let props: BTreeMap<&String, &String> = m.properties.iter().collect();
+            for (k, v) in props {
+                line(&format!("property:   {k}={v}"))?;
+            }
+            line(&format!("body ({enc}): {body}"))?;
+            let mut tab = Table::new(&["GROUP", "STATE", "ATTEMPT", "INVISIBLE_UNTIL_MS"]);
+            for d in r.deliveries {
+                tab.row(vec![
+                    d.group,
+                    d.state,
+                    d.attempt.to_string(),
+                    d.invisible_until_ms.to_string(),
+                ]);
+            }
+            Ok(tab.print()?)
+        }
+        MessageCmd::Find { topic, key, max } => {
+            for m in admin.find_messages(topic, key, max).await? {
+                print_record(&m, json)?;
+            }
+            Ok(())
+        }
     }
 }
 

@@ -545,3 +545,219 @@ fn group_reset_moves_a_group_to_earliest_latest_an_offset_or_a_time() {
     assert_eq!(consume("500").len(), 0);
     dev.stop();
 }
+
+#[test]
+fn message_lookup_by_id_and_key_shows_delivery_state_per_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(dir.path(), free_port_block());
+    dev.json(&["topic", "create", "lk", "--queues", "2", "--replicas", "3"]);
+    let a = dev.json(&[
+        "produce", "--topic", "lk", "--count", "3", "--key", "order-1",
+    ]);
+    dev.json(&[
+        "produce", "--topic", "lk", "--count", "2", "--key", "order-2",
+    ]);
+    // Group g takes the first order-1 record and holds it (no ack).
+    let got = dev.json(&[
+        "consume",
+        "--topic",
+        "lk",
+        "--group",
+        "g",
+        "--max",
+        "1",
+        "--wait-ms",
+        "2000",
+        "--no-ack",
+    ]);
+    assert_eq!(got.len(), 1);
+    let found = dev.json(&["message", "find", "--topic", "lk", "--key", "order-1"]);
+    assert_eq!(ids(&found), ids(&a), "every order-1 record, oldest first");
+    assert!(found.iter().all(|r| r["key"] == "order-1"));
+    assert!(dev
+        .json(&["message", "find", "--topic", "lk", "--key", "nope"])
+        .is_empty());
+
+    let leased = got[0]["id"].as_str().unwrap();
+    let m = dev.json(&["message", "get", leased]);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["id"], leased);
+    assert_eq!(m[0]["hold"], "");
+    let d = &m[0]["deliveries"];
+    assert_eq!(d[0]["group"], "g");
+    assert_eq!(d[0]["state"], "leased", "{m:?}");
+    assert_eq!(d[0]["attempt"], 1);
+    // Plain output names the same.
+    let plain = String::from_utf8(dev.run(&["message", "get", leased]).stdout).unwrap();
+    assert!(
+        plain.contains("leased") && plain.contains("key:        order-1"),
+        "{plain}"
+    );
+
+    fails_with(&dev.run(&["message", "get", "lk/0/999999"]), "not stored");
+    fails_with(
+        &dev.run(&["message", "get", "garbage"]),
+        "malformed message id",
+    );
+    fails_with(
+        &dev.run(&["message", "get", "lk/7/0"]),
+        "queue 7 does not exist",
+    );
+    dev.stop();
+}
+
+#[test]
+fn cli_speaks_message_types_filters_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(dir.path(), free_port_block());
+    dev.json(&[
+        "topic",
+        "create",
+        "plain",
+        "--queues",
+        "1",
+        "--replicas",
+        "3",
+    ]);
+    dev.json(&[
+        "topic",
+        "create",
+        "ord",
+        "--queues",
+        "2",
+        "--replicas",
+        "3",
+        "--type",
+        "fifo",
+    ]);
+    fails_with(
+        &dev.run(&[
+            "produce",
+            "--topic",
+            "plain",
+            "--count",
+            "1",
+            "--message-group",
+            "g",
+        ]),
+        "wrong message type",
+    );
+    fails_with(
+        &dev.run(&["produce", "--topic", "ord", "--count", "1"]),
+        "needs a message group",
+    );
+    let sent = dev.json(&[
+        "produce",
+        "--topic",
+        "ord",
+        "--count",
+        "3",
+        "--message-group",
+        "g1",
+    ]);
+    assert_eq!(sent.len(), 3);
+    let got = dev.json(&[
+        "consume",
+        "--topic",
+        "ord",
+        "--group",
+        "c",
+        "--max",
+        "3",
+        "--wait-ms",
+        "2000",
+    ]);
+    assert_eq!(ids(&got), ids(&sent), "FIFO order");
+    assert!(got.iter().all(|r| r["message_group"] == "g1"));
+
+    // Filters.
+    dev.json(&["produce", "--topic", "plain", "--count", "2", "--tag", "A"]);
+    dev.json(&[
+        "produce",
+        "--topic",
+        "plain",
+        "--count",
+        "2",
+        "--tag",
+        "B",
+        "--property",
+        "n=5",
+    ]);
+    let b = dev.json(&[
+        "consume",
+        "--topic",
+        "plain",
+        "--group",
+        "fb",
+        "--filter-sql",
+        "n >= 5",
+        "--wait-ms",
+        "1500",
+    ]);
+    assert_eq!(b.len(), 2);
+    assert!(b.iter().all(|r| r["tag"] == "B"));
+    fails_with(
+        &dev.run(&[
+            "consume",
+            "--topic",
+            "plain",
+            "--group",
+            "x",
+            "--filter-sql",
+            "n >>",
+            "--wait-ms",
+            "500",
+        ]),
+        "position",
+    );
+
+    // A consumer that nacks everything: after --max-attempts the record is
+    // in GROUP.dlq and group describe counts it.
+    dev.json(&["topic", "create", "dl", "--queues", "1", "--replicas", "3"]);
+    dev.json(&["produce", "--topic", "dl", "--count", "1"]);
+    let mut tries = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = dev.json(&[
+            "consume",
+            "--topic",
+            "dl",
+            "--group",
+            "w",
+            "--max-attempts",
+            "2",
+            "--nack",
+            "boom",
+            "--wait-ms",
+            "1500",
+        ]);
+        tries += got.len();
+        let d = dev.json(&["group", "describe", "w"]);
+        if d.iter().any(|q| q["dead_lettered"] == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not dead-lettered: {d:?}"
+        );
+    }
+    assert_eq!(tries, 2, "delivered exactly max-attempts times");
+    let dead = dev.json(&[
+        "consume",
+        "--topic",
+        "w.dlq",
+        "--group",
+        "audit",
+        "--max",
+        "1",
+        "--wait-ms",
+        "3000",
+    ]);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["properties"]["petrel.dlq.attempts"], "2");
+    assert!(dead[0]["properties"]["petrel.dlq.reason"]
+        .as_str()
+        .unwrap()
+        .contains("boom"));
+    dev.stop();
+}
