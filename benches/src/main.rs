@@ -16,6 +16,7 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
 mod failover;
+mod timers;
 use hdrhistogram::Histogram;
 use petrel_sdk::{Client, Error as PetrelError, Message, TopicSpec};
 use serde::Serialize;
@@ -48,6 +49,9 @@ enum Workload {
     /// `--kills` times, and report per affected queue the time
     /// from the kill to the first acked write (p50/p99/max).
     Failover(failover::FailoverArgs),
+    /// Delayed-delivery accuracy and send latency on one DELAY queue,
+    /// before and after loading it with `--pending` far-future timers.
+    Timers(timers::TimersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -382,6 +386,11 @@ async fn main() -> anyhow::Result<()> {
         Workload::Consume(a) => consume(a).await?,
         Workload::Failover(a) => {
             let r = failover::run(a).await?;
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(());
+        }
+        Workload::Timers(a) => {
+            let r = timers::run(a).await?;
             println!("{}", serde_json::to_string(&r)?);
             return Ok(());
         }

@@ -114,6 +114,8 @@ pub const MAX_DEAD_PENDING: usize = 1024;
 pub const MAX_PENDING: usize = 4096;
 /// Fresh records one pop examines at most (filters may skip many).
 pub const POP_SCAN_LIMIT: u64 = 4096;
+/// Held (delayed / transactional) records one pop passes over at most.
+pub const POP_HELD_SKIP_LIMIT: u64 = 1 << 20;
 
 /// One consumer group's position in one queue.
 ///
@@ -719,11 +721,20 @@ impl QueueState {
             }
         }
         // 3. Fresh records.
-        let mut scanned = 0;
+        let (mut scanned, mut held_skipped) = (0, 0);
         while out.len() < max && c.next_fresh < end && scanned < POP_SCAN_LIMIT {
             let off = c.next_fresh;
             if held.contains_key(&off) {
-                c.next_fresh += 1;
+                // Walk the run of held offsets from here in order (an
+                // iterator step each, not a lookup), bounded per pop.
+                let mut run = held.range(off..).map(|(o, _)| *o);
+                while run.next() == Some(c.next_fresh) && held_skipped < POP_HELD_SKIP_LIMIT {
+                    c.next_fresh += 1;
+                    held_skipped += 1;
+                }
+                if held_skipped >= POP_HELD_SKIP_LIMIT {
+                    break;
+                }
                 continue;
             }
             let g = if needs_view {
