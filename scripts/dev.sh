@@ -13,7 +13,8 @@ EP="127.0.0.1:$PORT"
 
 DATA="${PETREL_DATA_DIR:-./petrel-data}"
 READY_FILE="$(mktemp)"
-"$PETREL" --json dev --data-dir "$DATA" --port "$PORT" >"$READY_FILE" &
+ADMIN_PORT="${PETREL_ADMIN_PORT:-$((PORT + 9))}"
+"$PETREL" --json dev --data-dir "$DATA" --port "$PORT" --admin-port "$ADMIN_PORT" >"$READY_FILE" &
 DEV=$!
 trap 'kill -INT $DEV 2>/dev/null; wait $DEV 2>/dev/null || true; rm -f "$READY_FILE"' EXIT INT TERM
 
@@ -34,6 +35,20 @@ printf 'hello\nworld\n' | "$PETREL" --endpoint "$EP" produce --topic demo --key 
 run produce --topic demo --count 5 --size 32
 run consume --topic demo --group demo-readers --max 7 --wait-ms 3000
 run group describe demo-readers
+run message find --topic demo --key greeting
+
+echo; echo "# FIFO: one message group's records arrive in send order"
+"$PETREL" --endpoint "$EP" topic describe demo-fifo >/dev/null 2>&1 || run topic create demo-fifo --type fifo --queues 2 --replicas 3
+run produce --topic demo-fifo --message-group order-7 --count 3 --size 16
+run consume --topic demo-fifo --group fifo-readers --max 3 --wait-ms 3000
+
+echo; echo "# Delay: a record sent now, delivered 2 s later"
+"$PETREL" --endpoint "$EP" topic describe demo-delay >/dev/null 2>&1 || run topic create demo-delay --type delay --queues 1 --replicas 3
+run produce --topic demo-delay --delay-ms 2000 --count 1 --size 16
+run consume --topic demo-delay --group later --max 1 --wait-ms 5000
+
+echo; echo "# Metrics and health of the whole embedded cluster:"
+echo "#   curl http://127.0.0.1:$ADMIN_PORT/metrics   /healthz   /readyz"
 echo
 echo "Demo done. The cluster keeps running at $EP; use $PETREL --endpoint $EP ... (Ctrl-C to stop)."
 wait $DEV || true

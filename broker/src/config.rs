@@ -73,6 +73,10 @@ pub struct BrokerArgs {
     /// back [default: 5000].
     #[arg(long, env = "PETREL_TRANSACTION_CHECK_MS")]
     pub transaction_check_ms: Option<u64>,
+    /// Serve the admin HTTP endpoint (/metrics, /healthz, /readyz) on this
+    /// address, e.g. 0.0.0.0:9400 [default: off].
+    #[arg(long, env = "PETREL_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +94,7 @@ struct FileConfig {
     max_record_bytes: Option<usize>,
     log: Option<String>,
     transaction_check_ms: Option<u64>,
+    admin_listen: Option<SocketAddr>,
 }
 
 /// Default first check (and re-check interval) of an open transaction.
@@ -115,6 +120,7 @@ pub struct BrokerConfig {
     pub max_record_bytes: usize,
     pub log: String,
     pub transaction_check_ms: u64,
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +275,7 @@ impl BrokerArgs {
                 .or(file.transaction_check_ms)
                 .unwrap_or(DEFAULT_TRANSACTION_CHECK_MS)
                 .clamp(100, 3_600_000),
+            admin_listen: self.admin_listen.or(file.admin_listen),
         })
     }
 }

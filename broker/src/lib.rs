@@ -69,7 +69,29 @@ pub async fn spawn_with(
     shutdown: CancellationToken,
     graceful: bool,
 ) -> anyhow::Result<(Arc<Node>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    // Bind first, so a taken port fails the start with a clear error.
+    let admin = match config.admin_listen {
+        Some(a) => Some(petrel_proto::admin::bind(a).await?),
+        None => None,
+    };
     let node = Node::start(config, CancellationToken::new()).await?;
+    if let Some(l) = admin {
+        // Weak: an open scrape connection must not keep the node (and its
+        // database) alive after the broker stopped.
+        let n = Arc::downgrade(&node);
+        let ready: petrel_proto::admin::Readiness = Arc::new(move || match n.upgrade() {
+            Some(n) => n.readiness(),
+            None => Err("stopped".into()),
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                petrel_proto::admin::serve(l, ready, async move { stop.cancelled().await }).await
+            {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        });
+    }
     let n = node.clone();
     let task = tokio::spawn(async move {
         let server_stop = CancellationToken::new();

@@ -47,6 +47,8 @@ const MOVES_PER_ROUND: usize = 64;
 const REPLICA_MOVES_IN_FLIGHT: usize = 8;
 /// How often each queue leader checks retention.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(2);
+/// How often the broker's gauges (lag, leaders, RocksDB) are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
 /// How often queue leaders release due delayed records (their accuracy).
 const RELEASE_EVERY: Duration = Duration::from_millis(50);
 /// Delayed records released per command.
@@ -172,6 +174,7 @@ impl Node {
         tokio::spawn(node.clone().retention_loop());
         tokio::spawn(node.clone().release_loop());
         tokio::spawn(node.clone().txn_timeout_loop());
+        tokio::spawn(node.clone().gauges_loop());
         Ok(node)
     }
 
@@ -417,6 +420,89 @@ impl Node {
                 }
             });
             futures::future::join_all(writes).await;
+        }
+    }
+
+    /// Every `GAUGES_EVERY`: this broker's leader count, and for the queues
+    /// it leads, per topic and consumer group, lag in records and in time
+    /// (age of the oldest record not done), in-flight leases; RocksDB write
+    /// stalls and pending compaction. Series this broker no longer
+    /// reports (e.g. a leadership moved) are set to 0.
+    async fn gauges_loop(self: Arc<Self>) {
+        let broker = self.id.to_string();
+        let mut tick = tokio::time::interval(GAUGES_EVERY);
+        let mut last: BTreeSet<(String, String)> = BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let map = self.map_rx.borrow().clone();
+            let now = petrel_proto::now_ms();
+            let mut leaders = 0u64;
+            // (topic, group) -> (lag records, oldest age ms, inflight)
+            let mut per: BTreeMap<(String, String), (u64, i64, u64)> = BTreeMap::new();
+            for t in map.topics.values() {
+                for q in &t.queues {
+                    let Some(h) = self.group(q.group_id) else {
+                        continue;
+                    };
+                    if self.serving(&h).is_none() {
+                        continue;
+                    }
+                    leaders += 1;
+                    let Some(shared) = h.queue.as_ref() else {
+                        continue;
+                    };
+                    let st = shared.read();
+                    let end = st.header.next_offset;
+                    for (name, c) in &st.consumers {
+                        let lag = end.saturating_sub(c.committed);
+                        let age = if c.committed < end {
+                            self.store
+                                .get(
+                                    crate::storage::CF_RECORDS,
+                                    &crate::keys::record_key(q.group_id, c.committed),
+                                )
+                                .ok()
+                                .flatten()
+                                .and_then(|v| petrel_proto::record::store_timestamp_ms(&v))
+                                .map_or(0, |ts| (now - ts).max(0))
+                        } else {
+                            0
+                        };
+                        let e = per.entry((t.spec.name.clone(), name.clone())).or_default();
+                        e.0 += lag;
+                        e.1 = e.1.max(age);
+                        e.2 += c.inflight();
+                    }
+                }
+            }
+            metrics::gauge!("petrel_broker_leader_count", "broker" => broker.clone())
+                .set(leaders as f64);
+            let keys: BTreeSet<(String, String)> = per.keys().cloned().collect();
+            for (topic, group) in last.difference(&keys) {
+                per.insert((topic.clone(), group.clone()), (0, 0, 0));
+            }
+            for ((topic, group), (lag, age, inflight)) in &per {
+                let l = [
+                    ("topic", topic.clone()),
+                    ("group", group.clone()),
+                    ("broker", broker.clone()),
+                ];
+                metrics::gauge!("petrel_consumer_lag_records", &l).set(*lag as f64);
+                metrics::gauge!("petrel_consumer_lag_seconds", &l).set(*age as f64 / 1000.0);
+                metrics::gauge!("petrel_inflight_leases", &l).set(*inflight as f64);
+            }
+            last = keys;
+            let db = self.store.db();
+            let prop = |p: &str| db.property_int_value(p).ok().flatten().unwrap_or(0) as f64;
+            metrics::gauge!("petrel_broker_rocksdb_write_stopped", "broker" => broker.clone())
+                .set(prop("rocksdb.is-write-stopped"));
+            metrics::gauge!("petrel_broker_rocksdb_delayed_write_rate", "broker" => broker.clone())
+                .set(prop("rocksdb.actual-delayed-write-rate"));
+            metrics::gauge!("petrel_broker_rocksdb_pending_compaction_bytes", "broker" => broker.clone())
+                .set(prop("rocksdb.estimate-pending-compaction-bytes"));
         }
     }
 
@@ -1111,6 +1197,40 @@ impl Node {
             Some(e) => Err(PetrelError::from_detail(&e)),
             None => Ok(resp.payload),
         }
+    }
+
+    /// Ready to serve: this broker is in the meta group (voter or learner)
+    /// that has a leader, and runs every queue group the map assigns it,
+    /// each with a known leader (so it has replayed its log).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err("stopping".into());
+        }
+        let meta = self.meta();
+        let m = meta.metrics().borrow().clone();
+        let member = m
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(id, _)| *id == self.id);
+        if !member {
+            return Err("not a member of the meta group yet".into());
+        }
+        if m.current_leader.is_none() {
+            return Err("the meta group has no leader".into());
+        }
+        let map = self.map_rx.borrow().clone();
+        for t in map.topics.values() {
+            for q in t.queues.iter().filter(|q| q.hosts(self.id)) {
+                let Some(h) = self.group(q.group_id) else {
+                    return Err(format!("queue group {} not started", q.group_id));
+                };
+                if h.raft.metrics().borrow().current_leader.is_none() {
+                    return Err(format!("queue group {} has no leader", q.group_id));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hands this node's leadership of `group` to replica `to`: stop taking

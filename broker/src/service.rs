@@ -49,6 +49,9 @@ pub async fn serve(
     let svc = Service { node };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(petrel_proto::admin::RpcMetricsLayer {
+            prefix: "petrel_broker",
+        })
         .add_service(
             BrokerDataServer::new(svc.clone())
                 .max_decoding_message_size(MAX_DATA_MESSAGE)
@@ -142,6 +145,7 @@ impl Service {
             })
         };
         let mut records = Vec::with_capacity(g.messages.len());
+        let mut bytes = 0u64;
         let mut deliver_at = Vec::new();
         for m in g.messages {
             validate::message(&m, self.node.config.max_record_bytes)?;
@@ -163,7 +167,9 @@ impl Service {
                 message_group: m.message_group,
                 deliver_at_ms: at,
             };
-            records.push((m.sequence, rec.encode()));
+            let enc = rec.encode();
+            bytes += enc.len() as u64;
+            records.push((m.sequence, enc));
         }
         if deliver_at.iter().all(|t| *t == 0) {
             deliver_at.clear();
@@ -175,11 +181,29 @@ impl Service {
             txn,
         };
         match self.node.write(g.group_id, &h, cmd).await? {
-            Response::Appended(v) => Ok(v),
+            Response::Appended(v) => {
+                let topic = self.topic_name_of(g.group_id);
+                let new = v.iter().filter(|(_, dup)| !dup).count() as u64;
+                metrics::counter!("petrel_broker_appended_records_total", "topic" => topic.clone())
+                    .increment(new);
+                metrics::counter!("petrel_broker_appended_bytes_total", "topic" => topic)
+                    .increment(bytes);
+                Ok(v)
+            }
             other => Err(PetrelError::Internal(format!(
                 "unexpected response {other:?}"
             ))),
         }
+    }
+
+    /// The name of the topic a queue group belongs to ("" if unknown).
+    fn topic_name_of(&self, group: u64) -> String {
+        let map = self.node.map_rx.borrow();
+        map.topics
+            .values()
+            .find(|t| t.queues.iter().any(|q| q.group_id == group))
+            .map(|t| t.spec.name.clone())
+            .unwrap_or_default()
     }
 
     /// The message type of the topic a queue group belongs to (NORMAL if
@@ -492,6 +516,7 @@ impl BrokerData for Service {
             bytes += size;
             n += 1;
         }
+        let consumer = req.consumer_group.clone();
         let cmd = Command::Pop {
             consumer: req.consumer_group,
             max: n.max(1),
@@ -507,6 +532,12 @@ impl BrokerData for Service {
                 return Err(PetrelError::Internal(format!("unexpected response {other:?}")).into())
             }
         };
+        let topic = self.topic_name_of(group);
+        let first = outcome.leases.iter().filter(|l| l.attempt <= 1).count() as u64;
+        let again = outcome.leases.len() as u64 - first;
+        let labels = [("topic", topic), ("group", consumer.clone())];
+        metrics::counter!("petrel_broker_delivered_records_total", &labels).increment(first);
+        metrics::counter!("petrel_broker_redelivered_records_total", &labels).increment(again);
         let mut records = Vec::with_capacity(outcome.leases.len());
         let mut corrupt = None;
         for l in outcome.leases {
@@ -727,12 +758,20 @@ impl BrokerData for Service {
             return Err(PetrelError::InvalidArgument("at most 1024 offsets".into()).into());
         }
         let h = self.leader(req.group_id)?;
+        let labels = [
+            ("topic", self.topic_name_of(req.group_id)),
+            ("group", req.consumer_group.clone()),
+        ];
+        let n = req.offsets.len() as u64;
         let cmd = Command::DeadLettered {
             consumer: req.consumer_group,
             offsets: req.offsets,
         };
         match self.node.write(req.group_id, &h, cmd).await? {
-            Response::Done(Ok(())) => Ok(TResponse::new(bpb::DeadLetteredResponse {})),
+            Response::Done(Ok(())) => {
+                metrics::counter!("petrel_broker_dead_letters_total", &labels).increment(n);
+                Ok(TResponse::new(bpb::DeadLetteredResponse {}))
+            }
             Response::Done(Err(e)) => Err(PetrelError::from(e).into()),
             other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
         }
@@ -742,26 +781,34 @@ impl BrokerData for Service {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
         let h = self.leader(req.group_id)?;
+        let labels = [
+            ("topic", self.topic_name_of(req.group_id)),
+            ("group", req.consumer_group.clone()),
+        ];
         let cmd = Command::Ack {
             consumer: req.consumer_group,
             leases: req.leases.iter().map(|l| (l.offset, l.lease_id)).collect(),
         };
         match self.node.write(req.group_id, &h, cmd).await? {
-            Response::Acked(v) => Ok(TResponse::new(bpb::BrokerAckResponse {
-                results: v
-                    .into_iter()
-                    .map(|r| match r {
-                        Ok(()) => pb::Status::default(),
-                        Err(e) => {
-                            let d = PetrelError::from(e).to_detail();
-                            pb::Status {
-                                code: d.code,
-                                message: d.message,
+            Response::Acked(v) => {
+                metrics::counter!("petrel_broker_acked_records_total", &labels)
+                    .increment(v.iter().filter(|r| r.is_ok()).count() as u64);
+                Ok(TResponse::new(bpb::BrokerAckResponse {
+                    results: v
+                        .into_iter()
+                        .map(|r| match r {
+                            Ok(()) => pb::Status::default(),
+                            Err(e) => {
+                                let d = PetrelError::from(e).to_detail();
+                                pb::Status {
+                                    code: d.code,
+                                    message: d.message,
+                                }
                             }
-                        }
-                    })
-                    .collect(),
-            })),
+                        })
+                        .collect(),
+                }))
+            }
             other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
         }
     }

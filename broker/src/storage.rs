@@ -221,6 +221,8 @@ impl Syncer {
                         us = started.elapsed().as_micros() as u64,
                         "wal fsync"
                     );
+                    metrics::histogram!("petrel_broker_fsync_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     for done in batch {
                         done(match &res {
                             Ok(()) => Ok(()),

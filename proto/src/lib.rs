@@ -15,6 +15,8 @@
 //! - A record's encoding is CRC-checked on every decode; a mismatch is
 //!   [`PetrelError::Corrupt`], never silently returned.
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod error;
 pub mod filter;
 pub mod ids;

@@ -47,6 +47,18 @@ pub struct ProxyArgs {
     /// Log filter, e.g. `info` or `petrel_proxy=debug`.
     #[arg(long, env = "PETREL_LOG", default_value = "info")]
     pub log: String,
+    /// Serve the admin HTTP endpoint (/metrics, /healthz, /readyz) on this
+    /// address, e.g. 0.0.0.0:9400 [default: off].
+    #[arg(long, env = "PETREL_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// On SIGTERM: turn not-ready and end open long-polls, wait this long
+    /// (for load balancers to notice) while still serving, then stop
+    /// taking connections.
+    #[arg(long, env = "PETREL_DRAIN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
+    /// Bound on finishing in-flight requests after that; then exit anyway.
+    #[arg(long, env = "PETREL_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +72,9 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     pub max_wait: Duration,
     pub log: String,
+    pub admin_listen: Option<SocketAddr>,
+    pub drain_delay: Duration,
+    pub shutdown_grace: Duration,
 }
 
 impl ProxyArgs {
@@ -97,6 +112,9 @@ impl ProxyArgs {
             request_timeout: self.request_timeout.max(Duration::from_millis(100)),
             max_wait: self.max_wait,
             log: self.log,
+            admin_listen: self.admin_listen,
+            drain_delay: self.drain_delay,
+            shutdown_grace: self.shutdown_grace,
         })
     }
 }
@@ -114,6 +132,9 @@ impl ProxyConfig {
             request_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(30),
             log: "info".into(),
+            admin_listen: None,
+            drain_delay: Duration::ZERO,
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }

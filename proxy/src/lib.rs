@@ -20,13 +20,20 @@ pub mod service;
 
 pub use config::{ProxyArgs, ProxyConfig};
 use petrel_proto::pb::petrel_server::PetrelServer;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 /// Largest client message accepted (a send batch).
 pub const MAX_CLIENT_MESSAGE: usize = 64 << 20;
 
-/// Serves the client API on `listener` until `shutdown` is cancelled.
+/// Serves the client API on `listener` until `shutdown` is cancelled, then
+/// drains: turns not-ready, ends open long-polls and transaction-check
+/// streams (clients come back through another proxy), keeps serving for
+/// `drain_delay`, stops taking connections (HTTP/2 GOAWAY) and finishes
+/// in-flight requests within `shutdown_grace`.
 pub async fn run(
     config: ProxyConfig,
     listener: TcpListener,
@@ -41,16 +48,76 @@ pub async fn run(
             .clone()
             .run(config.route_refresh, shutdown.child_token()),
     );
-    let svc = service::ProxyService::new(config, router, shutdown.child_token());
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let draining = Arc::new(AtomicBool::new(false));
+    if let Some(a) = config.admin_listen {
+        let l = petrel_proto::admin::bind(a).await?;
+        let (r, d) = (router.clone(), draining.clone());
+        let ready: petrel_proto::admin::Readiness = Arc::new(move || {
+            if d.load(Ordering::Acquire) {
+                return Err("draining".into());
+            }
+            r.table().readiness()
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            // The admin endpoint outlives the drain by the grace period at
+            // most (the process exits after it).
+            if let Err(e) = petrel_proto::admin::serve(l, ready, async move {
+                stop.cancelled().await;
+                std::future::pending::<()>().await
+            })
+            .await
+            {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        });
+    }
+    let (drain_delay, grace) = (config.drain_delay, config.shutdown_grace);
+    let streams_stop = CancellationToken::new();
+    let svc = service::ProxyService::new(config, router, streams_stop.clone(), draining.clone());
+    // Count accepted connections (and failed accepts), so a full accept
+    // backlog or refused connections show up in /metrics.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
+        match &c {
+            Ok(_) => metrics::counter!("petrel_proxy_connections_accepted_total").increment(1),
+            Err(_) => metrics::counter!("petrel_proxy_accept_errors_total").increment(1),
+        }
+        c
+    });
+    let server_stop = CancellationToken::new();
+    let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(petrel_proto::admin::RpcMetricsLayer {
+            prefix: "petrel_proxy",
+        })
         .add_service(
             PetrelServer::new(svc)
                 .max_decoding_message_size(MAX_CLIENT_MESSAGE)
                 .max_encoding_message_size(MAX_CLIENT_MESSAGE),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
-    Ok(())
+        .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => return Ok(r?),
+        _ = shutdown.cancelled() => {}
+    }
+    tracing::info!(?drain_delay, ?grace, "draining");
+    draining.store(true, Ordering::Release);
+    metrics::gauge!("petrel_proxy_draining").set(1.0);
+    streams_stop.cancel();
+    tokio::select! {
+        r = &mut serve => return Ok(r?),
+        _ = tokio::time::sleep(drain_delay) => {}
+    }
+    server_stop.cancel();
+    match tokio::time::timeout(grace, serve).await {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            tracing::warn!(
+                ?grace,
+                "in-flight requests still open after the grace period; exiting"
+            );
+            Ok(())
+        }
+    }
 }

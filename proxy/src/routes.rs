@@ -39,6 +39,17 @@ impl RouteTable {
     pub fn topic(&self, name: &str) -> Option<&bpb::TopicRoute> {
         self.topics.get(name)
     }
+
+    /// Ready to route: some broker answered and the meta group has a leader.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.reachable.values().any(|r| *r) {
+            return Err("no broker reachable yet".into());
+        }
+        if self.meta_leader == 0 {
+            return Err("no meta leader known yet".into());
+        }
+        Ok(())
+    }
 }
 
 /// Shared channels to brokers, by address.
@@ -139,6 +150,7 @@ impl Router {
     }
 
     async fn refresh(&self) {
+        metrics::counter!("petrel_proxy_route_refreshes_total").increment(1);
         let old = self.table();
         let mut addrs: Vec<(Option<u64>, String)> =
             self.seeds.iter().map(|s| (None, s.clone())).collect();

@@ -50,6 +50,8 @@ struct Inner {
     checkers: std::sync::Mutex<HashMap<String, Vec<CheckSender>>>,
     checker_loop: std::sync::Once,
     shutdown: CancellationToken,
+    /// Set on SIGTERM: long-polls answer at once with what they have.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
@@ -57,6 +59,19 @@ type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
 const TXN_CHECK_POLL: Duration = Duration::from_secs(1);
 
 type R<T> = Result<Response<T>, Status>;
+
+/// Runs `f` when dropped (however the scope ends).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
 
 /// FNV-1a: stable across builds and processes, so every proxy picks the
 /// same queue for the same request.
@@ -74,7 +89,12 @@ fn hash_of(parts: &[&[u8]]) -> u64 {
 impl ProxyService {
     /// `shutdown` ends the long-lived transaction-check streams, so the
     /// server's graceful stop does not wait for them.
-    pub fn new(config: ProxyConfig, router: Arc<Router>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        config: ProxyConfig,
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+        draining: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         let receipts = ReceiptKey::new(&config.receipt_secret);
         Self {
             inner: Arc::new(Inner {
@@ -86,6 +106,7 @@ impl ProxyService {
                 checkers: Default::default(),
                 checker_loop: std::sync::Once::new(),
                 shutdown,
+                draining,
             }),
         }
     }
@@ -877,6 +898,9 @@ impl Petrel for ProxyService {
         let wait = Duration::from_millis(req.wait_ms).min(s.config.max_wait);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let open = metrics::gauge!("petrel_proxy_open_streams");
+            open.increment(1.0);
+            let _close = scopeguard(move || open.decrement(1.0));
             let deadline = Instant::now() + wait;
             let mut poll = POLL_MIN;
             loop {
@@ -908,7 +932,10 @@ impl Petrel for ProxyService {
                         return;
                     }
                 }
-                if Instant::now() + poll > deadline || tx.is_closed() {
+                if Instant::now() + poll > deadline
+                    || tx.is_closed()
+                    || s.draining.load(Ordering::Acquire)
+                {
                     return;
                 }
                 tokio::time::sleep(poll).await;

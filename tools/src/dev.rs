@@ -31,6 +31,10 @@ pub struct DevArgs {
     /// Port of the proxy; broker i listens on PORT + i.
     #[arg(long, default_value_t = 7400)]
     pub port: u16,
+    /// Serve the admin HTTP endpoint (/metrics, /healthz, /readyz) for the
+    /// whole embedded cluster on 127.0.0.1:ADMIN_PORT [default: off].
+    #[arg(long)]
+    pub admin_port: Option<u16>,
 }
 
 /// Options for [`LocalCluster::start`].
@@ -66,6 +70,8 @@ pub struct LocalCluster {
     pub data_dir: PathBuf,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// The brokers, weakly: for readiness, never keeping one alive.
+    nodes: Vec<std::sync::Weak<petrel_broker::Node>>,
 }
 
 async fn bind(port: u16) -> anyhow::Result<TcpListener> {
@@ -103,6 +109,7 @@ impl LocalCluster {
             .join(",");
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+        let mut nodes = Vec::new();
         for (i, l) in broker_ls.into_iter().enumerate() {
             let id = i as u64 + 1;
             let cfg = BrokerArgs {
@@ -116,7 +123,8 @@ impl LocalCluster {
                 ..Default::default()
             }
             .resolve()?;
-            let (_node, task) = petrel_broker::spawn_with(cfg, l, shutdown.clone(), false).await?;
+            let (node, task) = petrel_broker::spawn_with(cfg, l, shutdown.clone(), false).await?;
+            nodes.push(std::sync::Arc::downgrade(&node));
             tasks.push(task);
         }
         let proxy_addr = proxy_l.local_addr()?;
@@ -134,7 +142,31 @@ impl LocalCluster {
             data_dir: opts.data_dir,
             shutdown,
             tasks,
+            nodes,
         })
+    }
+
+    /// Ready when every broker is ([`petrel_broker::Node::readiness`]).
+    pub fn readiness(&self) -> Result<(), String> {
+        nodes_ready(&self.nodes)
+    }
+
+    /// Serves the admin endpoint for the whole cluster on `port`
+    /// (127.0.0.1) until the cluster stops.
+    pub async fn serve_admin(&self, port: u16) -> anyhow::Result<()> {
+        let l = petrel_proto::admin::bind(([127, 0, 0, 1], port).into()).await?;
+        let nodes = self.nodes.clone();
+        let ready: petrel_proto::admin::Readiness =
+            std::sync::Arc::new(move || nodes_ready(&nodes));
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                petrel_proto::admin::serve(l, ready, async move { stop.cancelled().await }).await
+            {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        });
+        Ok(())
     }
 
     pub fn endpoint(&self) -> String {
@@ -173,6 +205,18 @@ impl LocalCluster {
     }
 }
 
+fn nodes_ready(nodes: &[std::sync::Weak<petrel_broker::Node>]) -> Result<(), String> {
+    for (i, n) in nodes.iter().enumerate() {
+        match n.upgrade() {
+            Some(n) => n
+                .readiness()
+                .map_err(|e| format!("broker {}: {e}", i + 1))?,
+            None => return Err(format!("broker {} stopped", i + 1)),
+        }
+    }
+    Ok(())
+}
+
 pub fn broker_dir(data_dir: &Path, id: u64) -> PathBuf {
     data_dir.join(format!("broker-{id}"))
 }
@@ -187,6 +231,9 @@ pub async fn run(args: DevArgs, json: bool) -> anyhow::Result<()> {
         transaction_check_ms: None,
     };
     let cluster = LocalCluster::start(opts).await?;
+    if let Some(p) = args.admin_port {
+        cluster.serve_admin(p).await?;
+    }
     cluster.wait_ready(READY_TIMEOUT).await?;
     let endpoint = cluster.endpoint();
     if json {

@@ -1,0 +1,182 @@
+//! The admin HTTP endpoint every Petrel process serves on its own port
+//! (behind the `admin` feature: the rest of this crate does no I/O).
+//!
+//! ```text
+//!  GET /metrics  Prometheus text format (the process-wide `metrics` recorder)
+//!  GET /healthz  200 "ok" while the process runs
+//!  GET /readyz   200 "ready", or 503 with the reason it is not
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+/// Why a process is not ready, or `Ok` when it is.
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets (seconds) for every `*_seconds` histogram.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process-wide Prometheus recorder (once; later calls return
+/// the same handle). If another recorder was installed first, metrics are
+/// not exported and `/metrics` is empty.
+pub fn recorder() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let b = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .expect("non-empty buckets");
+            match b.install_recorder() {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            }
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: PrometheusHandle,
+    ready: Readiness,
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    ready: Readiness,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AdminState {
+        metrics: recorder(),
+        ready,
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds `addr` (a clear error names it).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("admin endpoint cannot listen on {addr}: {e}"),
+        )
+    })
+}
+
+async fn metrics(State(s): State<AdminState>) -> String {
+    s.metrics.render()
+}
+
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
+    match (s.ready)() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+/// Times and counts every gRPC call by method, on the server side:
+/// `{prefix}_rpc_duration_seconds{rpc}` (until the response head),
+/// `{prefix}_rpc_errors_total{rpc,code}` (gRPC status of a failed call),
+/// `{prefix}_inflight_requests`.
+#[derive(Debug, Clone, Copy)]
+pub struct RpcMetricsLayer {
+    pub prefix: &'static str,
+}
+
+impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetrics {
+            inner,
+            prefix: self.prefix,
+        }
+    }
+}
+
+/// See [`RpcMetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct RpcMetrics<S> {
+    inner: S,
+    prefix: &'static str,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for RpcMetrics<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let rpc = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let prefix = self.prefix;
+        let inflight = metrics::gauge!(format!("{prefix}_inflight_requests"));
+        inflight.increment(1.0);
+        let start = std::time::Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            inflight.decrement(1.0);
+            metrics::histogram!(format!("{prefix}_rpc_duration_seconds"), "rpc" => rpc.clone())
+                .record(start.elapsed().as_secs_f64());
+            let status = match &r {
+                Ok(resp) => resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .unwrap_or(0),
+                Err(_) => tonic::Code::Unknown as i32,
+            };
+            if status != 0 {
+                let code = format!("{:?}", tonic::Code::from_i32(status));
+                metrics::counter!(format!("{prefix}_rpc_errors_total"), "rpc" => rpc, "code" => code)
+                    .increment(1);
+            }
+            r
+        })
+    }
+}

@@ -1,0 +1,315 @@
+//! The admin endpoint (issue 5, first part) on real broker and proxy
+//! processes: `/healthz`, `/readyz` (false until a broker has joined the
+//! meta group), and `/metrics` counters and lag gauges moving as records
+//! are produced and consumed. Every process is killed by PID at the end.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::workload::{Consuming, Producing};
+use common::{broker_command, broker_list, free_port, peers_arg, proxy_command, wait_ready, Procs};
+use petrel_sdk::{Client, Message, TopicSpec};
+
+/// `GET path` on 127.0.0.1:port: (status, body); None if it cannot connect.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Some((status, body))
+}
+
+/// Sum of every sample of `name` whose labels contain all of `want`.
+fn metric(body: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for line in body.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let labels: HashMap<&str, &str> = labels
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        if want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+fn scrape_all(ports: &[u16], name: &str, want: &[(&str, &str)]) -> f64 {
+    ports
+        .iter()
+        .map(|p| get(*p, "/metrics").map_or(0.0, |(_, b)| metric(&b, name, want)))
+        .sum()
+}
+
+async fn eventually(what: &str, bound: Duration, mut ok: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + bound;
+    loop {
+        match ok() {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => panic!("{what}: {why}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_health_readiness_and_moving_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let admin: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    let mut procs = Procs::default();
+    let broker = |i: usize| {
+        let mut c = broker_command(i + 1, ports[i], &peers, dir.path(), &[]);
+        c.arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", admin[i]));
+        c.spawn().unwrap()
+    };
+
+    // Broker 1 alone: alive, but not ready (no meta quorum, nothing joined).
+    procs.push(broker(0));
+    eventually("broker 1 /healthz", Duration::from_secs(30), || {
+        match get(admin[0], "/healthz") {
+            Some((200, b)) if b.contains("ok") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = get(admin[0], "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not ready"), "{body}");
+
+    // The other two join: all three become ready.
+    procs.push(broker(1));
+    procs.push(broker(2));
+    let proxy_port = free_port();
+    let proxy_admin = free_port();
+    let mut pc = proxy_command(proxy_port, &broker_list(&ports));
+    pc.arg("--admin-listen")
+        .arg(format!("127.0.0.1:{proxy_admin}"));
+    procs.push(pc.spawn().unwrap());
+    let client = Client::connect([format!("127.0.0.1:{proxy_port}")]).unwrap();
+    wait_ready(&client.admin(), 3, Duration::from_secs(60)).await;
+    for (i, p) in admin.iter().chain([&proxy_admin]).enumerate() {
+        eventually(
+            &format!("process {i} /readyz"),
+            Duration::from_secs(30),
+            || match get(*p, "/readyz") {
+                Some((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .await;
+    }
+
+    // One queue, so the group's state (created by its first delivery)
+    // covers every record.
+    client
+        .admin()
+        .create_topic(TopicSpec::new("obs").queues(1).replicas(3))
+        .await
+        .unwrap();
+    let consumer = client
+        .simple_consumer("obs", "readers")
+        .wait(Duration::from_millis(300))
+        .build();
+    let topic = [("topic", "obs")];
+    let before = scrape_all(&admin, "petrel_broker_appended_records_total", &topic);
+    assert_eq!(before, 0.0);
+    let producer = client.producer("obs").build();
+    producer.send(Message::new("first")).await.unwrap();
+    let first = consumer.receive(1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    consumer.ack(&first[0]).await.unwrap();
+
+    let batch: Vec<Message> = (0..100).map(|i| Message::new(format!("m{i}"))).collect();
+    producer.send_batch(batch).await.unwrap();
+    eventually("appended counter", Duration::from_secs(10), || {
+        let n = scrape_all(&admin, "petrel_broker_appended_records_total", &topic);
+        (n == 101.0).then_some(()).ok_or(format!("{n}"))
+    })
+    .await;
+    let g = [("topic", "obs"), ("group", "readers")];
+    eventually("lag of 100 records", Duration::from_secs(10), || {
+        let lag = scrape_all(&admin, "petrel_consumer_lag_records", &g);
+        (lag == 100.0).then_some(()).ok_or(format!("{lag}"))
+    })
+    .await;
+    // Lag in time: the age of the oldest record not consumed keeps growing.
+    eventually("lag of at least 1 s", Duration::from_secs(10), || {
+        let age = scrape_all(&admin, "petrel_consumer_lag_seconds", &g);
+        (age >= 1.0).then_some(()).ok_or(format!("{age}"))
+    })
+    .await;
+
+    let mut got = 0;
+    while got < 100 {
+        let b = consumer.receive(50).await.unwrap();
+        got += b.len();
+        consumer.ack_many(&b).await.unwrap();
+    }
+    eventually("delivered, acked, lag 0", Duration::from_secs(10), || {
+        let d = scrape_all(&admin, "petrel_broker_delivered_records_total", &g);
+        let a = scrape_all(&admin, "petrel_broker_acked_records_total", &g);
+        let lag = scrape_all(&admin, "petrel_consumer_lag_records", &g);
+        (d == 101.0 && a == 101.0 && lag == 0.0)
+            .then_some(())
+            .ok_or(format!("delivered {d} acked {a} lag {lag}"))
+    })
+    .await;
+    let leaders = scrape_all(&admin, "petrel_broker_leader_count", &[]);
+    assert_eq!(leaders, 1.0, "one leader for the one queue");
+
+    // The proxy times every RPC and counts refreshes and connections.
+    let (_, p) = get(proxy_admin, "/metrics").unwrap();
+    assert!(
+        metric(
+            &p,
+            "petrel_proxy_rpc_duration_seconds_count",
+            &[("rpc", "Send")]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &p,
+            "petrel_proxy_rpc_duration_seconds_count",
+            &[("rpc", "Ack")]
+        ) >= 1.0
+    );
+    assert!(metric(&p, "petrel_proxy_route_refreshes_total", &[]) >= 1.0);
+    assert!(metric(&p, "petrel_proxy_connections_accepted_total", &[]) >= 1.0);
+    // Errors are counted by code: a receive on a missing topic.
+    let missing = client.simple_consumer("nope", "g").build();
+    assert!(missing.receive(1).await.is_err());
+    let (_, p) = get(proxy_admin, "/metrics").unwrap();
+    assert!(
+        metric(
+            &p,
+            "petrel_proxy_rpc_errors_total",
+            &[("rpc", "Receive"), ("code", "NotFound")]
+        ) >= 1.0,
+        "{}",
+        p.lines()
+            .filter(|l| l.contains("errors"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(get(proxy_admin, "/nope").map(|x| x.0), Some(404));
+    drop(procs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_drained_with_sigterm_costs_clients_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    let mut procs = Procs::default();
+    for (i, p) in ports.iter().enumerate() {
+        procs.push(
+            broker_command(i + 1, *p, &peers, dir.path(), &[])
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let (pa, pb) = (free_port(), free_port());
+    let admin_a = free_port();
+    let mut a = proxy_command(pa, &broker_list(&ports));
+    a.args([
+        "--drain-delay",
+        "1s",
+        "--shutdown-grace",
+        "10s",
+        "--admin-listen",
+    ])
+    .arg(format!("127.0.0.1:{admin_a}"));
+    let ia = procs.push(a.spawn().unwrap());
+    procs.push(proxy_command(pb, &broker_list(&ports)).spawn().unwrap());
+    // Clients know both proxies and start on A.
+    let client =
+        || Client::connect([format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}")]).unwrap();
+    wait_ready(&client().admin(), 3, Duration::from_secs(60)).await;
+    client()
+        .admin()
+        .create_topic(TopicSpec::new("drain").queues(4).replicas(3))
+        .await
+        .unwrap();
+    let producer = Producing::start(client(), "drain", "p", 200, 10);
+    let consumer = Consuming::start(client(), "drain", "g", Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(producer.acked() > 0, "no progress before the drain");
+
+    // SIGTERM proxy A: not ready at once, gone within drain delay + grace.
+    assert!(procs.sigterm(ia));
+    let t = Instant::now();
+    eventually(
+        "A not ready while draining",
+        Duration::from_secs(2),
+        || match get(admin_a, "/readyz") {
+            Some((503, b)) if b.contains("draining") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    let exited = loop {
+        if let Some(st) = procs.try_reap(ia) {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "proxy A did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exited.success(), "proxy A exited with {exited}");
+    println!("[drain] proxy A exited {:.1?} after SIGTERM", t.elapsed());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let log = producer.finish().await;
+    let acked: std::collections::HashSet<String> = log.acked.keys().cloned().collect();
+    let missing = consumer
+        .wait_consumed(&acked, Duration::from_secs(60))
+        .await;
+    let clog = consumer.finish().await;
+    println!(
+        "[drain] acked {} consumed {} missing {missing}; send errors {:?}, receive errors {:?}, ack errors {:?}",
+        acked.len(),
+        clog.seen.len(),
+        log.errors,
+        clog.receive_errors,
+        clog.ack_errors
+    );
+    assert!(log.errors.is_empty(), "send errors: {:?}", log.errors);
+    assert!(clog.receive_errors.is_empty(), "{:?}", clog.receive_errors);
+    assert!(clog.ack_errors.is_empty(), "{:?}", clog.ack_errors);
+    assert_eq!(missing, 0, "acknowledged records not consumed");
+    drop(procs);
+}
