@@ -77,6 +77,10 @@ pub struct BrokerArgs {
     /// address, e.g. 0.0.0.0:9400 [default: off].
     #[arg(long, env = "PETREL_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Print the effective configuration (flags, environment and file) as
+    /// TOML, in the `--config` file's keys, and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +125,49 @@ pub struct BrokerConfig {
     pub log: String,
     pub transaction_check_ms: u64,
     pub admin_listen: Option<SocketAddr>,
+}
+
+impl BrokerConfig {
+    /// The effective configuration as TOML, in the `--config` file's keys
+    /// (so the output can be used as a config file).
+    pub fn to_toml(&self) -> String {
+        let mut t = toml::Table::new();
+        t.insert("id".into(), (self.id as i64).into());
+        t.insert(
+            "data_dir".into(),
+            self.data_dir.display().to_string().into(),
+        );
+        t.insert("listen".into(), self.listen.to_string().into());
+        t.insert("advertise".into(), self.advertise.clone().into());
+        let peers: Vec<String> = self
+            .peers
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect();
+        t.insert("peers".into(), peers.join(",").into());
+        if !self.join.is_empty() {
+            t.insert("join".into(), self.join.join(",").into());
+        }
+        t.insert("heartbeat_ms".into(), (self.heartbeat_ms as i64).into());
+        t.insert(
+            "election_timeout_ms".into(),
+            (self.election_timeout_ms as i64).into(),
+        );
+        t.insert("snapshot_every".into(), (self.snapshot_every as i64).into());
+        t.insert(
+            "max_record_bytes".into(),
+            (self.max_record_bytes as i64).into(),
+        );
+        t.insert("log".into(), self.log.clone().into());
+        t.insert(
+            "transaction_check_ms".into(),
+            (self.transaction_check_ms as i64).into(),
+        );
+        if let Some(a) = self.admin_listen {
+            t.insert("admin_listen".into(), a.to_string().into());
+        }
+        toml::to_string(&t).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -39,6 +39,9 @@ pub enum PetrelError {
     /// names the position.
     #[error("invalid filter: {0}")]
     InvalidFilter(String),
+    /// A proxy's rate limit refused the request for now; retryable.
+    #[error("rate limited: {0}")]
+    RateLimited(String),
 }
 
 impl PetrelError {
@@ -59,6 +62,7 @@ impl PetrelError {
             Self::Timeout(_) => C::Timeout,
             Self::WrongMessageType(_) => C::WrongMessageType,
             Self::InvalidFilter(_) => C::InvalidFilter,
+            Self::RateLimited(_) => C::RateLimited,
         }
     }
 
@@ -78,6 +82,7 @@ impl PetrelError {
             Self::Timeout(_) => "timeout",
             Self::WrongMessageType(_) => "wrong_message_type",
             Self::InvalidFilter(_) => "invalid_filter",
+            Self::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -85,7 +90,7 @@ impl PetrelError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::NotLeader { .. } | Self::Unavailable(_) | Self::Timeout(_)
+            Self::NotLeader { .. } | Self::Unavailable(_) | Self::Timeout(_) | Self::RateLimited(_)
         )
     }
 
@@ -105,7 +110,8 @@ impl PetrelError {
             | Self::Internal(m)
             | Self::Timeout(m)
             | Self::WrongMessageType(m)
-            | Self::InvalidFilter(m) => m.clone(),
+            | Self::InvalidFilter(m)
+            | Self::RateLimited(m) => m.clone(),
         }
     }
 
@@ -141,6 +147,7 @@ impl PetrelError {
             C::Timeout => Self::Timeout(m),
             C::WrongMessageType => Self::WrongMessageType(m),
             C::InvalidFilter => Self::InvalidFilter(m),
+            C::RateLimited => Self::RateLimited(m),
             C::Internal | C::Unspecified => Self::Internal(m),
         }
     }
@@ -154,7 +161,7 @@ impl PetrelError {
                 Code::InvalidArgument
             }
             Self::NotLeader { .. } | Self::Unavailable(_) => Code::Unavailable,
-            Self::TooLarge(_) => Code::ResourceExhausted,
+            Self::TooLarge(_) | Self::RateLimited(_) => Code::ResourceExhausted,
             Self::Corrupt(_) => Code::DataLoss,
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::OffsetOutOfRange(_) => Code::OutOfRange,

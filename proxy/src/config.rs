@@ -59,6 +59,14 @@ pub struct ProxyArgs {
     /// Bound on finishing in-flight requests after that; then exit anyway.
     #[arg(long, env = "PETREL_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// TOML file with the settings that can change while running (log
+    /// filter, per-topic rate limits); re-read on SIGHUP. See `limits.rs`.
+    #[arg(long, env = "PETREL_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Print the effective configuration (flags, environment and file) as
+    /// TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +83,67 @@ pub struct ProxyConfig {
     pub admin_listen: Option<SocketAddr>,
     pub drain_delay: Duration,
     pub shutdown_grace: Duration,
+    /// The `--config` file (re-read on SIGHUP) and what it said at start.
+    pub config_path: Option<std::path::PathBuf>,
+    pub runtime: crate::limits::RuntimeConfig,
+    /// Applies a new log filter (set by the binary; `None` in-process).
+    pub set_log: Option<LogHook>,
+}
+
+/// Sets the process's log filter; errors name what is wrong with it.
+#[derive(Clone)]
+pub struct LogHook(pub std::sync::Arc<SetLog>);
+
+/// The function behind a [`LogHook`].
+pub type SetLog = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+impl std::fmt::Debug for LogHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogHook(..)")
+    }
+}
+
+impl ProxyConfig {
+    /// The effective configuration as TOML (the receipt secret redacted).
+    pub fn to_toml(&self) -> String {
+        let mut t = toml::Table::new();
+        t.insert("listen".into(), self.listen.to_string().into());
+        t.insert("brokers".into(), self.brokers.join(",").into());
+        t.insert(
+            "max_record_bytes".into(),
+            (self.max_record_bytes as i64).into(),
+        );
+        t.insert(
+            "max_batch_messages".into(),
+            (self.max_batch_messages as i64).into(),
+        );
+        let secret = if self.receipt_secret == DEV_RECEIPT_SECRET {
+            "(development default)"
+        } else {
+            "(set, redacted)"
+        };
+        t.insert("receipt_secret".into(), secret.into());
+        for (k, d) in [
+            ("route_refresh", self.route_refresh),
+            ("request_timeout", self.request_timeout),
+            ("max_wait", self.max_wait),
+            ("drain_delay", self.drain_delay),
+            ("shutdown_grace", self.shutdown_grace),
+        ] {
+            t.insert(k.into(), humantime::format_duration(d).to_string().into());
+        }
+        t.insert("log".into(), self.log.clone().into());
+        if let Some(a) = self.admin_listen {
+            t.insert("admin_listen".into(), a.to_string().into());
+        }
+        if let Some(p) = &self.config_path {
+            t.insert("config".into(), p.display().to_string().into());
+        }
+        let mut out = toml::to_string(&t).unwrap_or_default();
+        out.push_str("\n# runtime settings (reloadable)\n");
+        out.push_str(&self.runtime.to_toml());
+        out
+    }
 }
 
 impl ProxyArgs {
@@ -102,7 +171,15 @@ impl ProxyArgs {
             Some(_) => return Err("--receipt-secret must be at least 16 bytes".into()),
             None => DEV_RECEIPT_SECRET.to_string(),
         };
+        let runtime = match &self.config {
+            Some(p) => crate::limits::RuntimeConfig::load(p)?,
+            None => Default::default(),
+        };
+        let log = runtime.log.clone().unwrap_or(self.log);
         Ok(ProxyConfig {
+            config_path: self.config,
+            runtime,
+            set_log: None,
             listen: self.listen,
             brokers,
             max_record_bytes: self.max_record_bytes,
@@ -111,7 +188,7 @@ impl ProxyArgs {
             route_refresh: self.route_refresh.max(Duration::from_millis(50)),
             request_timeout: self.request_timeout.max(Duration::from_millis(100)),
             max_wait: self.max_wait,
-            log: self.log,
+            log,
             admin_listen: self.admin_listen,
             drain_delay: self.drain_delay,
             shutdown_grace: self.shutdown_grace,
@@ -135,6 +212,9 @@ impl ProxyConfig {
             admin_listen: None,
             drain_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(20),
+            config_path: None,
+            runtime: Default::default(),
+            set_log: None,
         }
     }
 }

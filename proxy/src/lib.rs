@@ -15,6 +15,7 @@
 
 pub mod batcher;
 pub mod config;
+pub mod limits;
 pub mod routes;
 pub mod service;
 
@@ -73,8 +74,23 @@ pub async fn run(
         });
     }
     let (drain_delay, grace) = (config.drain_delay, config.shutdown_grace);
+    let limiter = Arc::new(limits::Limiter::new(config.runtime.clone()));
+    if let Some(path) = config.config_path.clone() {
+        tokio::spawn(reload_on_sighup(
+            path,
+            limiter.clone(),
+            config.set_log.clone(),
+            shutdown.child_token(),
+        ));
+    }
     let streams_stop = CancellationToken::new();
-    let svc = service::ProxyService::new(config, router, streams_stop.clone(), draining.clone());
+    let svc = service::ProxyService::new(
+        config,
+        router,
+        streams_stop.clone(),
+        draining.clone(),
+        limiter,
+    );
     // Count accepted connections (and failed accepts), so a full accept
     // backlog or refused connections show up in /metrics.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
@@ -119,5 +135,55 @@ pub async fn run(
             );
             Ok(())
         }
+    }
+}
+
+/// Re-reads `path` on every SIGHUP: a valid file replaces the runtime
+/// settings (rate limits, log filter) at once, without touching any
+/// connection; an invalid one is rejected with a logged reason and the
+/// running settings stay.
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    limiter: Arc<limits::Limiter>,
+    set_log: Option<config::LogHook>,
+    stop: CancellationToken,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install a SIGHUP handler; config reload disabled");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                s = hup.recv() => if s.is_none() { return },
+            }
+            match limits::RuntimeConfig::load(&path) {
+                Ok(c) => {
+                    if let (Some(l), Some(hook)) = (&c.log, &set_log) {
+                        if let Err(e) = (hook.0)(l) {
+                            metrics::counter!("petrel_proxy_config_reload_errors_total")
+                                .increment(1);
+                            tracing::error!(error = %e, "config reload rejected; keeping the previous configuration");
+                            continue;
+                        }
+                    }
+                    limiter.replace(c);
+                    metrics::counter!("petrel_proxy_config_reloads_total").increment(1);
+                    tracing::info!(path = %path.display(), "configuration reloaded");
+                }
+                Err(e) => {
+                    metrics::counter!("petrel_proxy_config_reload_errors_total").increment(1);
+                    tracing::error!(error = %e, "config reload rejected; keeping the previous configuration");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, limiter, set_log);
+        stop.cancelled().await;
     }
 }

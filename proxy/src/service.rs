@@ -52,6 +52,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Set on SIGTERM: long-polls answer at once with what they have.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Runtime settings: per-topic rate limits.
+    limiter: Arc<crate::limits::Limiter>,
 }
 
 type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
@@ -94,6 +96,7 @@ impl ProxyService {
         router: Arc<Router>,
         shutdown: CancellationToken,
         draining: Arc<std::sync::atomic::AtomicBool>,
+        limiter: Arc<crate::limits::Limiter>,
     ) -> Self {
         let receipts = ReceiptKey::new(&config.receipt_secret);
         Self {
@@ -107,6 +110,7 @@ impl ProxyService {
                 checker_loop: std::sync::Once::new(),
                 shutdown,
                 draining,
+                limiter,
             }),
         }
     }
@@ -767,6 +771,7 @@ impl Petrel for ProxyService {
             })?;
         }
         let t = s.topic(&req.topic).await?;
+        s.limiter.admit(&req.topic, req.messages.len() as u64)?;
         let n = t.queues.len() as u64;
         if n == 0 {
             return Err(PetrelError::Unavailable("topic has no queues".into()).into());

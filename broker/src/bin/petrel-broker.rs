@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() {
     let args = BrokerArgs::parse();
+    let print = args.print_config;
     let config = match args.resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -15,6 +16,10 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if print {
+        print!("{}", config.to_toml());
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&config.log)

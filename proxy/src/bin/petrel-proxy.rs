@@ -6,20 +6,34 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() {
-    let config = match ProxyArgs::parse().resolve() {
+    let args = ProxyArgs::parse();
+    let print = args.print_config;
+    let mut config = match args.resolve() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("petrel-proxy: {e}");
             std::process::exit(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    if print {
+        print!("{}", config.to_toml());
+        return;
+    }
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+    // SIGHUP may change the log filter (see `--config`).
+    config.set_log = Some(petrel_proxy::config::LogHook(std::sync::Arc::new(
+        move |l: &str| {
+            let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
+            handle.reload(f).map_err(|e| e.to_string())
+        },
+    )));
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -62,11 +62,16 @@ impl Procs {
     /// Sends SIGTERM to the child in slot `i` (by PID, with `kill -TERM`);
     /// false if there is none or `kill` failed. Does not wait.
     pub fn sigterm(&self, i: usize) -> bool {
+        self.signal(i, "-TERM")
+    }
+
+    /// Sends `sig` (e.g. "-HUP") to the child in slot `i` by PID.
+    pub fn signal(&self, i: usize, sig: &str) -> bool {
         let Some(pid) = self.pid(i) else {
             return false;
         };
         std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([sig, &pid.to_string()])
             .status()
             .is_ok_and(|s| s.success())
     }
