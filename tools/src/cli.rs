@@ -83,6 +83,19 @@ pub enum Command {
     /// Look up stored messages: by id, or by key.
     #[command(subcommand)]
     Message(MessageCmd),
+    /// A refreshing view of produce rates per topic and consume rate, lag
+    /// and dead letters per consumer group (read through the proxy).
+    Top(TopArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Refresh interval in milliseconds.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub interval_ms: u64,
+    /// Stop after this many refreshes (default: until Ctrl-C).
+    #[arg(long)]
+    pub iterations: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -498,6 +511,111 @@ async fn execute(cli: Cli) -> CliResult {
         Command::Cluster(ClusterCmd::Describe) => cluster(&client, json).await,
         Command::Cluster(cmd) => cluster_admin(&client, cmd, json).await,
         Command::Message(cmd) => message(&client, cmd, json).await,
+        Command::Top(args) => top(&client, args, json).await,
+    }
+}
+
+/// One `top` sample: per topic the end offsets; per (group, topic) the
+/// committed offsets, lag, in flight, dead letters.
+struct TopSample {
+    at: std::time::Instant,
+    topics: BTreeMap<String, u64>,
+    groups: BTreeMap<(String, String), (u64, u64, u64, u64)>,
+}
+
+async fn top_sample(client: &Client) -> CliResult<TopSample> {
+    let admin = client.admin();
+    let mut topics = BTreeMap::new();
+    for t in admin.list_topics().await?.topics {
+        let name = t.config.map(|c| c.name).unwrap_or_default();
+        topics.insert(name, t.queues.iter().map(|q| q.end_offset).sum());
+    }
+    let mut groups = BTreeMap::new();
+    for g in admin.list_groups().await?.groups {
+        let Ok(d) = admin.describe_group(g.name.clone()).await else {
+            continue;
+        };
+        for q in d.queues {
+            let e = groups
+                .entry((g.name.clone(), q.topic))
+                .or_insert((0, 0, 0, 0));
+            e.0 += q.committed_offset;
+            e.1 += q.lag;
+            e.2 += q.inflight;
+            e.3 += q.dead_lettered;
+        }
+    }
+    Ok(TopSample {
+        at: std::time::Instant::now(),
+        topics,
+        groups,
+    })
+}
+
+async fn top(client: &Client, a: TopArgs, json: bool) -> CliResult {
+    let interval = Duration::from_millis(a.interval_ms);
+    let mut prev = top_sample(client).await?;
+    let mut n = 0u64;
+    loop {
+        if a.iterations.is_some_and(|max| n >= max) {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        let cur = top_sample(client).await?;
+        let dt = cur.at.duration_since(prev.at).as_secs_f64().max(1e-3);
+        let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / dt;
+        if json {
+            let topics: Vec<Value> = cur
+                .topics
+                .iter()
+                .map(|(t, end)| {
+                    json!({"topic": t, "end_offset": end,
+                           "produce_per_sec": rate(*end, prev.topics.get(t).copied().unwrap_or(*end))})
+                })
+                .collect();
+            let groups: Vec<Value> = cur
+                .groups
+                .iter()
+                .map(|((g, t), (c, lag, inflight, dead))| {
+                    let before = prev.groups.get(&(g.clone(), t.clone())).map_or(*c, |x| x.0);
+                    json!({"group": g, "topic": t, "consume_per_sec": rate(*c, before),
+                           "lag": lag, "inflight": inflight, "dead_lettered": dead})
+                })
+                .collect();
+            json_line(&json!({"topics": topics, "groups": groups}))?;
+        } else {
+            // Clear the screen and go home, then draw both tables.
+            print!("\x1b[2J\x1b[H");
+            let mut tab = Table::new(&["TOPIC", "END", "PRODUCE/S"]);
+            for (t, end) in &cur.topics {
+                let before = prev.topics.get(t).copied().unwrap_or(*end);
+                tab.row(vec![
+                    t.clone(),
+                    end.to_string(),
+                    format!("{:.1}", rate(*end, before)),
+                ]);
+            }
+            tab.print()?;
+            line("")?;
+            let mut tab = Table::new(&["GROUP", "TOPIC", "CONSUME/S", "LAG", "INFLIGHT", "DEAD"]);
+            for ((g, t), (c, lag, inflight, dead)) in &cur.groups {
+                let before = prev.groups.get(&(g.clone(), t.clone())).map_or(*c, |x| x.0);
+                tab.row(vec![
+                    g.clone(),
+                    t.clone(),
+                    format!("{:.1}", rate(*c, before)),
+                    lag.to_string(),
+                    inflight.to_string(),
+                    dead.to_string(),
+                ]);
+            }
+            tab.print()?;
+        }
+        prev = cur;
+        n += 1;
     }
 }
 

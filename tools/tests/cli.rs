@@ -761,3 +761,40 @@ fn cli_speaks_message_types_filters_and_dead_letters() {
         .contains("boom"));
     dev.stop();
 }
+
+#[test]
+fn top_reports_produce_and_consume_rates_lag_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(dir.path(), free_port_block());
+    dev.json(&["topic", "create", "tp", "--queues", "1", "--replicas", "3"]);
+    dev.json(&["produce", "--topic", "tp", "--count", "5"]);
+    dev.json(&[
+        "consume",
+        "--topic",
+        "tp",
+        "--group",
+        "tg",
+        "--max",
+        "2",
+        "--wait-ms",
+        "2000",
+    ]);
+    let rows = dev.json(&["top", "--interval-ms", "300", "--iterations", "2"]);
+    assert_eq!(rows.len(), 2, "one JSON line per refresh");
+    let row = |list: &str, key: &str, name: &str| -> Value {
+        rows[1][list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x[key] == name)
+            .unwrap_or_else(|| panic!("{list} has no {name}: {:?}", rows[1]))
+            .clone()
+    };
+    assert_eq!(row("topics", "topic", "tp")["end_offset"], 5);
+    let g = row("groups", "group", "tg");
+    assert_eq!(g["topic"], "tp");
+    assert_eq!(g["lag"], 3);
+    assert_eq!(g["dead_lettered"], 0);
+    assert!(g["consume_per_sec"].as_f64().is_some());
+    dev.stop();
+}
