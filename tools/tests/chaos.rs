@@ -165,6 +165,20 @@ struct Cluster {
     procs: Procs,
 }
 
+impl Drop for Cluster {
+    /// On any panic (e.g. the cluster never got ready), show and keep the
+    /// process logs; `procs` then kills every process by PID.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+            eprintln!(
+                "[chaos] process logs kept in {}",
+                self.keep_logs().display()
+            );
+        }
+    }
+}
+
 impl Cluster {
     fn new() -> Self {
         let broker_ports: Vec<u16> = (0..BROKERS).map(|_| free_port()).collect();
@@ -1166,11 +1180,7 @@ async fn run(secs: u64) {
         failures.push(format!("cluster not balanced within {BALANCE:?}: {e}"));
     }
     if !failures.is_empty() {
-        cluster.print_logs();
-        eprintln!(
-            "[chaos] process logs kept in {}",
-            cluster.keep_logs().display()
-        );
+        // The panic below shows and keeps the process logs (`Drop`).
         for f in &failures {
             eprintln!("[chaos] FAILED: {f}");
         }

@@ -121,17 +121,28 @@ pub fn peers_arg(ports: &[u16]) -> String {
 pub async fn wait_ready(admin: &petrel_sdk::Admin, brokers: usize, timeout: std::time::Duration) {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        if let Ok(c) = admin.describe_cluster().await {
-            if c.meta_leader != 0
-                && c.brokers.len() == brokers
-                && c.brokers.iter().all(|b| b.reachable)
-            {
-                return;
+        let last = match admin.describe_cluster().await {
+            Ok(c) => {
+                if c.meta_leader != 0
+                    && c.brokers.len() == brokers
+                    && c.brokers.iter().all(|b| b.reachable)
+                {
+                    return;
+                }
+                format!(
+                    "meta leader {}, brokers {:?}",
+                    c.meta_leader,
+                    c.brokers
+                        .iter()
+                        .map(|b| (b.id, b.reachable))
+                        .collect::<Vec<_>>()
+                )
             }
-        }
+            Err(e) => format!("describe_cluster: {e}"),
+        };
         assert!(
             std::time::Instant::now() < deadline,
-            "cluster not ready after {timeout:?}"
+            "cluster not ready after {timeout:?}; last seen: {last}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
