@@ -73,8 +73,10 @@ pub async fn serve(
         .await
 }
 
-/// Binds `addr` (a clear error names it).
+/// Binds `addr` (a clear error names it) and installs the recorder, so
+/// metrics recorded from now on (before the endpoint task runs) are kept.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    recorder();
     TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),

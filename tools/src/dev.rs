@@ -230,6 +230,10 @@ pub async fn run(args: DevArgs, json: bool) -> anyhow::Result<()> {
         election_timeout_ms: None,
         transaction_check_ms: None,
     };
+    if args.admin_port.is_some() {
+        // Before the brokers start, so no metric recorded at start is lost.
+        petrel_proto::admin::recorder();
+    }
     let cluster = LocalCluster::start(opts).await?;
     if let Some(p) = args.admin_port {
         cluster.serve_admin(p).await?;
