@@ -165,6 +165,20 @@ impl ConsumerState {
         self.leases.len() as u64
     }
 
+    /// Why a receipt for `offset` names no live lease: superseded by a
+    /// redelivery, already done, or never leased.
+    fn lease_miss(&self, offset: u64) -> ApplyError {
+        if self.leases.contains_key(&offset) {
+            ApplyError::ReceiptExpired(format!(
+                "offset {offset} was redelivered after this receipt was issued"
+            ))
+        } else if offset < self.next_fresh && !self.pending.contains_key(&offset) {
+            ApplyError::ReceiptExpired(format!("offset {offset} is already acked"))
+        } else {
+            ApplyError::InvalidArgument(format!("offset {offset} is not leased to this group"))
+        }
+    }
+
     /// Message groups that may not be leased now.
     fn blocked(&self) -> HashSet<u64> {
         self.leases
@@ -870,15 +884,7 @@ impl QueueState {
                 ch.consumers.insert(consumer.to_string());
                 Ok(out)
             }
-            Some(_) => Err(ApplyError::ReceiptExpired(format!(
-                "offset {offset} was redelivered after this receipt was issued"
-            ))),
-            None if offset < c.next_fresh && !c.pending.contains_key(&offset) => Err(
-                ApplyError::ReceiptExpired(format!("offset {offset} is already acked")),
-            ),
-            None => Err(ApplyError::InvalidArgument(format!(
-                "offset {offset} is not leased to this group"
-            ))),
+            _ => Err(c.lease_miss(offset)),
         }
     }
 
@@ -927,15 +933,7 @@ impl QueueState {
                 ch.consumers.insert(consumer.to_string());
                 Ok(info)
             }
-            Some(_) => Err(ApplyError::ReceiptExpired(format!(
-                "offset {offset} was redelivered after this receipt was issued"
-            ))),
-            None if offset < c.next_fresh && !c.pending.contains_key(&offset) => Err(
-                ApplyError::ReceiptExpired(format!("offset {offset} is already acked")),
-            ),
-            None => Err(ApplyError::InvalidArgument(format!(
-                "offset {offset} is not leased to this group"
-            ))),
+            _ => Err(c.lease_miss(offset)),
         }
     }
 

@@ -282,28 +282,11 @@ impl Producer {
     /// Sends these messages as ONE request, bypassing the batcher; results
     /// come back in order. All are stored or none is acknowledged.
     pub async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<SendReceipt>> {
-        self.check()?;
         if messages.is_empty() {
+            self.check()?;
             return Ok(Vec::new());
         }
-        let mut pbs = messages
-            .into_iter()
-            .map(|m| {
-                let m = m.into_pb(0);
-                validate::message(&m, validate::DEFAULT_MAX_RECORD_BYTES).map(|_| m)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let first = self
-            .inner
-            .next_sequence
-            .fetch_add(pbs.len() as u64, Ordering::Relaxed);
-        assign_sequences(&mut pbs, first);
-        let req = pb::SendRequest {
-            topic: self.inner.topic.clone(),
-            producer_id: self.inner.producer_id.clone(),
-            messages: pbs,
-        };
-        send_request(&self.inner.client, req).await
+        self.send_one_request(messages, "").await
     }
 
     /// Opens a transaction (TRANSACTION topics): its messages stay
@@ -320,6 +303,16 @@ impl Producer {
 
     /// One request of messages that belong to transaction `txn`.
     pub(crate) async fn send_in_txn(
+        &self,
+        messages: Vec<Message>,
+        txn: &str,
+    ) -> Result<Vec<SendReceipt>> {
+        self.send_one_request(messages, txn).await
+    }
+
+    /// Validates, numbers and sends `messages` as ONE request (in
+    /// transaction `txn`, "" = none), bypassing the batcher.
+    async fn send_one_request(
         &self,
         messages: Vec<Message>,
         txn: &str,
