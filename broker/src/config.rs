@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use clap::Parser;
 use serde::Deserialize;
@@ -13,6 +15,7 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 250;
 pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 20_000;
 pub const DEFAULT_MAX_RECORD_BYTES: usize = petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES;
+pub const DEFAULT_LOG: &str = "info,openraft=error";
 
 /// Petrel storage broker: stores queues in RocksDB, replicated with one Raft
 /// group per queue. Every broker is identical; there is no master.
@@ -48,6 +51,10 @@ pub struct BrokerArgs {
     #[arg(long, env = "PETREL_FAULT_INJECTION")]
     pub fault_injection: bool,
     /// TOML file with any of these settings (keys as the flags, with `_`).
+    /// It is re-read on SIGHUP and when it changes: `log`,
+    /// `transaction_check_ms` and `max_record_bytes` take effect at once
+    /// (unless a flag or env variable sets them); other changes are logged
+    /// as needing a restart; an invalid file is rejected and logged.
     #[arg(long, env = "PETREL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Raft heartbeat interval in milliseconds [default: 250].
@@ -170,6 +177,96 @@ impl BrokerConfig {
     }
 }
 
+/// The settings a running broker takes from a reloaded config file at once.
+/// The rest of [`BrokerConfig`] is fixed for the life of the process.
+#[derive(Debug)]
+pub struct Runtime {
+    transaction_check_ms: AtomicU64,
+    max_record_bytes: AtomicUsize,
+    log: Mutex<String>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Settings now in effect with new values.
+    pub applied: Vec<&'static str>,
+    /// Settings whose new values wait for a restart.
+    pub need_restart: Vec<&'static str>,
+}
+
+impl Runtime {
+    pub fn new(c: &BrokerConfig) -> Self {
+        Self {
+            transaction_check_ms: AtomicU64::new(c.transaction_check_ms),
+            max_record_bytes: AtomicUsize::new(c.max_record_bytes),
+            log: Mutex::new(c.log.clone()),
+        }
+    }
+
+    pub fn transaction_check_ms(&self) -> u64 {
+        self.transaction_check_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes the reloadable settings of `new` (already validated); names
+    /// what changed, and what differs from the running process's fixed
+    /// settings (`started`) and so waits for a restart.
+    pub fn apply(&self, started: &BrokerConfig, new: &BrokerConfig) -> Reloaded {
+        let mut r = Reloaded::default();
+        if self
+            .transaction_check_ms
+            .swap(new.transaction_check_ms, Ordering::Relaxed)
+            != new.transaction_check_ms
+        {
+            r.applied.push("transaction_check_ms");
+        }
+        if self
+            .max_record_bytes
+            .swap(new.max_record_bytes, Ordering::Relaxed)
+            != new.max_record_bytes
+        {
+            r.applied.push("max_record_bytes");
+        }
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if *log != new.log {
+            *log = new.log.clone();
+            r.applied.push("log");
+        }
+        let fixed: [(&'static str, bool); 11] = [
+            ("id", started.id != new.id),
+            ("data_dir", started.data_dir != new.data_dir),
+            ("listen", started.listen != new.listen),
+            ("advertise", started.advertise != new.advertise),
+            ("peers", started.peers != new.peers),
+            ("join", started.join != new.join),
+            ("heartbeat_ms", started.heartbeat_ms != new.heartbeat_ms),
+            (
+                "election_timeout_ms",
+                started.election_timeout_ms != new.election_timeout_ms,
+            ),
+            (
+                "snapshot_every",
+                started.snapshot_every != new.snapshot_every,
+            ),
+            ("admin_listen", started.admin_listen != new.admin_listen),
+            (
+                "fault_injection",
+                started.fault_injection != new.fault_injection,
+            ),
+        ];
+        r.need_restart = fixed.iter().filter(|(_, d)| *d).map(|(k, _)| *k).collect();
+        r
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("missing required setting --{0}")]
@@ -206,19 +303,28 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
 }
 
 impl BrokerArgs {
+    /// Reads the `--config` file (if any) and resolves flags, environment
+    /// and file into the effective configuration.
     pub fn resolve(self) -> Result<BrokerConfig, ConfigError> {
-        let file = match &self.config {
-            None => FileConfig::default(),
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
-                    path: p.clone(),
-                    reason: e.to_string(),
-                })?;
-                toml::from_str(&text).map_err(|e| ConfigError::File {
-                    path: p.clone(),
-                    reason: e.to_string(),
-                })?
-            }
+        let text = match &self.config {
+            None => None,
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| ConfigError::File {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?),
+        };
+        self.resolve_with(text.as_deref())
+    }
+
+    /// [`resolve`](Self::resolve) with the config file's text given (a
+    /// reload re-resolves the same flags against the file's new text).
+    pub fn resolve_with(self, text: Option<&str>) -> Result<BrokerConfig, ConfigError> {
+        let file: FileConfig = match (text, &self.config) {
+            (Some(t), p) => toml::from_str(t).map_err(|e| ConfigError::File {
+                path: p.clone().unwrap_or_default(),
+                reason: e.to_string(),
+            })?,
+            (None, _) => FileConfig::default(),
         };
         let id = self.id.or(file.id).ok_or(ConfigError::Missing("id"))?;
         if id == 0 {
@@ -297,6 +403,9 @@ impl BrokerArgs {
                 "--max-record-bytes must be 1..=64MiB".into(),
             ));
         }
+        let log = self.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.into());
+        tracing_subscriber::EnvFilter::try_new(&log)
+            .map_err(|e| ConfigError::Invalid(format!("log filter {log:?}: {e}")))?;
         Ok(BrokerConfig {
             id,
             data_dir,
@@ -313,10 +422,7 @@ impl BrokerArgs {
                 .unwrap_or(DEFAULT_SNAPSHOT_EVERY)
                 .max(100),
             max_record_bytes,
-            log: self
-                .log
-                .or(file.log)
-                .unwrap_or_else(|| "info,openraft=error".into()),
+            log,
             transaction_check_ms: self
                 .transaction_check_ms
                 .or(file.transaction_check_ms)
@@ -356,5 +462,57 @@ mod tests {
             ..a
         };
         assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn reload_applies_runtime_settings_and_names_the_rest() {
+        let args = BrokerArgs {
+            id: Some(1),
+            data_dir: Some("/tmp/x".into()),
+            config: Some("/etc/petrel/broker.toml".into()),
+            ..Default::default()
+        };
+        let start = args
+            .clone()
+            .resolve_with(Some("transaction_check_ms = 5000\n"))
+            .unwrap();
+        let rt = Runtime::new(&start);
+        let new = args
+            .clone()
+            .resolve_with(Some(
+                "transaction_check_ms = 700\nlog = \"debug\"\nheartbeat_ms = 100\n",
+            ))
+            .unwrap();
+        let r = rt.apply(&start, &new);
+        assert_eq!(r.applied, vec!["transaction_check_ms", "log"]);
+        assert_eq!(r.need_restart, vec!["heartbeat_ms"]);
+        assert_eq!(rt.transaction_check_ms(), 700);
+        assert_eq!(rt.log(), "debug");
+        assert_eq!(
+            rt.apply(&start, &new),
+            Reloaded {
+                applied: vec![],
+                need_restart: vec!["heartbeat_ms"]
+            }
+        );
+        for bad in [
+            "transaction_check_ms = \"soon\"",
+            "unknown_key = 1",
+            "log = \"=[\"",
+            "max_record_bytes = 0",
+            "heartbeat_ms = 5000",
+            "not toml at all [",
+        ] {
+            assert!(args.clone().resolve_with(Some(bad)).is_err(), "{bad}");
+        }
+        // A flag wins over the file, on reload as at start.
+        let flagged = BrokerArgs {
+            transaction_check_ms: Some(9000),
+            ..args
+        };
+        let c = flagged
+            .resolve_with(Some("transaction_check_ms = 700\n"))
+            .unwrap();
+        assert_eq!(c.transaction_check_ms, 9000);
     }
 }

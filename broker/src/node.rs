@@ -82,6 +82,8 @@ impl GroupHandle {
 pub struct Node {
     pub id: u64,
     pub config: BrokerConfig,
+    /// Settings a config reload changes while running.
+    pub runtime: crate::config::Runtime,
     pub store: Store,
     pub pool: PeerPool,
     pub groups: DashMap<u64, GroupHandle>,
@@ -128,6 +130,7 @@ impl Node {
         let (map_tx, map_rx) = watch::channel(Arc::new(ClusterMap::default()));
         let node = Arc::new(Self {
             id: config.id,
+            runtime: crate::config::Runtime::new(&config),
             store: store.clone(),
             pool: PeerPool::with_self_id(config.id),
             groups: DashMap::new(),
@@ -510,13 +513,12 @@ impl Node {
     /// still open after `TRANSACTION_MAX_CHECKS` check intervals past its
     /// last check is rolled back (its records are discarded).
     async fn txn_timeout_loop(self: Arc<Self>) {
-        let interval = self.config.transaction_check_ms;
-        let mut tick = tokio::time::interval(Duration::from_millis(interval.clamp(100, 1000)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Re-read each round: a config reload may change it.
+            let interval = self.runtime.transaction_check_ms();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(Duration::from_millis(interval.clamp(100, 1000))) => {}
             }
             let now = petrel_proto::now_ms();
             let expired: Vec<(u64, GroupHandle, String)> = self
@@ -649,9 +651,14 @@ impl Node {
         }
     }
 
-    /// Records when this node was first seen leading each group (term).
+    /// Records when this node was first seen leading each group (term), and
+    /// counts elections: every new term a replica here sees is one
+    /// (`petrel_broker_raft_elections_total`, the term a group is in when
+    /// first seen included), and every term this broker
+    /// starts leading is one it won (`petrel_broker_raft_leaderships_won_total`).
     async fn leadership_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut terms: BTreeMap<u64, u64> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -663,15 +670,29 @@ impl Node {
                     let m = m.borrow();
                     (m.current_leader, m.current_term)
                 };
+                let kind = group_kind(*e.key());
+                // Terms this replica saw begin; the one it finds a group
+                // in when it first looks (start-up, new replica) counts.
+                let new_terms = match terms.insert(*e.key(), term) {
+                    Some(t) => term.saturating_sub(t),
+                    None => u64::from(term > 0),
+                };
+                if new_terms > 0 {
+                    metrics::counter!("petrel_broker_raft_elections_total", "group" => kind)
+                        .increment(new_terms);
+                }
                 if leader == Some(self.id) {
                     let fresh = self.leader_since.get(e.key()).is_none_or(|v| v.0 != term);
                     if fresh {
                         self.leader_since.insert(*e.key(), (term, Instant::now()));
+                        metrics::counter!("petrel_broker_raft_leaderships_won_total", "group" => kind)
+                            .increment(1);
                     }
                 } else {
                     self.leader_since.remove(e.key());
                 }
             }
+            terms.retain(|g, _| self.groups.contains_key(g));
         }
     }
 
@@ -796,6 +817,7 @@ impl Node {
                 }
             }
         };
+        let start = Instant::now();
         let write = async {
             tokio::select! {
                 r = h.raft.client_write(cmd) => Some(r),
@@ -807,7 +829,12 @@ impl Node {
                 "group {group}: this broker lost its leadership or quorum while the write waited"
             ))),
             Ok(Some(r)) => match r {
-                Ok(r) => Ok(r.data),
+                Ok(r) => {
+                    // Propose → replicated to a quorum → applied here.
+                    metrics::histogram!("petrel_broker_raft_append_seconds", "group" => group_kind(group))
+                        .record(start.elapsed().as_secs_f64());
+                    Ok(r.data)
+                }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     Err(PetrelError::NotLeader {
                         group,
@@ -1610,4 +1637,13 @@ fn spawn_initialize(raft: Raft, members: BTreeMap<u64, BasicNode>, preferred: bo
             Err(e) => tracing::debug!(error = %e, "is_initialized"),
         }
     });
+}
+
+/// The `group` label of Raft metrics: bounded, unlike group ids.
+fn group_kind(group: u64) -> &'static str {
+    if group == crate::types::META_GROUP {
+        "meta"
+    } else {
+        "queue"
+    }
 }

@@ -141,14 +141,14 @@ impl Service {
             Some(TxnOpen {
                 id: txn_id,
                 now_ms: now,
-                check_ms: self.node.config.transaction_check_ms,
+                check_ms: self.node.runtime.transaction_check_ms(),
             })
         };
         let mut records = Vec::with_capacity(g.messages.len());
         let mut bytes = 0u64;
         let mut deliver_at = Vec::new();
         for m in g.messages {
-            validate::message(&m, self.node.config.max_record_bytes)?;
+            validate::message(&m, self.node.runtime.max_record_bytes())?;
             let at = validate::message_type_fit(&m, mt, now)?;
             // Already due: stored as a plain record, delivered at once.
             let hold = if at > now { at } else { 0 };
@@ -727,7 +727,7 @@ impl BrokerData for Service {
         let cmd = Command::TxnChecked {
             ids: stale.iter().map(|(id, _)| id.clone()).collect(),
             now_ms: now,
-            interval_ms: self.node.config.transaction_check_ms,
+            interval_ms: self.node.runtime.transaction_check_ms(),
         };
         self.node.write(group, &h, cmd).await?;
         let mut transactions = Vec::with_capacity(stale.len());

@@ -182,3 +182,95 @@ where
         })
     }
 }
+
+/// How often [`watch_config`] looks at the file for a change. A Kubernetes
+/// ConfigMap update swaps a symlink rather than writing the file, which
+/// inotify-style watches on the file miss; reading a small file every
+/// couple of seconds sees every kind of change.
+pub const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why a config reload ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadCause {
+    /// SIGHUP: the file is re-applied even if it did not change.
+    Signal,
+    /// The file's contents changed.
+    FileChanged,
+}
+
+/// Re-reads the config file at `path` on SIGHUP, and whenever its contents
+/// change (checked every `poll`), and hands the text to `apply` until
+/// `stop` resolves. `initial` is the text the process started with, so an
+/// unchanged file is not re-applied. A rejected file (`apply` returns the
+/// reason) is logged and counted in `{prefix}_config_reload_errors_total`,
+/// and is not retried until it changes again or SIGHUP asks; the caller
+/// keeps its running settings. Successes count in
+/// `{prefix}_config_reloads_total`. Connections are never touched here.
+pub async fn watch_config<F>(
+    path: std::path::PathBuf,
+    initial: Option<String>,
+    poll: std::time::Duration,
+    prefix: &'static str,
+    stop: impl std::future::Future<Output = ()>,
+    mut apply: F,
+) where
+    F: FnMut(&str, ReloadCause) -> Result<(), String>,
+{
+    #[cfg(unix)]
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install a SIGHUP handler; reloading on file change only");
+            None
+        }
+    };
+    let mut seen = initial;
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        #[cfg(unix)]
+        let signal = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signal = std::future::pending::<Option<()>>();
+        let cause = tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => ReloadCause::FileChanged,
+            s = signal => match s {
+                Some(_) => ReloadCause::Signal,
+                None => return,
+            },
+        };
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                // A file briefly missing (an editor's rename, a ConfigMap
+                // swap) is not news on a poll; a SIGHUP asked for it.
+                if cause == ReloadCause::Signal {
+                    metrics::counter!(format!("{prefix}_config_reload_errors_total")).increment(1);
+                    tracing::error!(path = %path.display(), error = %e, "config reload failed; keeping the running configuration");
+                }
+                continue;
+            }
+        };
+        if cause == ReloadCause::FileChanged && seen.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        seen = Some(text.clone());
+        match apply(&text, cause) {
+            Ok(()) => {
+                metrics::counter!(format!("{prefix}_config_reloads_total")).increment(1);
+                tracing::info!(path = %path.display(), ?cause, "configuration reloaded");
+            }
+            Err(e) => {
+                metrics::counter!(format!("{prefix}_config_reload_errors_total")).increment(1);
+                tracing::error!(path = %path.display(), ?cause, error = %e, "config reload rejected; keeping the running configuration");
+            }
+        }
+    }
+}

@@ -60,7 +60,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "PETREL_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     /// TOML file with the settings that can change while running (log
-    /// filter, per-topic rate limits); re-read on SIGHUP. See `limits.rs`.
+    /// filter, per-topic and per-client rate limits); re-read on SIGHUP and
+    /// whenever it changes. See `limits.rs`.
     #[arg(long, env = "PETREL_CONFIG")]
     pub config: Option<std::path::PathBuf>,
     /// Print the effective configuration (flags, environment and file) as
@@ -83,9 +84,13 @@ pub struct ProxyConfig {
     pub admin_listen: Option<SocketAddr>,
     pub drain_delay: Duration,
     pub shutdown_grace: Duration,
-    /// The `--config` file (re-read on SIGHUP) and what it said at start.
+    /// The `--config` file (re-read on SIGHUP and on change), its text at
+    /// start and what it said.
     pub config_path: Option<std::path::PathBuf>,
+    pub config_text: Option<String>,
     pub runtime: crate::limits::RuntimeConfig,
+    /// The `--log` flag's filter, used when the file sets none.
+    pub flag_log: String,
     /// Applies a new log filter (set by the binary; `None` in-process).
     pub set_log: Option<LogHook>,
 }
@@ -171,14 +176,21 @@ impl ProxyArgs {
             Some(_) => return Err("--receipt-secret must be at least 16 bytes".into()),
             None => DEV_RECEIPT_SECRET.to_string(),
         };
-        let runtime = match &self.config {
-            Some(p) => crate::limits::RuntimeConfig::load(p)?,
-            None => Default::default(),
+        let config_text = match &self.config {
+            Some(p) => Some(crate::limits::read(p)?),
+            None => None,
         };
-        let log = runtime.log.clone().unwrap_or(self.log);
+        let runtime = match (&config_text, &self.config) {
+            (Some(t), Some(p)) => crate::limits::RuntimeConfig::parse(t)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+            _ => Default::default(),
+        };
+        let log = runtime.log.clone().unwrap_or_else(|| self.log.clone());
         Ok(ProxyConfig {
             config_path: self.config,
+            config_text,
             runtime,
+            flag_log: self.log,
             set_log: None,
             listen: self.listen,
             brokers,
@@ -213,7 +225,9 @@ impl ProxyConfig {
             drain_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(20),
             config_path: None,
+            config_text: None,
             runtime: Default::default(),
+            flag_log: "info".into(),
             set_log: None,
         }
     }

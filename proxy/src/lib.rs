@@ -76,11 +76,19 @@ pub async fn run(
     let (drain_delay, grace) = (config.drain_delay, config.shutdown_grace);
     let limiter = Arc::new(limits::Limiter::new(config.runtime.clone()));
     if let Some(path) = config.config_path.clone() {
-        tokio::spawn(reload_on_sighup(
-            path,
+        let (l, hook, flag_log) = (
             limiter.clone(),
             config.set_log.clone(),
-            shutdown.child_token(),
+            config.flag_log.clone(),
+        );
+        let stop = shutdown.child_token();
+        tokio::spawn(petrel_proto::admin::watch_config(
+            path,
+            config.config_text.clone(),
+            petrel_proto::admin::CONFIG_POLL,
+            "petrel_proxy",
+            async move { stop.cancelled().await },
+            move |text, _| apply_runtime(text, &l, hook.as_ref(), &flag_log),
         ));
     }
     let streams_stop = CancellationToken::new();
@@ -138,52 +146,22 @@ pub async fn run(
     }
 }
 
-/// Re-reads `path` on every SIGHUP: a valid file replaces the runtime
+/// Applies a new `--config` text: a valid file replaces the runtime
 /// settings (rate limits, log filter) at once, without touching any
-/// connection; an invalid one is rejected with a logged reason and the
-/// running settings stay.
-async fn reload_on_sighup(
-    path: std::path::PathBuf,
-    limiter: Arc<limits::Limiter>,
-    set_log: Option<config::LogHook>,
-    stop: CancellationToken,
-) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot install a SIGHUP handler; config reload disabled");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                s = hup.recv() => if s.is_none() { return },
-            }
-            match limits::RuntimeConfig::load(&path) {
-                Ok(c) => {
-                    if let (Some(l), Some(hook)) = (&c.log, &set_log) {
-                        if let Err(e) = (hook.0)(l) {
-                            metrics::counter!("petrel_proxy_config_reload_errors_total")
-                                .increment(1);
-                            tracing::error!(error = %e, "config reload rejected; keeping the previous configuration");
-                            continue;
-                        }
-                    }
-                    limiter.replace(c);
-                    metrics::counter!("petrel_proxy_config_reloads_total").increment(1);
-                    tracing::info!(path = %path.display(), "configuration reloaded");
-                }
-                Err(e) => {
-                    metrics::counter!("petrel_proxy_config_reload_errors_total").increment(1);
-                    tracing::error!(error = %e, "config reload rejected; keeping the previous configuration");
-                }
-            }
-        }
+/// connection; an invalid one is refused with the reason (and
+/// [`petrel_proto::admin::watch_config`] logs it and keeps the running
+/// settings).
+fn apply_runtime(
+    text: &str,
+    limiter: &limits::Limiter,
+    set_log: Option<&config::LogHook>,
+    flag_log: &str,
+) -> Result<(), String> {
+    let c = limits::RuntimeConfig::parse(text)?;
+    if let Some(hook) = set_log {
+        // A file that no longer sets `log` goes back to the flag's filter.
+        (hook.0)(c.log.as_deref().unwrap_or(flag_log))?;
     }
-    #[cfg(not(unix))]
-    {
-        let _ = (path, limiter, set_log);
-        stop.cancelled().await;
-    }
+    limiter.replace(c);
+    Ok(())
 }

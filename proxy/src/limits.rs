@@ -1,13 +1,23 @@
 //! Settings a proxy can change while running (from its `--config` TOML
-//! file, re-read on SIGHUP): the log filter and per-topic rate limits.
+//! file, re-read on SIGHUP and whenever it changes): the log filter and
+//! per-topic and per-client rate limits.
 //!
 //! ```toml
 //! log = "info"
 //! [rate_limits]
-//! default_records_per_sec = 0        # 0 = unlimited
+//! default_records_per_sec = 0        # topics not listed; 0 = unlimited
+//! per_client_records_per_sec = 0     # each client not listed; 0 = unlimited
 //! [rate_limits.topics]
-//! orders = 1000                      # records per second, across clients
+//! orders = 1000                      # records per second, all clients together
+//! [rate_limits.clients]
+//! "billing-1" = 50                   # records per second for this producer id
 //! ```
+//!
+//! A client is the producer id a send carries (`Producer::builder().producer_id(..)`),
+//! or the peer's IP address (`ip:10.0.0.7`) when it sends none. Limits are
+//! per proxy: with N proxies a client may get up to N times its limit.
+//! A send must pass both its client's and its topic's limit; a refused send
+//! takes no tokens and gets the retryable `rate_limited` error.
 //!
 //! A reload that does not parse or validate is rejected with a logged
 //! reason and the running settings stay; connections are never dropped.
@@ -15,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use petrel_proto::{validate, PetrelError};
@@ -40,7 +50,17 @@ pub struct RateLimits {
     /// Records per second per topic (0 = unlimited).
     #[serde(default)]
     pub topics: BTreeMap<String, u64>,
+    /// Records per second for each client not listed (0 = unlimited).
+    #[serde(default)]
+    pub per_client_records_per_sec: u64,
+    /// Records per second per client: producer id, or `ip:ADDRESS`
+    /// (0 = unlimited).
+    #[serde(default)]
+    pub clients: BTreeMap<String, u64>,
 }
+
+/// Longest client key accepted in the file (producer ids are at most 128).
+const MAX_CLIENT_KEY: usize = 160;
 
 impl RuntimeConfig {
     /// Parses and validates TOML text.
@@ -53,18 +73,28 @@ impl RuntimeConfig {
         for t in c.rate_limits.topics.keys() {
             validate::topic_name(t).map_err(|e| format!("rate_limits.topics: {e}"))?;
         }
+        for k in c.rate_limits.clients.keys() {
+            if k.is_empty() || k.len() > MAX_CLIENT_KEY || k.chars().any(char::is_control) {
+                return Err(format!(
+                    "rate_limits.clients: {k:?} is not a producer id or ip:ADDRESS"
+                ));
+            }
+        }
         Ok(c)
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        Self::parse(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_default()
     }
+}
+
+/// Reads a config file, naming it in the error.
+pub fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// A token bucket: `rate` tokens per second, at most one second's worth.
@@ -74,18 +104,58 @@ struct Bucket {
     at: Instant,
 }
 
-/// Per-topic rate limiting under the current runtime settings.
+/// Most client buckets kept before idle ones are dropped. A bucket idle for
+/// a second is full, so dropping it changes nothing.
+const MAX_CLIENT_BUCKETS: usize = 10_000;
+
+/// Per-topic and per-client rate limiting under the current runtime settings.
 #[derive(Debug, Default)]
 pub struct Limiter {
     config: RwLock<Arc<RuntimeConfig>>,
-    buckets: DashMap<String, Mutex<Bucket>>,
+    topics: DashMap<String, Mutex<Bucket>>,
+    clients: DashMap<String, Mutex<Bucket>>,
+}
+
+/// Takes `n` tokens from `key`'s bucket at `rate`/s, or says how long to
+/// wait. A request larger than a second's worth passes when the bucket is
+/// full, so it is never refused forever.
+fn take(
+    map: &DashMap<String, Mutex<Bucket>>,
+    key: &str,
+    rate: u64,
+    n: u64,
+    now: Instant,
+) -> Result<(), u64> {
+    let cap = rate as f64;
+    let entry = map.entry(key.to_string()).or_insert_with(|| {
+        Mutex::new(Bucket {
+            tokens: cap,
+            at: now,
+        })
+    });
+    let mut b = entry.lock().unwrap_or_else(|e| e.into_inner());
+    b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cap).min(cap);
+    b.at = now;
+    let need = (n as f64).min(cap);
+    if b.tokens >= need {
+        b.tokens -= n as f64;
+        Ok(())
+    } else {
+        Err(((need - b.tokens) / cap * 1000.0).ceil() as u64)
+    }
+}
+
+fn give_back(map: &DashMap<String, Mutex<Bucket>>, key: &str, n: u64) {
+    if let Some(e) = map.get(key) {
+        e.lock().unwrap_or_else(|e| e.into_inner()).tokens += n as f64;
+    }
 }
 
 impl Limiter {
     pub fn new(config: RuntimeConfig) -> Self {
         Self {
             config: RwLock::new(Arc::new(config)),
-            buckets: DashMap::new(),
+            ..Default::default()
         }
     }
 
@@ -102,46 +172,51 @@ impl Limiter {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 
-    fn rate(&self, topic: &str) -> u64 {
+    /// Admits `n` records from `client` to `topic`, or refuses them all
+    /// with a retryable `rate_limited` error saying which limit and when to
+    /// come back.
+    pub fn admit(&self, topic: &str, client: &str, n: u64) -> Result<(), PetrelError> {
         let c = self.config();
-        c.rate_limits
+        let l = &c.rate_limits;
+        let topic_rate = l
             .topics
             .get(topic)
             .copied()
-            .unwrap_or(c.rate_limits.default_records_per_sec)
-    }
-
-    /// Admits `n` records to `topic`, or refuses them all with a retryable
-    /// `rate_limited` error saying when to come back.
-    pub fn admit(&self, topic: &str, n: u64) -> Result<(), PetrelError> {
-        let rate = self.rate(topic);
-        if rate == 0 {
-            return Ok(());
-        }
-        let cap = rate as f64;
+            .unwrap_or(l.default_records_per_sec);
+        let client_rate = l
+            .clients
+            .get(client)
+            .copied()
+            .unwrap_or(l.per_client_records_per_sec);
         let now = Instant::now();
-        let entry = self.buckets.entry(topic.to_string()).or_insert_with(|| {
-            Mutex::new(Bucket {
-                tokens: cap,
-                at: now,
-            })
-        });
-        let mut b = entry.lock().unwrap_or_else(|e| e.into_inner());
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cap).min(cap);
-        b.at = now;
-        // A request larger than a second's worth passes when the bucket is
-        // full, so it is never refused forever.
-        let need = (n as f64).min(cap);
-        if b.tokens >= need {
-            b.tokens -= n as f64;
-            return Ok(());
+        if client_rate > 0 {
+            if self.clients.len() >= MAX_CLIENT_BUCKETS {
+                self.clients.retain(|_, b| {
+                    now.duration_since(b.get_mut().unwrap_or_else(|e| e.into_inner()).at)
+                        < Duration::from_secs(1)
+                });
+            }
+            if let Err(wait_ms) = take(&self.clients, client, client_rate, n, now) {
+                metrics::counter!("petrel_proxy_rate_limited_total", "topic" => topic.to_string(), "limit" => "client")
+                    .increment(1);
+                return Err(PetrelError::RateLimited(format!(
+                    "client {client:?} is limited to {client_rate} records/s; retry in {wait_ms} ms"
+                )));
+            }
         }
-        metrics::counter!("petrel_proxy_rate_limited_total", "topic" => topic.to_string())
-            .increment(1);
-        let wait_ms = ((need - b.tokens) / cap * 1000.0).ceil() as u64;
-        Err(PetrelError::RateLimited(format!(
-            "topic {topic:?} is limited to {rate} records/s; retry in {wait_ms} ms"
-        )))
+        if topic_rate > 0 {
+            if let Err(wait_ms) = take(&self.topics, topic, topic_rate, n, now) {
+                if client_rate > 0 {
+                    give_back(&self.clients, client, n);
+                }
+                metrics::counter!("petrel_proxy_rate_limited_total", "topic" => topic.to_string(), "limit" => "topic")
+                    .increment(1);
+                return Err(PetrelError::RateLimited(format!(
+                    "topic {topic:?} is limited to {topic_rate} records/s; retry in {wait_ms} ms"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -174,14 +249,56 @@ mod tests {
         let mut c = RuntimeConfig::default();
         c.rate_limits.topics.insert("t".into(), 10);
         let l = Limiter::new(c.clone());
-        assert!(l.admit("t", 10).is_ok());
-        assert!(matches!(l.admit("t", 5), Err(PetrelError::RateLimited(_))));
+        assert!(l.admit("t", "a", 10).is_ok());
+        assert!(matches!(
+            l.admit("t", "b", 5),
+            Err(PetrelError::RateLimited(_))
+        ));
         assert!(
-            l.admit("other", 1_000_000).is_ok(),
+            l.admit("other", "a", 1_000_000).is_ok(),
             "unlisted topics are unlimited"
         );
         c.rate_limits.topics.insert("t".into(), 0);
         l.replace(c);
-        assert!(l.admit("t", 1_000).is_ok());
+        assert!(l.admit("t", "a", 1_000).is_ok());
+    }
+
+    #[test]
+    fn limits_per_client_and_a_refusal_takes_no_tokens() {
+        let mut c = RuntimeConfig::parse(
+            "[rate_limits]\nper_client_records_per_sec = 10\n[rate_limits.clients]\nbig = 100\n[rate_limits.topics]\nt = 50\n",
+        )
+        .unwrap();
+        let l = Limiter::new(c.clone());
+        assert!(l.admit("u", "small", 10).is_ok());
+        match l.admit("u", "small", 1) {
+            Err(PetrelError::RateLimited(m)) => assert!(m.contains("client \"small\""), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            l.admit("u", "other", 10).is_ok(),
+            "each client has its own bucket"
+        );
+        // "big" may send 100/s, but topic t allows only 50/s: the topic
+        // refuses, and the client's tokens are given back.
+        assert!(l.admit("t", "big", 50).is_ok());
+        match l.admit("t", "big", 40) {
+            Err(PetrelError::RateLimited(m)) => assert!(m.contains("topic \"t\""), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            l.admit("u", "big", 50).is_ok(),
+            "the refused 40 were given back"
+        );
+        c.rate_limits.per_client_records_per_sec = 0;
+        l.replace(c);
+        assert!(l.admit("u", "small", 1_000).is_ok());
+        for bad in [
+            "[rate_limits.clients]\n\"\" = 1",
+            "[rate_limits.clients]\nx = -1",
+            "[rate_limits]\nper_client_records_per_sec = \"fast\"",
+        ] {
+            assert!(RuntimeConfig::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -748,6 +748,7 @@ type CheckStream = Pin<Box<dyn Stream<Item = Result<pb::TransactionCheck, Status
 impl Petrel for ProxyService {
     async fn send(&self, req: Request<pb::SendRequest>) -> R<pb::SendResponse> {
         let s = &self.inner;
+        let peer = req.remote_addr();
         let req = req.into_inner();
         validate::producer_id(&req.producer_id)?;
         if req.messages.is_empty() {
@@ -771,7 +772,18 @@ impl Petrel for ProxyService {
             })?;
         }
         let t = s.topic(&req.topic).await?;
-        s.limiter.admit(&req.topic, req.messages.len() as u64)?;
+        // The client a per-client rate limit applies to: its producer id,
+        // or its address when it sends without one.
+        let client = if req.producer_id.is_empty() {
+            match peer {
+                Some(a) => format!("ip:{}", a.ip()),
+                None => "ip:unknown".to_string(),
+            }
+        } else {
+            req.producer_id.clone()
+        };
+        s.limiter
+            .admit(&req.topic, &client, req.messages.len() as u64)?;
         let n = t.queues.len() as u64;
         if n == 0 {
             return Err(PetrelError::Unavailable("topic has no queues".into()).into());

@@ -11,7 +11,7 @@ mod common;
 
 use common::workload::{Consuming, Producing};
 use common::{broker_command, broker_list, free_port, peers_arg, proxy_command, wait_ready, Procs};
-use petrel_sdk::{Client, Message, TopicSpec};
+use petrel_sdk::{Client, Error, Message, TopicSpec};
 
 /// `GET path` on 127.0.0.1:port: (status, body); None if it cannot connect.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -188,6 +188,14 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics() {
     .await;
     let leaders = scrape_all(&admin, "petrel_broker_leader_count", &[]);
     assert_eq!(leaders, 1.0, "one leader for the one queue");
+    // Raft: the queue's election was seen and won, and its appends timed.
+    let q = [("group", "queue")];
+    let won = scrape_all(&admin, "petrel_broker_raft_leaderships_won_total", &q);
+    assert!(won >= 1.0, "queue leaderships won: {won}");
+    let elections = scrape_all(&admin, "petrel_broker_raft_elections_total", &q);
+    assert!(elections >= won, "elections {elections} < won {won}");
+    let appends = scrape_all(&admin, "petrel_broker_raft_append_seconds_count", &q);
+    assert!(appends >= 1.0, "queue appends timed: {appends}");
 
     // The proxy times every RPC and counts refreshes and connections.
     let (_, p) = get(proxy_admin, "/metrics").unwrap();
@@ -377,8 +385,9 @@ async fn sighup_reloads_rate_limits_without_reconnects_and_rejects_a_bad_file() 
     std::fs::write(&conf, "[rate_limits.topics]\nlimited = \"many\"\n").unwrap();
     assert!(procs.signal(ip, "-HUP"));
     eventually("reload rejected", Duration::from_secs(10), || {
+        // The file watch may see it before the signal does: one or two.
         let e = scrape("petrel_proxy_config_reload_errors_total");
-        (e == 1.0).then_some(()).ok_or(format!("{e}"))
+        (e >= 1.0).then_some(()).ok_or(format!("{e}"))
     })
     .await;
     burst().await;
@@ -394,7 +403,7 @@ async fn sighup_reloads_rate_limits_without_reconnects_and_rejects_a_bad_file() 
     assert!(procs.signal(ip, "-HUP"));
     eventually("reloaded", Duration::from_secs(10), || {
         let r = scrape("petrel_proxy_config_reloads_total");
-        (r == 1.0).then_some(()).ok_or(format!("{r}"))
+        (r >= 1.0).then_some(()).ok_or(format!("{r}"))
     })
     .await;
     burst().await;
@@ -405,6 +414,145 @@ async fn sighup_reloads_rate_limits_without_reconnects_and_rejects_a_bad_file() 
     );
     // The same connection throughout: reloads drop none.
     assert_eq!(scrape("petrel_proxy_connections_accepted_total"), conns);
+    procs.check_running(ip).unwrap();
+    drop(procs);
+}
+
+/// Edits to the config files, with no signal at all: the proxy picks up a
+/// per-client rate limit (one producer id limited, another not), and the
+/// brokers pick up a new `max_record_bytes`; a broker file that does not
+/// validate is rejected and the running limit stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edited_config_files_reload_per_client_limits_and_broker_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let badmins: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    let mut procs = Procs::default();
+    let bconf: Vec<std::path::PathBuf> = (1..=3)
+        .map(|i| dir.path().join(format!("broker{i}.toml")))
+        .collect();
+    for (i, p) in ports.iter().enumerate() {
+        std::fs::write(&bconf[i], "transaction_check_ms = 5000\n").unwrap();
+        let admin = format!("127.0.0.1:{}", badmins[i]);
+        let conf = bconf[i].to_str().unwrap();
+        procs.push(
+            broker_command(
+                i + 1,
+                *p,
+                &peers,
+                dir.path(),
+                &["--admin-listen", &admin, "--config", conf],
+            )
+            .spawn()
+            .unwrap(),
+        );
+    }
+    let conf = dir.path().join("proxy.toml");
+    std::fs::write(&conf, "[rate_limits.clients]\nslow = 10\n").unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut pc = proxy_command(port, &broker_list(&ports));
+    pc.arg("--config")
+        .arg(&conf)
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin}"));
+    let ip = procs.push(pc.spawn().unwrap());
+    let client = Client::connect([format!("127.0.0.1:{port}")]).unwrap();
+    wait_ready(&client.admin(), 3, Duration::from_secs(60)).await;
+    client
+        .admin()
+        .create_topic(TopicSpec::new("t").queues(2).replicas(3))
+        .await
+        .unwrap();
+    let scrape = |name: &str, want: &[(&str, &str)]| {
+        get(admin, "/metrics").map_or(0.0, |(_, b)| metric(&b, name, want))
+    };
+    let client_limited = || scrape("petrel_proxy_rate_limited_total", &[("limit", "client")]);
+    let burst = |p: petrel_sdk::Producer| async move {
+        for i in 0..5 {
+            let batch: Vec<Message> = (0..10).map(|j| Message::new(format!("{i}-{j}"))).collect();
+            p.send_batch(batch)
+                .await
+                .expect("rate limiting is retried, not surfaced");
+        }
+    };
+    let fast = client.producer("t").producer_id("fast").build();
+    let slow = client.producer("t").producer_id("slow").build();
+    burst(fast.clone()).await;
+    assert_eq!(client_limited(), 0.0, "an unlisted client was limited");
+    burst(slow.clone()).await;
+    let limited = client_limited();
+    assert!(limited >= 1.0, "client \"slow\" was not limited");
+    let conns = scrape("petrel_proxy_connections_accepted_total", &[]);
+
+    // Lift the limit by editing the file; no SIGHUP.
+    std::fs::write(&conf, "[rate_limits.clients]\nslow = 0\n").unwrap();
+    eventually("proxy reloaded on change", Duration::from_secs(15), || {
+        let r = scrape("petrel_proxy_config_reloads_total", &[]);
+        (r >= 1.0).then_some(()).ok_or(format!("{r}"))
+    })
+    .await;
+    burst(slow.clone()).await;
+    assert_eq!(client_limited(), limited, "the lifted limit still applies");
+    assert_eq!(
+        scrape("petrel_proxy_connections_accepted_total", &[]),
+        conns,
+        "a reload dropped a connection"
+    );
+
+    // Brokers: a 2,000-byte record passes until their files lower
+    // max_record_bytes to 1,000 (the proxy's own limit is 4 MiB).
+    let big = || Message::new(vec![7u8; 2000]);
+    fast.send(big())
+        .await
+        .expect("2,000 bytes under the default limit");
+    for c in &bconf {
+        std::fs::write(c, "transaction_check_ms = 5000\nmax_record_bytes = 1000\n").unwrap();
+    }
+    let reloads = |what: &str| {
+        badmins
+            .iter()
+            .map(|p| get(*p, "/metrics").map_or(0.0, |(_, b)| metric(&b, what, &[])))
+            .collect::<Vec<f64>>()
+    };
+    eventually(
+        "brokers reloaded on change",
+        Duration::from_secs(15),
+        || {
+            let r = reloads("petrel_broker_config_reloads_total");
+            r.iter()
+                .all(|x| *x >= 1.0)
+                .then_some(())
+                .ok_or(format!("{r:?}"))
+        },
+    )
+    .await;
+    match fast.send(big()).await {
+        Err(Error::TooLarge(m)) => assert!(m.contains("1000"), "{m}"),
+        other => panic!("a record over the reloaded limit: {other:?}"),
+    }
+    // A broken broker file is rejected and the 1,000-byte limit stays.
+    for c in &bconf {
+        std::fs::write(c, "max_record_bytes = \"lots\"\n").unwrap();
+    }
+    eventually("bad broker file rejected", Duration::from_secs(15), || {
+        let r = reloads("petrel_broker_config_reload_errors_total");
+        r.iter()
+            .all(|x| *x >= 1.0)
+            .then_some(())
+            .ok_or(format!("{r:?}"))
+    })
+    .await;
+    assert!(
+        matches!(fast.send(big()).await, Err(Error::TooLarge(_))),
+        "the rejected file changed the limit"
+    );
+    fast.send(Message::new(vec![1u8; 500]))
+        .await
+        .expect("small records still go through");
+    for i in 0..ports.len() {
+        procs.check_running(i).unwrap();
+    }
     procs.check_running(ip).unwrap();
     drop(procs);
 }
