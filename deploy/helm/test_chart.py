@@ -12,8 +12,10 @@ Run by scripts/chart-test.sh (part of scripts/test.sh):
     python deploy/helm/test_chart.py BIN_DIR
 """
 
+import os
 import re
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -42,9 +44,17 @@ VALUE_SETS = {
         }
     },
     "five-brokers": {
-        "broker": {"replicas": 5, "antiAffinity": "hard", "storage": {"size": "50Gi"}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
-        "proxy": {"receiptSecret": "a-long-enough-secret-value"},
+        "proxy": {
+            "receiptSecret": "a-long-enough-secret-value",
+            "logLevel": "info,petrel_proxy=debug",
+            "rateLimits": {
+                "perClientRecordsPerSec": 200,
+                "topics": {"orders": 1000, "_audit-log.v2": 50},
+                "clients": {"billing-1": 50, "ip:10.0.0.7": 5},
+            },
+        },
+        "broker": {"replicas": 5, "antiAffinity": "hard", "storage": {"size": "50Gi"}, "maxRecordBytes": 1048576},
     },
 }
 
@@ -54,6 +64,10 @@ BAD_VALUES = {
     "short secret": {"proxy": {"receiptSecret": "short"}},
     "bad pull policy": {"image": {"pullPolicy": "Sometimes"}},
     "cpu over 100": {"proxy": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 150}}},
+    "negative rate": {"proxy": {"rateLimits": {"topics": {"orders": -1}}}},
+    "bad topic in rate limits": {"proxy": {"rateLimits": {"topics": {"a b": 1}}}},
+    "unknown rate key": {"proxy": {"rateLimits": {"perTopic": 1}}},
+    "tiny transaction check": {"broker": {"transactionCheckMs": 5}},
 }
 
 failures = []
@@ -84,6 +98,61 @@ def binary_of(container):
         return words[0]
     m = re.search(r"\bexec (petrel-broker|petrel-proxy)\b", " ".join(words))
     return m.group(1) if m else None
+
+
+def check_config_files(bin_dir, name, values, cm, deploy, sts):
+    """The ConfigMap's files are accepted by the binaries themselves, are
+    mounted where --config points, and changing them does not restart the
+    pods (they are reloaded live)."""
+    with tempfile.TemporaryDirectory() as d:
+        for key, cmd in (
+            ("broker.toml", ["petrel-broker", "--id", "1", "--data-dir", d]),
+            ("proxy.toml", ["petrel-proxy", "--brokers", "127.0.0.1:1"]),
+        ):
+            check(key in cm["data"], f"{name}: ConfigMap has {key}")
+            if key not in cm["data"]:
+                continue
+            f = Path(d) / key
+            f.write_text(cm["data"][key])
+            # No PETREL_* variables may override what the file says.
+            env_free = {k: v for k, v in os.environ.items() if not k.startswith("PETREL_")}
+            out = subprocess.run(
+                [str(Path(bin_dir) / cmd[0])] + cmd[1:] + ["--config", str(f), "--print-config"],
+                capture_output=True, text=True, env=env_free,
+            )
+            check(out.returncode == 0, f"{name}: {cmd[0]} rejects its rendered {key}: {out.stderr.strip()}")
+            if out.returncode != 0:
+                continue
+            printed = out.stdout
+            if key == "proxy.toml":
+                limits = values.get("proxy", {}).get("rateLimits", {})
+                for section in ("topics", "clients"):
+                    for k, v in limits.get(section, {}).items():
+                        check(
+                            re.search(rf'^"?{re.escape(k)}"? = {v}$', printed, re.M) is not None,
+                            f"{name}: proxy.toml rate limit {section}.{k} = {v} in effect",
+                        )
+                log = values.get("proxy", {}).get("logLevel", "info")
+                check(f'log = "{log}"' in printed, f"{name}: proxy log filter from the ConfigMap")
+            else:
+                mrb = values.get("broker", {}).get("maxRecordBytes", 4194304)
+                check(f"max_record_bytes = {mrb}" in printed, f"{name}: broker max_record_bytes in effect")
+    for w in (deploy, sts):
+        pod = w["spec"]["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        cms = {v["name"] for v in pod.get("volumes", []) if v.get("configMap", {}).get("name") == cm["metadata"]["name"]}
+        check(any(n in mounts for n in cms), f"{name}: {w['kind']} mounts the ConfigMap")
+        args = " ".join(c for ct in pod["containers"] for c in ct.get("command", []) + ct.get("args", []))
+        m = re.search(r"--config\s+(\S+)", args)
+        check(
+            m is not None and any(m.group(1).startswith(mounts[n] + "/") for n in cms if n in mounts),
+            f"{name}: {w['kind']} --config points into the mounted ConfigMap",
+        )
+        annotations = w["spec"]["template"]["metadata"].get("annotations", {}) or {}
+        check(
+            not any(k.startswith("checksum/config") for k in annotations),
+            f"{name}: {w['kind']} is not restarted by config changes (they reload live)",
+        )
 
 
 def main(bin_dir):
@@ -150,6 +219,7 @@ def main(bin_dir):
             check(sts["spec"]["serviceName"] == headless[0]["metadata"]["name"], f"{name}: StatefulSet uses it")
             check(bool(sts["spec"].get("volumeClaimTemplates")), f"{name}: broker PVCs")
             check(len(kinds.get("ConfigMap", [])) == 1, f"{name}: ConfigMap")
+            check_config_files(bin_dir, name, values, kinds["ConfigMap"][0], deploy, sts)
             for w in (deploy, sts):
                 pod = w["spec"]["template"]["spec"]
                 for c in pod["containers"]:
@@ -187,7 +257,13 @@ def main(bin_dir):
         emitted = base in sources or any(
             base == f"{prefix}_{suffix}"
             for prefix in ("petrel_broker", "petrel_proxy")
-            for suffix in ("rpc_duration_seconds", "rpc_errors_total", "inflight_requests")
+            for suffix in (
+                "rpc_duration_seconds",
+                "rpc_errors_total",
+                "inflight_requests",
+                "config_reloads_total",
+                "config_reload_errors_total",
+            )
         )
         check(emitted, f"dashboard metric {m} is emitted by the code")
     if failures:
