@@ -73,6 +73,7 @@ pub async fn run(
             }
         });
     }
+    tokio::spawn(listen_overflow_loop(shutdown.child_token()));
     let (drain_delay, grace) = (config.drain_delay, config.shutdown_grace);
     let limiter = Arc::new(limits::Limiter::new(config.runtime.clone()));
     if let Some(path) = config.config_path.clone() {
@@ -164,4 +165,66 @@ fn apply_runtime(
     }
     limiter.replace(c);
     Ok(())
+}
+
+/// A full accept backlog never reaches the process: the kernel drops the
+/// connection and counts it. Export those counters (per network namespace,
+/// i.e. per pod on Kubernetes, host-wide on bare metal) every 5 s as
+/// `petrel_proxy_listen_overflows_total` and `petrel_proxy_listen_drops_total`.
+async fn listen_overflow_loop(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(text) = tokio::fs::read_to_string("/proc/net/netstat").await else {
+            return; // not Linux: nothing to export
+        };
+        for (name, metric) in [
+            ("ListenOverflows", "petrel_proxy_listen_overflows_total"),
+            ("ListenDrops", "petrel_proxy_listen_drops_total"),
+        ] {
+            if let Some(v) = netstat_value(&text, "TcpExt", name) {
+                metrics::counter!(metric).absolute(v);
+            }
+        }
+    }
+}
+
+/// One value of `/proc/net/netstat`, which pairs a header line of names
+/// with a line of values under the same prefix (`TcpExt:`).
+fn netstat_value(text: &str, section: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{section}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let i = names.split_whitespace().position(|n| n == name);
+        if let Some(i) = i {
+            return values.split_whitespace().nth(i)?.parse().ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::netstat_value;
+
+    #[test]
+    fn reads_netstat_pairs_and_tolerates_garbage() {
+        let t = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 17 19\nIpExt: InNoRoutes\nIpExt: 4\n";
+        assert_eq!(netstat_value(t, "TcpExt", "ListenOverflows"), Some(17));
+        assert_eq!(netstat_value(t, "TcpExt", "ListenDrops"), Some(19));
+        assert_eq!(netstat_value(t, "IpExt", "InNoRoutes"), Some(4));
+        assert_eq!(netstat_value(t, "TcpExt", "Nope"), None);
+        assert_eq!(
+            netstat_value("TcpExt: ListenDrops\n", "TcpExt", "ListenDrops"),
+            None
+        );
+        assert_eq!(
+            netstat_value("TcpExt: ListenDrops\nTcpExt: x\n", "TcpExt", "ListenDrops"),
+            None
+        );
+        assert_eq!(netstat_value("", "TcpExt", "ListenDrops"), None);
+    }
 }

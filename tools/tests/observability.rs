@@ -215,6 +215,11 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics() {
     );
     assert!(metric(&p, "petrel_proxy_route_refreshes_total", &[]) >= 1.0);
     assert!(metric(&p, "petrel_proxy_connections_accepted_total", &[]) >= 1.0);
+    // Full-backlog drops are read from the kernel (every 5 s) and exported.
+    assert!(
+        p.contains("petrel_proxy_listen_overflows_total"),
+        "no listen overflow counter"
+    );
     // Errors are counted by code: a receive on a missing topic.
     let missing = client.simple_consumer("nope", "g").build();
     assert!(missing.receive(1).await.is_err());
