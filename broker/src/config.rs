@@ -398,9 +398,9 @@ impl BrokerArgs {
             .max_record_bytes
             .or(file.max_record_bytes)
             .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
-        if max_record_bytes == 0 || max_record_bytes > 64 << 20 {
+        if max_record_bytes == 0 || max_record_bytes > petrel_proto::validate::MAX_RECORD_BYTES {
             return Err(ConfigError::Invalid(
-                "--max-record-bytes must be 1..=64MiB".into(),
+                "--max-record-bytes must be 1..=63MiB".into(),
             ));
         }
         let log = self.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.into());

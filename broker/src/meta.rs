@@ -111,6 +111,17 @@ impl ClusterMap {
                 "broker id 0 is reserved".into(),
             ));
         }
+        // Checked again here, in apply, so two racing registrations cannot
+        // both take one address.
+        if let Some((other, _)) = self
+            .brokers
+            .iter()
+            .find(|(b, a)| **b != id && a.as_str() == address)
+        {
+            return Err(ApplyError::AlreadyExists(format!(
+                "address {address} is already broker {other}"
+            )));
+        }
         self.brokers.insert(id, address.to_string());
         self.removed.remove(&id);
         self.version += 1;
@@ -763,6 +774,11 @@ mod tests {
         m.create_topic(&spec("a", 8, 3), &p, 0).unwrap();
         assert!(m.plan_replica_balance(100).is_empty());
         m.register_broker(4, "127.0.0.1:4").unwrap();
+        // One address, one broker: another id cannot take it.
+        assert!(matches!(
+            m.register_broker(5, "127.0.0.1:4"),
+            Err(ApplyError::AlreadyExists(_))
+        ));
         let moves = m.plan_replica_balance(100);
         assert_eq!(moves.len(), 6, "{moves:?}");
         for (g, from, to) in moves {

@@ -201,6 +201,7 @@ impl Node {
                         id: self.id,
                         address: self.config.advertise.clone(),
                         draining: false,
+                        self_register: true,
                     },
                 )),
             };
@@ -967,8 +968,10 @@ impl Node {
     /// Registration and meta-group membership (meta leader only).
     async fn meta_membership(&self, meta: &Raft) {
         let map = self.map_rx.borrow().clone();
+        // Only brokers the map does not know: a registered broker's address
+        // is changed by the broker itself (--join), never from --peers.
         for (id, addr) in &self.config.peers {
-            if map.brokers.get(id) != Some(addr) && !map.removed.contains(id) {
+            if !map.brokers.contains_key(id) && !map.removed.contains(id) {
                 let cmd = Command::RegisterBroker {
                     id: *id,
                     address: addr.clone(),
@@ -1232,6 +1235,12 @@ impl Node {
     pub fn readiness(&self) -> Result<(), String> {
         if self.stopping.load(Ordering::Acquire) {
             return Err("stopping".into());
+        }
+        if self.map_rx.borrow().removed.contains(&self.id) {
+            return Err(
+                "removed from the cluster (petrel cluster remove-broker); register it again with add-broker to reuse it"
+                    .into(),
+            );
         }
         let meta = self.meta();
         let m = meta.metrics().borrow().clone();
@@ -1507,6 +1516,7 @@ impl Node {
                     id: *id,
                     address: a.clone(),
                     draining: map.draining.contains(id),
+                    self_register: false,
                 })
                 .collect(),
             topics: map

@@ -341,12 +341,27 @@ impl Service {
                 (Command::DeleteTopic { name: name.clone() }, name)
             }
             Some(bpb::meta_write_request::Op::RegisterBroker(b)) => {
-                if b.id == 0 {
-                    return Err(PetrelError::InvalidArgument(
-                        "broker id must be positive".into(),
-                    ));
+                if b.id == 0 || b.id > MAX_BROKER_ID {
+                    return Err(PetrelError::InvalidArgument(format!(
+                        "broker id must be 1..={MAX_BROKER_ID}, got {}",
+                        b.id
+                    )));
                 }
                 validate_address(&b.address)?;
+                match map.brokers.get(&b.id) {
+                    // Registering again where it is: nothing to do.
+                    Some(a) if *a == b.address => {}
+                    // Only the broker itself may move its address; an
+                    // operator typo must not redirect a live broker.
+                    Some(a) if !b.self_register => {
+                        return Err(PetrelError::AlreadyExists(format!(
+                            "broker {} is already registered at {a}; drain and remove it before \
+                             registering that id elsewhere",
+                            b.id
+                        )))
+                    }
+                    _ => {}
+                }
                 if let Some((other, _)) = map
                     .brokers
                     .iter()
@@ -424,12 +439,17 @@ impl Service {
     }
 }
 
+/// Largest broker id (ids come from configuration, e.g. pod ordinals).
+pub const MAX_BROKER_ID: u64 = u32::MAX as u64;
+
+/// One `HOST:PORT`: a DNS name, IPv4 or `[IPv6]` host and a port.
 fn validate_address(a: &str) -> Result<(), PetrelError> {
     let ok = !a.is_empty()
         && a.len() <= 255
         && a.rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
-        && a.chars().all(|c| c.is_ascii_graphic());
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
     if ok {
         Ok(())
     } else {

@@ -772,18 +772,12 @@ impl Petrel for ProxyService {
             })?;
         }
         let t = s.topic(&req.topic).await?;
-        // The client a per-client rate limit applies to: its producer id,
-        // or its address when it sends without one.
-        let client = if req.producer_id.is_empty() {
-            match peer {
-                Some(a) => format!("ip:{}", a.ip()),
-                None => "ip:unknown".to_string(),
-            }
-        } else {
-            req.producer_id.clone()
-        };
-        s.limiter
-            .admit(&req.topic, &client, req.messages.len() as u64)?;
+        s.limiter.admit(
+            &req.topic,
+            &req.producer_id,
+            peer.map(|a| a.ip()),
+            req.messages.len() as u64,
+        )?;
         let n = t.queues.len() as u64;
         if n == 0 {
             return Err(PetrelError::Unavailable("topic has no queues".into()).into());
@@ -1594,6 +1588,8 @@ impl Petrel for ProxyService {
                 id: b.id,
                 address: b.address,
                 draining: false,
+                // Only the broker itself may move its own address.
+                self_register: false,
             }),
             Some(A::DrainBroker(id)) => M::DrainBroker(id),
             Some(A::UndrainBroker(id)) => M::UndrainBroker(id),

@@ -107,6 +107,44 @@ async fn run(cluster: &mut TestCluster) {
     wait_cluster(&admin, Duration::from_secs(30), balanced(3))
         .await
         .expect("topic led on every queue");
+    // An operator cannot redirect or shadow a registered broker with
+    // add-broker, nor register garbage; the map does not change.
+    let before = admin.describe_cluster().await.unwrap();
+    let b2 = broker(&before, 2).unwrap().address.clone();
+    let b3 = broker(&before, 3).unwrap().address.clone();
+    for (args, want) in [
+        (vec!["2", "127.0.0.1:1"], "already_exists"),
+        (vec!["7", b2.as_str()], "already_exists"),
+        (vec!["7", b3.as_str()], "already_exists"),
+        (vec!["7", "127.0.0.1:1,127.0.0.1:2"], "invalid_argument"),
+        (
+            vec!["18446744073709551615", "127.0.0.1:3"],
+            "invalid_argument",
+        ),
+        (vec!["0", "127.0.0.1:3"], "invalid_argument"),
+    ] {
+        let mut a = vec!["--json", "cluster", "add-broker"];
+        a.extend(args.iter().copied());
+        let o = cluster.cli(&a).await;
+        assert_eq!(
+            json_error(&format!("add-broker {args:?}"), &o),
+            want,
+            "{o:?}"
+        );
+    }
+    // Registering a broker again where it is changes nothing.
+    let o = cluster
+        .cli(&["--json", "cluster", "add-broker", "2", &b2])
+        .await;
+    json_ok("add-broker at its own address", &o);
+    let after = admin.describe_cluster().await.unwrap();
+    let addrs = |c: &pb::ClusterInfo| -> Vec<(u64, String)> {
+        c.brokers
+            .iter()
+            .map(|b| (b.id, b.address.clone()))
+            .collect()
+    };
+    assert_eq!(addrs(&after), addrs(&before), "add-broker changed the map");
     cluster.say("cluster ready; producing and consuming");
     let monitor = Monitor::start(cluster.client(), cluster.t0);
     let producer = Producing::start(cluster.client(), TOPIC, "p", 150, 10);
