@@ -224,7 +224,12 @@ pub async fn watch_config<F>(
             None
         }
     };
+    // Export both counters from the start, so a scrape sees 0 rather than
+    // no series before the first reload.
+    metrics::counter!(format!("{prefix}_config_reloads_total")).increment(0);
+    metrics::counter!(format!("{prefix}_config_reload_errors_total")).increment(0);
     let mut seen = initial;
+    let mut missing = false;
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -250,7 +255,12 @@ pub async fn watch_config<F>(
             Ok(t) => t,
             Err(e) => {
                 // A file briefly missing (an editor's rename, a ConfigMap
-                // swap) is not news on a poll; a SIGHUP asked for it.
+                // swap) is not an error on a poll, but one gone for good
+                // should not go unnoticed: warn once. A SIGHUP asked for it.
+                if cause == ReloadCause::FileChanged && !missing {
+                    missing = true;
+                    tracing::warn!(path = %path.display(), error = %e, "config file unreadable; keeping the running configuration");
+                }
                 if cause == ReloadCause::Signal {
                     metrics::counter!(format!("{prefix}_config_reload_errors_total")).increment(1);
                     tracing::error!(path = %path.display(), error = %e, "config reload failed; keeping the running configuration");
@@ -258,6 +268,10 @@ pub async fn watch_config<F>(
                 continue;
             }
         };
+        if missing {
+            missing = false;
+            tracing::info!(path = %path.display(), "config file readable again");
+        }
         if cause == ReloadCause::FileChanged && seen.as_deref() == Some(text.as_str()) {
             continue;
         }

@@ -6,6 +6,10 @@ use crate::PetrelError;
 pub const MAX_NAME_LEN: usize = 127;
 /// Default largest record (body + key + tag + properties).
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
+/// The most any proxy or broker may be configured to accept: a record must
+/// fit a 64 MiB gRPC message with its envelope. Clients check only this
+/// ceiling and leave the configured limit to the servers.
+pub const MAX_RECORD_BYTES: usize = 63 * 1024 * 1024;
 /// Default most messages in one send request.
 pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 10_000;
 pub const MAX_KEY_LEN: usize = 1024;

@@ -21,7 +21,8 @@ pub struct ProxyArgs {
     pub listen: SocketAddr,
     /// Broker addresses to discover the cluster from, comma-separated
     /// (HOST:PORT). Any subset is enough; the rest is learned from the map.
-    #[arg(long, env = "PETREL_BROKERS", value_delimiter = ',', required = true)]
+    /// Required here or as `brokers` in the config file.
+    #[arg(long, env = "PETREL_BROKERS", value_delimiter = ',')]
     pub brokers: Vec<String>,
     /// Largest record accepted (body + key + tag + properties), in bytes.
     #[arg(long, env = "PETREL_MAX_RECORD_BYTES", default_value_t = petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES)]
@@ -44,9 +45,10 @@ pub struct ProxyArgs {
     /// Longest long-poll wait a receive may ask for.
     #[arg(long, env = "PETREL_MAX_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
-    /// Log filter, e.g. `info` or `petrel_proxy=debug`.
-    #[arg(long, env = "PETREL_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter, e.g. `info` or `petrel_proxy=debug` [default: the config
+    /// file's `log`, else info]. Given here, it wins over the file.
+    #[arg(long, env = "PETREL_LOG")]
+    pub log: Option<String>,
     /// Serve the admin HTTP endpoint (/metrics, /healthz, /readyz) on this
     /// address, e.g. 0.0.0.0:9400 [default: off].
     #[arg(long, env = "PETREL_ADMIN_LISTEN")]
@@ -59,9 +61,11 @@ pub struct ProxyArgs {
     /// Bound on finishing in-flight requests after that; then exit anyway.
     #[arg(long, env = "PETREL_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
-    /// TOML file with the settings that can change while running (log
-    /// filter, per-topic and per-client rate limits); re-read on SIGHUP and
-    /// whenever it changes. See `limits.rs`.
+    /// TOML file with any of these settings (keys as the flags, with `_`;
+    /// flags and env win over it) plus `[rate_limits]`. Re-read on SIGHUP
+    /// and whenever it changes: `log` and the rate limits take effect at
+    /// once; other changed keys are logged as needing a restart; an invalid
+    /// file is rejected and logged. `--print-config` output is a valid file.
     #[arg(long, env = "PETREL_CONFIG")]
     pub config: Option<std::path::PathBuf>,
     /// Print the effective configuration (flags, environment and file) as
@@ -89,8 +93,11 @@ pub struct ProxyConfig {
     pub config_path: Option<std::path::PathBuf>,
     pub config_text: Option<String>,
     pub runtime: crate::limits::RuntimeConfig,
-    /// The `--log` flag's filter, used when the file sets none.
-    pub flag_log: String,
+    /// The `--log` flag's (or `PETREL_LOG`'s) filter: wins over the file.
+    pub flag_log: Option<String>,
+    /// The static settings the file gave at start (a reload that changes
+    /// them is logged as needing a restart).
+    pub file_static: FileStatic,
     /// Applies a new log filter (set by the binary; `None` in-process).
     pub set_log: Option<LogHook>,
 }
@@ -109,7 +116,8 @@ impl std::fmt::Debug for LogHook {
 }
 
 impl ProxyConfig {
-    /// The effective configuration as TOML (the receipt secret redacted).
+    /// The effective configuration as TOML, in the `--config` file's keys
+    /// (so it can be used as one). The receipt secret is never printed.
     pub fn to_toml(&self) -> String {
         let mut t = toml::Table::new();
         t.insert("listen".into(), self.listen.to_string().into());
@@ -122,12 +130,6 @@ impl ProxyConfig {
             "max_batch_messages".into(),
             (self.max_batch_messages as i64).into(),
         );
-        let secret = if self.receipt_secret == DEV_RECEIPT_SECRET {
-            "(development default)"
-        } else {
-            "(set, redacted)"
-        };
-        t.insert("receipt_secret".into(), secret.into());
         for (k, d) in [
             ("route_refresh", self.route_refresh),
             ("request_timeout", self.request_timeout),
@@ -141,69 +143,245 @@ impl ProxyConfig {
         if let Some(a) = self.admin_listen {
             t.insert("admin_listen".into(), a.to_string().into());
         }
+        let secret = if self.receipt_secret == DEV_RECEIPT_SECRET {
+            "the development default"
+        } else {
+            "set (redacted)"
+        };
+        let mut out = format!("# receipt_secret: {secret}\n");
         if let Some(p) = &self.config_path {
-            t.insert("config".into(), p.display().to_string().into());
+            out.push_str(&format!("# config file: {}\n", p.display()));
         }
-        let mut out = toml::to_string(&t).unwrap_or_default();
-        out.push_str("\n# runtime settings (reloadable)\n");
-        out.push_str(&self.runtime.to_toml());
+        out.push_str(&toml::to_string(&t).unwrap_or_default());
+        let limits = toml::to_string(&crate::limits::RuntimeConfig {
+            log: None,
+            rate_limits: self.runtime.rate_limits.clone(),
+        })
+        .unwrap_or_default();
+        out.push_str("\n# reloaded while running: log (above) and\n");
+        out.push_str(&limits);
         out
     }
 }
 
+/// The static (restart-only) keys a proxy config file may hold.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStatic {
+    pub listen: Option<SocketAddr>,
+    /// `"HOST:PORT,HOST:PORT"` or a list.
+    pub brokers: Option<StringOrList>,
+    pub max_record_bytes: Option<usize>,
+    pub max_batch_messages: Option<usize>,
+    pub receipt_secret: Option<String>,
+    pub route_refresh: Option<String>,
+    pub request_timeout: Option<String>,
+    pub max_wait: Option<String>,
+    pub admin_listen: Option<SocketAddr>,
+    pub drain_delay: Option<String>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    List(Vec<String>),
+}
+
+impl StringOrList {
+    fn items(&self) -> Vec<String> {
+        match self {
+            StringOrList::One(s) => s.split(',').map(String::from).collect(),
+            StringOrList::List(l) => l.clone(),
+        }
+    }
+}
+
+/// The keys of a proxy config file that a running proxy takes at once.
+const RUNTIME_KEYS: [&str; 2] = ["log", "rate_limits"];
+
+/// Splits a proxy config file into its static and runtime parts, each
+/// validated (unknown keys are errors).
+pub fn parse_file(text: &str) -> Result<(FileStatic, crate::limits::RuntimeConfig), String> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    let (mut runtime, mut fixed) = (toml::Table::new(), toml::Table::new());
+    for (k, v) in table {
+        if RUNTIME_KEYS.contains(&k.as_str()) {
+            runtime.insert(k, v);
+        } else {
+            fixed.insert(k, v);
+        }
+    }
+    let fixed: FileStatic = fixed
+        .try_into()
+        .map_err(|e: toml::de::Error| e.to_string())?;
+    for (k, d) in [
+        ("route_refresh", &fixed.route_refresh),
+        ("request_timeout", &fixed.request_timeout),
+        ("max_wait", &fixed.max_wait),
+        ("drain_delay", &fixed.drain_delay),
+        ("shutdown_grace", &fixed.shutdown_grace),
+    ] {
+        if let Some(d) = d {
+            humantime::parse_duration(d).map_err(|e| format!("{k} = {d:?}: {e}"))?;
+        }
+    }
+    let runtime = crate::limits::RuntimeConfig::parse(
+        &toml::to_string(&runtime).map_err(|e| e.to_string())?,
+    )?;
+    Ok((fixed, runtime))
+}
+
+/// Which arguments were given on the command line or in the environment
+/// (they win over the config file; defaults do not).
+pub type Explicit = std::collections::BTreeSet<String>;
+
 impl ProxyArgs {
-    pub fn resolve(self) -> Result<ProxyConfig, String> {
-        let brokers: Vec<String> = self
-            .brokers
-            .into_iter()
-            .map(|b| b.trim().to_string())
-            .filter(|b| !b.is_empty())
+    /// Parses the process's arguments and environment, noting which were
+    /// given explicitly.
+    pub fn from_env() -> (Self, Explicit) {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().get_matches();
+        let args = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let explicit = matches
+            .ids()
+            .filter(|id| {
+                matches!(
+                    matches.value_source(id.as_str()),
+                    Some(clap::parser::ValueSource::CommandLine)
+                        | Some(clap::parser::ValueSource::EnvVariable)
+                )
+            })
+            .map(|id| id.as_str().to_string())
             .collect();
+        (args, explicit)
+    }
+
+    /// Reads the `--config` file (if any) and resolves; every argument
+    /// counts as explicit (tests and embedding).
+    pub fn resolve(self) -> Result<ProxyConfig, String> {
+        let text = match &self.config {
+            Some(p) => Some(crate::limits::read(p)?),
+            None => None,
+        };
+        let all: Explicit = [
+            "listen",
+            "brokers",
+            "max_record_bytes",
+            "max_batch_messages",
+            "receipt_secret",
+            "route_refresh",
+            "request_timeout",
+            "max_wait",
+            "log",
+            "admin_listen",
+            "drain_delay",
+            "shutdown_grace",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        self.resolve_with(text, &all)
+    }
+
+    /// Flags and env given explicitly win over the file (`text`), which
+    /// wins over the defaults.
+    pub fn resolve_with(
+        self,
+        text: Option<String>,
+        explicit: &Explicit,
+    ) -> Result<ProxyConfig, String> {
+        let (file, runtime) = match (&text, &self.config) {
+            (Some(t), p) => parse_file(t).map_err(|e| match p {
+                Some(p) => format!("{}: {e}", p.display()),
+                None => e,
+            })?,
+            (None, _) => Default::default(),
+        };
+        let flag = |id: &str| explicit.contains(id);
+        let dur = |id: &str, v: Duration, f: &Option<String>| -> Duration {
+            match f {
+                Some(d) if !flag(id) => humantime::parse_duration(d).unwrap_or(v),
+                _ => v,
+            }
+        };
+        let brokers: Vec<String> = match (&file.brokers, flag("brokers")) {
+            (Some(b), false) if self.brokers.is_empty() => b.items(),
+            _ => self.brokers.clone(),
+        }
+        .into_iter()
+        .map(|b| b.trim().to_string())
+        .filter(|b| !b.is_empty())
+        .collect();
         if brokers.is_empty() {
-            return Err("--brokers needs at least one HOST:PORT".into());
+            return Err(
+                "--brokers (or `brokers` in the config file) needs at least one HOST:PORT".into(),
+            );
         }
         if let Some(b) = brokers.iter().find(|b| !b.contains(':')) {
             return Err(format!("--brokers entry {b:?} is not HOST:PORT"));
         }
-        if self.max_record_bytes == 0 || self.max_record_bytes > 64 << 20 {
-            return Err("--max-record-bytes must be 1..=64MiB".into());
+        let pick = |id: &str, v: usize, f: Option<usize>| match f {
+            Some(x) if !flag(id) => x,
+            _ => v,
+        };
+        let max_record_bytes = pick(
+            "max_record_bytes",
+            self.max_record_bytes,
+            file.max_record_bytes,
+        );
+        if max_record_bytes == 0 || max_record_bytes > petrel_proto::validate::MAX_RECORD_BYTES {
+            return Err("--max-record-bytes must be 1..=63MiB".into());
         }
-        if self.max_batch_messages == 0 {
+        let max_batch_messages = pick(
+            "max_batch_messages",
+            self.max_batch_messages,
+            file.max_batch_messages,
+        );
+        if max_batch_messages == 0 {
             return Err("--max-batch-messages must be positive".into());
         }
-        let receipt_secret = match self.receipt_secret {
+        let receipt_secret = match self.receipt_secret.clone().or(file.receipt_secret.clone()) {
             Some(s) if s.len() >= 16 => s,
             Some(_) => return Err("--receipt-secret must be at least 16 bytes".into()),
             None => DEV_RECEIPT_SECRET.to_string(),
         };
-        let config_text = match &self.config {
-            Some(p) => Some(crate::limits::read(p)?),
-            None => None,
+        let listen = match file.listen {
+            Some(l) if !flag("listen") => l,
+            _ => self.listen,
         };
-        let runtime = match (&config_text, &self.config) {
-            (Some(t), Some(p)) => crate::limits::RuntimeConfig::parse(t)
-                .map_err(|e| format!("{}: {e}", p.display()))?,
-            _ => Default::default(),
-        };
-        let log = runtime.log.clone().unwrap_or_else(|| self.log.clone());
+        let admin_listen = self.admin_listen.or(file.admin_listen);
+        let log = self
+            .log
+            .clone()
+            .or_else(|| runtime.log.clone())
+            .unwrap_or_else(|| "info".into());
         Ok(ProxyConfig {
             config_path: self.config,
-            config_text,
-            runtime,
+            config_text: text,
             flag_log: self.log,
-            set_log: None,
-            listen: self.listen,
+            listen,
             brokers,
-            max_record_bytes: self.max_record_bytes,
-            max_batch_messages: self.max_batch_messages,
+            max_record_bytes,
+            max_batch_messages,
             receipt_secret,
-            route_refresh: self.route_refresh.max(Duration::from_millis(50)),
-            request_timeout: self.request_timeout.max(Duration::from_millis(100)),
-            max_wait: self.max_wait,
+            route_refresh: dur("route_refresh", self.route_refresh, &file.route_refresh)
+                .max(Duration::from_millis(50)),
+            request_timeout: dur(
+                "request_timeout",
+                self.request_timeout,
+                &file.request_timeout,
+            )
+            .max(Duration::from_millis(100)),
+            max_wait: dur("max_wait", self.max_wait, &file.max_wait),
             log,
-            admin_listen: self.admin_listen,
-            drain_delay: self.drain_delay,
-            shutdown_grace: self.shutdown_grace,
+            admin_listen,
+            drain_delay: dur("drain_delay", self.drain_delay, &file.drain_delay),
+            shutdown_grace: dur("shutdown_grace", self.shutdown_grace, &file.shutdown_grace),
+            file_static: file,
+            runtime,
+            set_log: None,
         })
     }
 }
@@ -227,8 +405,99 @@ impl ProxyConfig {
             config_path: None,
             config_text: None,
             runtime: Default::default(),
-            flag_log: "info".into(),
+            flag_log: None,
+            file_static: Default::default(),
             set_log: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cli: &[&str]) -> (ProxyArgs, Explicit) {
+        use clap::{CommandFactory, FromArgMatches};
+        let m = ProxyArgs::command()
+            .try_get_matches_from(std::iter::once("petrel-proxy").chain(cli.iter().copied()))
+            .unwrap();
+        let a = ProxyArgs::from_arg_matches(&m).unwrap();
+        let explicit = m
+            .ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.as_str().to_string())
+            .collect();
+        (a, explicit)
+    }
+
+    #[test]
+    fn file_gives_static_keys_and_flags_win() {
+        let file = "listen = \"127.0.0.1:9000\"\nbrokers = [\"b1:1\", \"b2:2\"]\nmax_wait = \"5s\"\nlog = \"debug\"\n[rate_limits.topics]\norders = 7\n";
+        let (a, e) = args(&["--config", "x.toml"]);
+        let c = a.resolve_with(Some(file.into()), &e).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.brokers, vec!["b1:1", "b2:2"]);
+        assert_eq!(c.max_wait, Duration::from_secs(5));
+        assert_eq!(c.log, "debug");
+        assert_eq!(c.runtime.rate_limits.topics["orders"], 7);
+        let (a, e) = args(&[
+            "--config",
+            "x.toml",
+            "--listen",
+            "127.0.0.1:9100",
+            "--log",
+            "warn",
+            "--brokers",
+            "b9:9",
+        ]);
+        let c = a.resolve_with(Some(file.into()), &e).unwrap();
+        assert_eq!(c.listen.port(), 9100, "the flag wins");
+        assert_eq!(c.log, "warn", "the flag wins over the file's log");
+        assert_eq!(c.brokers, vec!["b9:9"]);
+    }
+
+    #[test]
+    fn print_config_output_is_a_valid_config_file() {
+        let file = "brokers = \"b1:1\"\nreceipt_secret = \"0123456789abcdef-secret\"\nlog = \"info\"\n[rate_limits]\nper_client_records_per_sec = 3\n[rate_limits.clients]\n\"ip:10.0.0.1\" = 2\n";
+        let (a, e) = args(&["--config", "x.toml"]);
+        let c = a.resolve_with(Some(file.into()), &e).unwrap();
+        let printed = c.to_toml();
+        assert!(
+            !printed.contains("0123456789abcdef"),
+            "secret printed: {printed}"
+        );
+        let (a, e) = args(&["--config", "y.toml"]);
+        let again = a.resolve_with(Some(printed.clone()), &e).unwrap();
+        assert_eq!(again.runtime, c.runtime, "{printed}");
+        assert_eq!(again.brokers, c.brokers);
+        assert_eq!(again.max_wait, c.max_wait);
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_the_key() {
+        for (bad, what) in [
+            ("listen = 5", "listen"),
+            ("bogus = 1", "bogus"),
+            ("max_wait = \"soon\"", "max_wait"),
+            ("[rate_limits]\nwhatever = 1", "whatever"),
+            ("log = \"=[\"", "log"),
+            ("brokers = \"nohostport\"", "HOST:PORT"),
+            ("max_record_bytes = 0", "max-record-bytes"),
+        ] {
+            let (a, e) = args(&["--config", "x.toml", "--brokers", "b:1"]);
+            let a = if bad.starts_with("brokers") {
+                args(&["--config", "x.toml"]).0
+            } else {
+                a
+            };
+            match a.resolve_with(Some(bad.into()), &e) {
+                Err(m) => assert!(m.contains(what), "{bad}: {m}"),
+                Ok(_) => panic!("{bad} accepted"),
+            }
+        }
+        let (a, e) = args(&[]);
+        assert!(a.resolve_with(None, &e).unwrap_err().contains("brokers"));
     }
 }

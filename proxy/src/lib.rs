@@ -74,13 +74,18 @@ pub async fn run(
         });
     }
     tokio::spawn(listen_overflow_loop(shutdown.child_token()));
+    // Series that would otherwise appear only at their first event.
+    metrics::gauge!("petrel_proxy_draining").set(0.0);
+    metrics::counter!("petrel_proxy_accept_errors_total").increment(0);
+    metrics::counter!("petrel_proxy_connections_accepted_total").increment(0);
     let (drain_delay, grace) = (config.drain_delay, config.shutdown_grace);
     let limiter = Arc::new(limits::Limiter::new(config.runtime.clone()));
     if let Some(path) = config.config_path.clone() {
-        let (l, hook, flag_log) = (
+        let (l, hook, flag_log, started) = (
             limiter.clone(),
             config.set_log.clone(),
             config.flag_log.clone(),
+            config.file_static.clone(),
         );
         let stop = shutdown.child_token();
         tokio::spawn(petrel_proto::admin::watch_config(
@@ -89,7 +94,7 @@ pub async fn run(
             petrel_proto::admin::CONFIG_POLL,
             "petrel_proxy",
             async move { stop.cancelled().await },
-            move |text, _| apply_runtime(text, &l, hook.as_ref(), &flag_log),
+            move |text, _| apply_runtime(text, &l, hook.as_ref(), flag_log.as_deref(), &started),
         ));
     }
     let streams_stop = CancellationToken::new();
@@ -149,21 +154,29 @@ pub async fn run(
 
 /// Applies a new `--config` text: a valid file replaces the runtime
 /// settings (rate limits, log filter) at once, without touching any
-/// connection; an invalid one is refused with the reason (and
+/// connection, and names changed static settings as waiting for a restart;
+/// an invalid one is refused with the reason (and
 /// [`petrel_proto::admin::watch_config`] logs it and keeps the running
 /// settings).
 fn apply_runtime(
     text: &str,
     limiter: &limits::Limiter,
     set_log: Option<&config::LogHook>,
-    flag_log: &str,
+    flag_log: Option<&str>,
+    started: &config::FileStatic,
 ) -> Result<(), String> {
-    let c = limits::RuntimeConfig::parse(text)?;
+    let (fixed, c) = config::parse_file(text)?;
     if let Some(hook) = set_log {
-        // A file that no longer sets `log` goes back to the flag's filter.
-        (hook.0)(c.log.as_deref().unwrap_or(flag_log))?;
+        // A --log flag (or PETREL_LOG) wins over the file; a file that no
+        // longer sets `log` goes back to the default.
+        (hook.0)(flag_log.or(c.log.as_deref()).unwrap_or("info"))?;
     }
     limiter.replace(c);
+    if fixed != *started {
+        tracing::warn!(
+            "the config file changes settings that take effect only after a restart (only log and rate_limits reload)"
+        );
+    }
     Ok(())
 }
 

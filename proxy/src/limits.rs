@@ -13,11 +13,19 @@
 //! "billing-1" = 50                   # records per second for this producer id
 //! ```
 //!
-//! A client is the producer id a send carries (`Producer::builder().producer_id(..)`),
-//! or the peer's IP address (`ip:10.0.0.7`) when it sends none. Limits are
-//! per proxy: with N proxies a client may get up to N times its limit.
-//! A send must pass both its client's and its topic's limit; a refused send
-//! takes no tokens and gets the retryable `rate_limited` error.
+//! A client is named by the producer id its sends carry
+//! (`Producer::builder().producer_id(..)`, `petrel produce --producer-id`)
+//! or by its address (`ip:10.0.0.7`). An id limit applies to that id; an
+//! address limit to every send from the address, whatever ids it uses
+//! (producer ids are chosen by clients, addresses are not); the per-client
+//! default applies to each id, and to each address whose sends carry no id.
+//! Limits are per proxy: with N proxies a client may get up to N times its
+//! limit. A send must pass every limit that applies; a refused send takes
+//! no tokens and gets the retryable `rate_limited` error.
+//!
+//! Buckets hold one second of tokens. A request larger than that passes
+//! when its bucket is full and leaves it in debt, so the long-run rate holds
+//! and a big batch is never refused forever; the next sends wait it out.
 //!
 //! A reload that does not parse or validate is rejected with a logged
 //! reason and the running settings stay; connections are never dropped.
@@ -74,9 +82,17 @@ impl RuntimeConfig {
             validate::topic_name(t).map_err(|e| format!("rate_limits.topics: {e}"))?;
         }
         for k in c.rate_limits.clients.keys() {
-            if k.is_empty() || k.len() > MAX_CLIENT_KEY || k.chars().any(char::is_control) {
+            let ok = match k.strip_prefix("ip:") {
+                Some(ip) => ip.parse::<std::net::IpAddr>().is_ok(),
+                None => {
+                    validate::producer_id(k).is_ok()
+                        && !k.is_empty()
+                        && !k.chars().any(char::is_control)
+                }
+            };
+            if !ok || k.len() > MAX_CLIENT_KEY {
                 return Err(format!(
-                    "rate_limits.clients: {k:?} is not a producer id or ip:ADDRESS"
+                    "rate_limits.clients: {k:?} is neither a producer id nor ip:ADDRESS"
                 ));
             }
         }
@@ -104,6 +120,9 @@ struct Bucket {
     at: Instant,
 }
 
+/// Token buckets by key (topic, producer id or `ip:ADDR`).
+type Buckets = DashMap<String, Mutex<Bucket>>;
+
 /// Most client buckets kept before idle ones are dropped. A bucket idle for
 /// a second is full, so dropping it changes nothing.
 const MAX_CLIENT_BUCKETS: usize = 10_000;
@@ -112,20 +131,14 @@ const MAX_CLIENT_BUCKETS: usize = 10_000;
 #[derive(Debug, Default)]
 pub struct Limiter {
     config: RwLock<Arc<RuntimeConfig>>,
-    topics: DashMap<String, Mutex<Bucket>>,
-    clients: DashMap<String, Mutex<Bucket>>,
+    topics: Buckets,
+    clients: Buckets,
 }
 
 /// Takes `n` tokens from `key`'s bucket at `rate`/s, or says how long to
 /// wait. A request larger than a second's worth passes when the bucket is
 /// full, so it is never refused forever.
-fn take(
-    map: &DashMap<String, Mutex<Bucket>>,
-    key: &str,
-    rate: u64,
-    n: u64,
-    now: Instant,
-) -> Result<(), u64> {
+fn take(map: &Buckets, key: &str, rate: u64, n: u64, now: Instant) -> Result<(), u64> {
     let cap = rate as f64;
     let entry = map.entry(key.to_string()).or_insert_with(|| {
         Mutex::new(Bucket {
@@ -145,7 +158,7 @@ fn take(
     }
 }
 
-fn give_back(map: &DashMap<String, Mutex<Bucket>>, key: &str, n: u64) {
+fn give_back(map: &Buckets, key: &str, n: u64) {
     if let Some(e) = map.get(key) {
         e.lock().unwrap_or_else(|e| e.into_inner()).tokens += n as f64;
     }
@@ -172,47 +185,68 @@ impl Limiter {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 
-    /// Admits `n` records from `client` to `topic`, or refuses them all
-    /// with a retryable `rate_limited` error saying which limit and when to
-    /// come back.
-    pub fn admit(&self, topic: &str, client: &str, n: u64) -> Result<(), PetrelError> {
+    /// Admits `n` records to `topic` from a producer (its id; empty = none)
+    /// at address `ip`, or refuses them all with a retryable `rate_limited`
+    /// error saying which limit and when to come back. Every limit that
+    /// applies must pass: the producer id's (listed, else the per-client
+    /// default), the address's (`ip:ADDR` listed; the per-client default
+    /// too when the send carries no producer id) and the topic's. A refusal
+    /// gives back what the earlier limits took.
+    pub fn admit(
+        &self,
+        topic: &str,
+        producer_id: &str,
+        ip: Option<std::net::IpAddr>,
+        n: u64,
+    ) -> Result<(), PetrelError> {
         let c = self.config();
         let l = &c.rate_limits;
+        let mut checks: Vec<(&Buckets, String, u64, &'static str)> = Vec::with_capacity(3);
+        if !producer_id.is_empty() {
+            let rate = l
+                .clients
+                .get(producer_id)
+                .copied()
+                .unwrap_or(l.per_client_records_per_sec);
+            checks.push((&self.clients, producer_id.to_string(), rate, "client"));
+        }
+        if let Some(ip) = ip {
+            let key = format!("ip:{ip}");
+            let rate = match l.clients.get(&key) {
+                Some(r) => *r,
+                None if producer_id.is_empty() => l.per_client_records_per_sec,
+                None => 0,
+            };
+            checks.push((&self.clients, key, rate, "client"));
+        }
         let topic_rate = l
             .topics
             .get(topic)
             .copied()
             .unwrap_or(l.default_records_per_sec);
-        let client_rate = l
-            .clients
-            .get(client)
-            .copied()
-            .unwrap_or(l.per_client_records_per_sec);
+        checks.push((&self.topics, topic.to_string(), topic_rate, "topic"));
         let now = Instant::now();
-        if client_rate > 0 {
-            if self.clients.len() >= MAX_CLIENT_BUCKETS {
-                self.clients.retain(|_, b| {
-                    now.duration_since(b.get_mut().unwrap_or_else(|e| e.into_inner()).at)
-                        < Duration::from_secs(1)
-                });
-            }
-            if let Err(wait_ms) = take(&self.clients, client, client_rate, n, now) {
-                metrics::counter!("petrel_proxy_rate_limited_total", "topic" => topic.to_string(), "limit" => "client")
-                    .increment(1);
-                return Err(PetrelError::RateLimited(format!(
-                    "client {client:?} is limited to {client_rate} records/s; retry in {wait_ms} ms"
-                )));
-            }
+        if self.clients.len() >= MAX_CLIENT_BUCKETS {
+            self.clients.retain(|_, b| {
+                now.duration_since(b.get_mut().unwrap_or_else(|e| e.into_inner()).at)
+                    < Duration::from_secs(1)
+            });
         }
-        if topic_rate > 0 {
-            if let Err(wait_ms) = take(&self.topics, topic, topic_rate, n, now) {
-                if client_rate > 0 {
-                    give_back(&self.clients, client, n);
+        for (i, (map, key, rate, kind)) in checks.iter().enumerate() {
+            if *rate == 0 {
+                continue;
+            }
+            if let Err(wait_ms) = take(map, key, *rate, n, now) {
+                for (map, key, rate, _) in &checks[..i] {
+                    if *rate > 0 {
+                        give_back(map, key, n);
+                    }
                 }
-                metrics::counter!("petrel_proxy_rate_limited_total", "topic" => topic.to_string(), "limit" => "topic")
+                metrics::counter!("petrel_proxy_rate_limited_total", "topic" => topic.to_string(), "limit" => *kind)
                     .increment(1);
+                let who = if *kind == "topic" { "topic" } else { "client" };
                 return Err(PetrelError::RateLimited(format!(
-                    "topic {topic:?} is limited to {topic_rate} records/s; retry in {wait_ms} ms"
+                    "{who} {key:?} is limited to {rate} records/s; retry in {wait_ms} ms"
                 )));
             }
         }
@@ -249,18 +283,18 @@ mod tests {
         let mut c = RuntimeConfig::default();
         c.rate_limits.topics.insert("t".into(), 10);
         let l = Limiter::new(c.clone());
-        assert!(l.admit("t", "a", 10).is_ok());
+        assert!(l.admit("t", "a", None, 10).is_ok());
         assert!(matches!(
-            l.admit("t", "b", 5),
+            l.admit("t", "b", None, 5),
             Err(PetrelError::RateLimited(_))
         ));
         assert!(
-            l.admit("other", "a", 1_000_000).is_ok(),
+            l.admit("other", "a", None, 1_000_000).is_ok(),
             "unlisted topics are unlimited"
         );
         c.rate_limits.topics.insert("t".into(), 0);
         l.replace(c);
-        assert!(l.admit("t", "a", 1_000).is_ok());
+        assert!(l.admit("t", "a", None, 1_000).is_ok());
     }
 
     #[test]
@@ -270,30 +304,45 @@ mod tests {
         )
         .unwrap();
         let l = Limiter::new(c.clone());
-        assert!(l.admit("u", "small", 10).is_ok());
-        match l.admit("u", "small", 1) {
+        assert!(l.admit("u", "small", None, 10).is_ok());
+        match l.admit("u", "small", None, 1) {
             Err(PetrelError::RateLimited(m)) => assert!(m.contains("client \"small\""), "{m}"),
             other => panic!("{other:?}"),
         }
         assert!(
-            l.admit("u", "other", 10).is_ok(),
+            l.admit("u", "other", None, 10).is_ok(),
             "each client has its own bucket"
         );
         // "big" may send 100/s, but topic t allows only 50/s: the topic
         // refuses, and the client's tokens are given back.
-        assert!(l.admit("t", "big", 50).is_ok());
-        match l.admit("t", "big", 40) {
+        assert!(l.admit("t", "big", None, 50).is_ok());
+        match l.admit("t", "big", None, 40) {
             Err(PetrelError::RateLimited(m)) => assert!(m.contains("topic \"t\""), "{m}"),
             other => panic!("{other:?}"),
         }
         assert!(
-            l.admit("u", "big", 50).is_ok(),
+            l.admit("u", "big", None, 50).is_ok(),
             "the refused 40 were given back"
         );
         c.rate_limits.per_client_records_per_sec = 0;
         l.replace(c);
-        assert!(l.admit("u", "small", 1_000).is_ok());
+        assert!(l.admit("u", "small", None, 1_000).is_ok());
+        // An address limit holds whatever producer ids the sends carry.
+        let l = Limiter::new(
+            RuntimeConfig::parse("[rate_limits.clients]\n\"ip:10.0.0.7\" = 5\n").unwrap(),
+        );
+        let ip: Option<std::net::IpAddr> = Some("10.0.0.7".parse().unwrap());
+        assert!(l.admit("u", "id-1", ip, 5).is_ok());
+        match l.admit("u", "id-2", ip, 1) {
+            Err(PetrelError::RateLimited(m)) => assert!(m.contains("ip:10.0.0.7"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(l
+            .admit("u", "id-2", Some("10.0.0.8".parse().unwrap()), 100)
+            .is_ok());
         for bad in [
+            "[rate_limits.clients]\n\"ip:notanip\" = 1",
+            "[rate_limits.clients]\n\"tab\\there\" = 1",
             "[rate_limits.clients]\n\"\" = 1",
             "[rate_limits.clients]\nx = -1",
             "[rate_limits]\nper_client_records_per_sec = \"fast\"",

@@ -265,7 +265,7 @@ impl Producer {
     pub async fn send(&self, message: Message) -> Result<SendReceipt> {
         self.check()?;
         let msg = message.into_pb(0);
-        validate::message(&msg, validate::DEFAULT_MAX_RECORD_BYTES)?;
+        validate::message(&msg, validate::MAX_RECORD_BYTES)?;
         let (done, rx) = oneshot::channel();
         self.inner
             .tx
@@ -323,7 +323,7 @@ impl Producer {
             .map(|m| {
                 let mut m = m.into_pb(0);
                 m.transaction_id = txn.to_string();
-                validate::message(&m, validate::DEFAULT_MAX_RECORD_BYTES).map(|_| m)
+                validate::message(&m, validate::MAX_RECORD_BYTES).map(|_| m)
             })
             .collect::<Result<Vec<_>>>()?;
         let first = self

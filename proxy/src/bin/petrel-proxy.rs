@@ -1,14 +1,23 @@
 //! `petrel-proxy`: parses flags, sets up logging, serves until SIGINT/SIGTERM.
 
-use clap::Parser;
 use petrel_proxy::ProxyArgs;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() {
-    let args = ProxyArgs::parse();
+    let (args, explicit) = ProxyArgs::from_env();
     let print = args.print_config;
-    let mut config = match args.resolve() {
+    let text = match &args.config {
+        Some(p) => match petrel_proxy::limits::read(p) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("petrel-proxy: {e}");
+                std::process::exit(2);
+            }
+        },
+        None => None,
+    };
+    let mut config = match args.resolve_with(text, &explicit) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("petrel-proxy: {e}");
