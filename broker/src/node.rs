@@ -446,7 +446,28 @@ impl Node {
             let mut leaders = 0u64;
             // (topic, group) -> (lag records, oldest age ms, inflight)
             let mut per: BTreeMap<(String, String), (u64, i64, u64)> = BTreeMap::new();
+            let age_at = |group: u64, offset: u64| -> i64 {
+                self.store
+                    .get(
+                        crate::storage::CF_RECORDS,
+                        &crate::keys::record_key(group, offset),
+                    )
+                    .ok()
+                    .flatten()
+                    .and_then(|v| petrel_proto::record::store_timestamp_ms(&v))
+                    .map_or(0, |ts| (now - ts).max(0))
+            };
             for t in map.topics.values() {
+                // The groups consuming this topic, as every replica hosted
+                // here knows them: a group that never popped a queue this
+                // broker leads still lags on it (from the queue's start).
+                let consuming: BTreeSet<String> = t
+                    .queues
+                    .iter()
+                    .filter_map(|q| self.group(q.group_id))
+                    .filter_map(|h| h.queue.clone())
+                    .flat_map(|q| q.read().consumers.keys().cloned().collect::<Vec<_>>())
+                    .collect();
                 for q in &t.queues {
                     let Some(h) = self.group(q.group_id) else {
                         continue;
@@ -459,26 +480,22 @@ impl Node {
                         continue;
                     };
                     let st = shared.read();
-                    let end = st.header.next_offset;
-                    for (name, c) in &st.consumers {
-                        let lag = end.saturating_sub(c.committed);
-                        let age = if c.committed < end {
-                            self.store
-                                .get(
-                                    crate::storage::CF_RECORDS,
-                                    &crate::keys::record_key(q.group_id, c.committed),
-                                )
-                                .ok()
-                                .flatten()
-                                .and_then(|v| petrel_proto::record::store_timestamp_ms(&v))
-                                .map_or(0, |ts| (now - ts).max(0))
+                    let (start, end) = (st.header.start_offset, st.header.next_offset);
+                    for name in &consuming {
+                        let (committed, inflight) = match st.consumers.get(name) {
+                            Some(c) => (c.committed.max(start), c.inflight_at(now)),
+                            None => (start, 0),
+                        };
+                        let lag = end.saturating_sub(committed);
+                        let age = if committed < end {
+                            age_at(q.group_id, committed)
                         } else {
                             0
                         };
                         let e = per.entry((t.spec.name.clone(), name.clone())).or_default();
                         e.0 += lag;
                         e.1 = e.1.max(age);
-                        e.2 += c.inflight();
+                        e.2 += inflight;
                     }
                 }
             }

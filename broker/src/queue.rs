@@ -165,6 +165,15 @@ impl ConsumerState {
         self.leases.len() as u64
     }
 
+    /// Leases still running at `now_ms` (an expired one waits for its
+    /// redelivery and is not in flight).
+    pub fn inflight_at(&self, now_ms: i64) -> u64 {
+        self.leases
+            .values()
+            .filter(|l| l.deadline_ms > now_ms)
+            .count() as u64
+    }
+
     /// Why a receipt for `offset` names no live lease: superseded by a
     /// redelivery, already done, or never leased.
     fn lease_miss(&self, offset: u64) -> ApplyError {

@@ -197,6 +197,39 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics() {
     let appends = scrape_all(&admin, "petrel_broker_raft_append_seconds_count", &q);
     assert!(appends >= 1.0, "queue appends timed: {appends}");
 
+    // Lag covers every queue of a topic a group consumes, also the queues
+    // it never received from, and agrees with `group describe`.
+    client
+        .admin()
+        .create_topic(TopicSpec::new("wide").queues(4).replicas(3))
+        .await
+        .unwrap();
+    let wp = client.producer("wide").build();
+    for i in 0..40 {
+        wp.send(Message::new(format!("w{i}")).with_key(format!("k{i}")))
+            .await
+            .unwrap();
+    }
+    let wc = client
+        .simple_consumer("wide", "partial")
+        .wait(Duration::from_secs(2))
+        .build();
+    let got = wc.receive(1).await.unwrap();
+    for m in &got {
+        wc.ack(m).await.unwrap();
+    }
+    let d = client.admin().describe_group("partial").await.unwrap();
+    let described: u64 = d.queues.iter().map(|q| q.lag).sum();
+    assert_eq!(described, 40 - got.len() as u64, "{d:?}");
+    let w = [("topic", "wide"), ("group", "partial")];
+    eventually("lag on every queue", Duration::from_secs(10), || {
+        let lag = scrape_all(&admin, "petrel_consumer_lag_records", &w);
+        (lag == described as f64)
+            .then_some(())
+            .ok_or(format!("metric {lag}, group describe {described}"))
+    })
+    .await;
+
     // The proxy times every RPC and counts refreshes and connections.
     let (_, p) = get(proxy_admin, "/metrics").unwrap();
     assert!(
