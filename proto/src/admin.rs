@@ -100,9 +100,11 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
 }
 
 /// Times and counts every gRPC call by method, on the server side:
-/// `{prefix}_rpc_duration_seconds{rpc}` (until the response head),
-/// `{prefix}_rpc_errors_total{rpc,code}` (gRPC status of a failed call),
-/// `{prefix}_inflight_requests`.
+/// `{prefix}_rpc_duration_seconds{rpc}` (until the response body ends, so a
+/// streaming call or a long-poll counts its whole length),
+/// `{prefix}_rpc_errors_total{rpc,code,petrel_code}` (gRPC status of a
+/// failed call, from the head or the trailers, and Petrel's stable code
+/// from its error detail), `{prefix}_inflight_requests`.
 #[derive(Debug, Clone, Copy)]
 pub struct RpcMetricsLayer {
     pub prefix: &'static str,
@@ -128,6 +130,99 @@ pub struct RpcMetrics<S> {
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
+/// One call being measured; recorded once, when its body ends or is
+/// dropped (a client that goes away still ends the call).
+struct CallMetrics {
+    prefix: &'static str,
+    rpc: String,
+    start: std::time::Instant,
+    inflight: metrics::Gauge,
+    /// The error status seen so far (head or trailers).
+    failed: Option<tonic::Status>,
+    done: bool,
+}
+
+impl CallMetrics {
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let prefix = self.prefix;
+        self.inflight.decrement(1.0);
+        metrics::histogram!(format!("{prefix}_rpc_duration_seconds"), "rpc" => self.rpc.clone())
+            .record(self.start.elapsed().as_secs_f64());
+        if let Some(s) = self.failed.take() {
+            let code = format!("{:?}", s.code());
+            let petrel = crate::PetrelError::from_status(&s).code_name();
+            metrics::counter!(
+                format!("{prefix}_rpc_errors_total"),
+                "rpc" => self.rpc.clone(),
+                "code" => code,
+                "petrel_code" => petrel
+            )
+            .increment(1);
+        }
+    }
+
+    fn see(&mut self, headers: &http::HeaderMap) {
+        if let Some(s) = tonic::Status::from_header_map(headers) {
+            if s.code() != tonic::Code::Ok {
+                self.failed = Some(s);
+            }
+        }
+    }
+}
+
+impl Drop for CallMetrics {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// A response body that finishes its call's metrics when it ends.
+pub struct MeteredBody<B> {
+    inner: std::pin::Pin<Box<B>>,
+    call: CallMetrics,
+}
+
+impl<B> http_body::Body for MeteredBody<B>
+where
+    B: http_body::Body,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let r = this.inner.as_mut().poll_frame(cx);
+        match &r {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(t) = f.trailers_ref() {
+                    this.call.see(t);
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_))) => {
+                this.call.failed = Some(tonic::Status::unknown("response body failed"));
+                this.call.finish();
+            }
+            std::task::Poll::Ready(None) => this.call.finish(),
+            std::task::Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl<S, B, RB> tower_service::Service<http::Request<B>> for RpcMetrics<S>
 where
     S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
@@ -135,9 +230,9 @@ where
     S::Error: Send + 'static,
     RB: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<MeteredBody<RB>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
     fn poll_ready(
         &mut self,
@@ -157,28 +252,30 @@ where
         let prefix = self.prefix;
         let inflight = metrics::gauge!(format!("{prefix}_inflight_requests"));
         inflight.increment(1.0);
-        let start = std::time::Instant::now();
+        let mut call = CallMetrics {
+            prefix,
+            rpc,
+            start: std::time::Instant::now(),
+            inflight,
+            failed: None,
+            done: false,
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let r = fut.await;
-            inflight.decrement(1.0);
-            metrics::histogram!(format!("{prefix}_rpc_duration_seconds"), "rpc" => rpc.clone())
-                .record(start.elapsed().as_secs_f64());
-            let status = match &r {
-                Ok(resp) => resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .unwrap_or(0),
-                Err(_) => tonic::Code::Unknown as i32,
-            };
-            if status != 0 {
-                let code = format!("{:?}", tonic::Code::from_i32(status));
-                metrics::counter!(format!("{prefix}_rpc_errors_total"), "rpc" => rpc, "code" => code)
-                    .increment(1);
+            match fut.await {
+                Ok(resp) => {
+                    call.see(resp.headers());
+                    Ok(resp.map(|b| MeteredBody {
+                        inner: Box::pin(b),
+                        call,
+                    }))
+                }
+                Err(e) => {
+                    call.failed = Some(tonic::Status::unknown("service failed"));
+                    call.finish();
+                    Err(e)
+                }
             }
-            r
         })
     }
 }

@@ -261,13 +261,45 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics() {
         metric(
             &p,
             "petrel_proxy_rpc_errors_total",
-            &[("rpc", "Receive"), ("code", "NotFound")]
+            &[
+                ("rpc", "Receive"),
+                ("code", "NotFound"),
+                ("petrel_code", "not_found")
+            ]
         ) >= 1.0,
         "{}",
         p.lines()
             .filter(|l| l.contains("errors"))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    // A long-poll is timed to its end, not to its response head: an empty
+    // one waits out its 800 ms and its whole length is recorded.
+    let rsum = || {
+        get(proxy_admin, "/metrics").map_or(0.0, |(_, b)| {
+            metric(
+                &b,
+                "petrel_proxy_rpc_duration_seconds_sum",
+                &[("rpc", "Receive")],
+            )
+        })
+    };
+    client
+        .admin()
+        .create_topic(TopicSpec::new("quiet").queues(1).replicas(3))
+        .await
+        .unwrap();
+    let idle = client
+        .simple_consumer("quiet", "idle-poller")
+        .wait(Duration::from_millis(800))
+        .build();
+    let before = rsum();
+    let empty = idle.receive(1).await.unwrap();
+    assert!(empty.is_empty(), "records in an empty topic: {empty:?}");
+    let recorded = rsum() - before;
+    assert!(
+        recorded >= 0.7,
+        "an 800 ms long-poll recorded {recorded} s of Receive time"
     );
     assert_eq!(get(proxy_admin, "/nope").map(|x| x.0), Some(404));
     drop(procs);
