@@ -577,6 +577,9 @@ impl BrokerData for Service {
                 Err(e) => corrupt = Some(e),
             }
         }
+        let delivered_bytes: usize = records.iter().map(|r| r.encoded.len()).sum();
+        metrics::counter!("petrel_broker_delivered_bytes_total", &labels)
+            .increment(delivered_bytes as u64);
         let mut dead_letters = Vec::with_capacity(outcome.dead.len());
         for (offset, d) in outcome.dead {
             // A dead letter whose bytes cannot be read is still reported
@@ -996,8 +999,21 @@ impl BrokerData for Service {
             };
             let Ok(q) = queue_of(&h, g) else { continue };
             let st = q.read();
+            let now = petrel_proto::now_ms();
+            let end = st.header.next_offset;
+            // Age of the record at `offset` (0 when there is none to wait for).
+            let age = |offset: u64| -> u64 {
+                if offset >= end {
+                    return 0;
+                }
+                self.read_record(g, offset)
+                    .ok()
+                    .and_then(|v| petrel_proto::record::store_timestamp_ms(&v))
+                    .map_or(0, |ts| (now - ts).max(0) as u64)
+            };
             queues.push(bpb::QueueStats {
                 group_id: g,
+                start_age_ms: age(st.header.start_offset),
                 start_offset: st.header.start_offset,
                 end_offset: st.header.next_offset,
                 consumer_groups: st
@@ -1018,6 +1034,7 @@ impl BrokerData for Service {
                             .filter(|t| t.outcome.is_none())
                             .map(|t| t.offsets.len() as u64)
                             .sum(),
+                        lag_ms: age(c.committed.max(st.header.start_offset)),
                     })
                     .collect(),
                 error: None,

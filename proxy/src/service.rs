@@ -1499,6 +1499,7 @@ impl Petrel for ProxyService {
                     .cloned()
                     .unwrap_or(bpb::ConsumerGroupStats {
                         committed_offset: st.start_offset,
+                        lag_ms: st.start_age_ms,
                         ..Default::default()
                     });
                 let (committed, inflight, skipped) = (c.committed_offset, c.inflight, c.skipped);
@@ -1514,6 +1515,7 @@ impl Petrel for ProxyService {
                     filtered: c.filtered,
                     scheduled: c.scheduled,
                     uncommitted: c.uncommitted,
+                    lag_ms: c.lag_ms,
                 });
             }
         }

@@ -94,7 +94,7 @@ pub struct TopArgs {
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub interval_ms: u64,
     /// Stop after this many refreshes (default: until Ctrl-C).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub iterations: Option<u64>,
 }
 
@@ -520,7 +520,7 @@ async fn execute(cli: Cli) -> CliResult {
 struct TopSample {
     at: std::time::Instant,
     topics: BTreeMap<String, u64>,
-    groups: BTreeMap<(String, String), (u64, u64, u64, u64)>,
+    groups: BTreeMap<(String, String), (u64, u64, u64, u64, u64)>,
 }
 
 async fn top_sample(client: &Client) -> CliResult<TopSample> {
@@ -538,11 +538,12 @@ async fn top_sample(client: &Client) -> CliResult<TopSample> {
         for q in d.queues {
             let e = groups
                 .entry((g.name.clone(), q.topic))
-                .or_insert((0, 0, 0, 0));
+                .or_insert((0, 0, 0, 0, 0));
             e.0 += q.committed_offset;
             e.1 += q.lag;
             e.2 += q.inflight;
             e.3 += q.dead_lettered;
+            e.4 = e.4.max(q.lag_ms);
         }
     }
     Ok(TopSample {
@@ -579,10 +580,10 @@ async fn top(client: &Client, a: TopArgs, json: bool) -> CliResult {
             let groups: Vec<Value> = cur
                 .groups
                 .iter()
-                .map(|((g, t), (c, lag, inflight, dead))| {
+                .map(|((g, t), (c, lag, inflight, dead, lag_ms))| {
                     let before = prev.groups.get(&(g.clone(), t.clone())).map_or(*c, |x| x.0);
                     json!({"group": g, "topic": t, "consume_per_sec": rate(*c, before),
-                           "lag": lag, "inflight": inflight, "dead_lettered": dead})
+                           "lag": lag, "lag_ms": lag_ms, "inflight": inflight, "dead_lettered": dead})
                 })
                 .collect();
             json_line(&json!({"topics": topics, "groups": groups}))?;
@@ -600,14 +601,23 @@ async fn top(client: &Client, a: TopArgs, json: bool) -> CliResult {
             }
             tab.print()?;
             line("")?;
-            let mut tab = Table::new(&["GROUP", "TOPIC", "CONSUME/S", "LAG", "INFLIGHT", "DEAD"]);
-            for ((g, t), (c, lag, inflight, dead)) in &cur.groups {
+            let mut tab = Table::new(&[
+                "GROUP",
+                "TOPIC",
+                "CONSUME/S",
+                "LAG",
+                "LAG_AGE",
+                "INFLIGHT",
+                "DEAD",
+            ]);
+            for ((g, t), (c, lag, inflight, dead, lag_ms)) in &cur.groups {
                 let before = prev.groups.get(&(g.clone(), t.clone())).map_or(*c, |x| x.0);
                 tab.row(vec![
                     g.clone(),
                     t.clone(),
                     format!("{:.1}", rate(*c, before)),
                     lag.to_string(),
+                    age(*lag_ms),
                     inflight.to_string(),
                     dead.to_string(),
                 ]);
@@ -1329,6 +1339,7 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                         "committed_offset": q.committed_offset,
                         "end_offset": q.end_offset,
                         "lag": q.lag,
+                        "lag_ms": q.lag_ms,
                         "inflight": q.inflight,
                         "skipped": q.skipped,
                         "dead_lettered": q.dead_lettered,
@@ -1345,6 +1356,7 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                 "COMMITTED",
                 "END",
                 "LAG",
+                "LAG_AGE",
                 "INFLIGHT",
                 "SKIPPED",
                 "DEAD",
@@ -1358,6 +1370,7 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
                     q.committed_offset.to_string(),
                     q.end_offset.to_string(),
                     q.lag.to_string(),
+                    age(q.lag_ms),
                     q.inflight.to_string(),
                     q.skipped.to_string(),
                     q.dead_lettered.to_string(),
@@ -1506,5 +1519,16 @@ mod tests {
     fn bodies_are_utf8_or_base64() {
         assert_eq!(body_text(b"hi"), ("hi".to_string(), "utf8"));
         assert_eq!(body_text(&[0xff, 0x00]), ("/wA=".to_string(), "base64"));
+    }
+}
+
+/// A lag age for people: `-` for none, else ms / s / m / h.
+fn age(ms: u64) -> String {
+    match ms {
+        0 => "-".to_string(),
+        1..=999 => format!("{ms}ms"),
+        1_000..=59_999 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{:.1}m", ms as f64 / 60_000.0),
+        _ => format!("{:.1}h", ms as f64 / 3_600_000.0),
     }
 }

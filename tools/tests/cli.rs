@@ -794,6 +794,10 @@ fn top_reports_produce_and_consume_rates_lag_and_dead_letters() {
     let g = row("groups", "group", "tg");
     assert_eq!(g["topic"], "tp");
     assert_eq!(g["lag"], 3);
+    assert!(
+        g["lag_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "lag in time of 3 waiting records: {g}"
+    );
     assert_eq!(g["dead_lettered"], 0);
     assert!(g["consume_per_sec"].as_f64().is_some());
     dev.stop();

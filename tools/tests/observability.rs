@@ -186,6 +186,9 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics() {
             .ok_or(format!("delivered {d} acked {a} lag {lag}"))
     })
     .await;
+    // Delivered bytes: at least the bodies of the 101 records.
+    let db = scrape_all(&admin, "petrel_broker_delivered_bytes_total", &g);
+    assert!(db >= 101.0, "delivered bytes {db}");
     let leaders = scrape_all(&admin, "petrel_broker_leader_count", &[]);
     assert_eq!(leaders, 1.0, "one leader for the one queue");
     // Raft: the queue's election was seen and won, and its appends timed.
@@ -221,6 +224,11 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics() {
     let d = client.admin().describe_group("partial").await.unwrap();
     let described: u64 = d.queues.iter().map(|q| q.lag).sum();
     assert_eq!(described, 40 - got.len() as u64, "{d:?}");
+    for q in &d.queues {
+        // Lag in time: the age of the oldest record not done, also on
+        // queues the group never received from.
+        assert_eq!(q.lag > 0, q.lag_ms > 0, "queue {}: {q:?}", q.queue);
+    }
     let w = [("topic", "wide"), ("group", "partial")];
     eventually("lag on every queue", Duration::from_secs(10), || {
         let lag = scrape_all(&admin, "petrel_consumer_lag_records", &w);
