@@ -520,7 +520,18 @@ async fn execute(cli: Cli) -> CliResult {
 struct TopSample {
     at: std::time::Instant,
     topics: BTreeMap<String, u64>,
-    groups: BTreeMap<(String, String), (u64, u64, u64, u64, u64)>,
+    groups: BTreeMap<(String, String), GroupSample>,
+}
+
+/// One consumer group on one topic in a `top` sample (summed over queues;
+/// `lag_ms` is the worst queue's).
+#[derive(Default, Clone, Copy)]
+struct GroupSample {
+    committed: u64,
+    lag: u64,
+    inflight: u64,
+    dead: u64,
+    lag_ms: u64,
 }
 
 async fn top_sample(client: &Client) -> CliResult<TopSample> {
@@ -536,14 +547,12 @@ async fn top_sample(client: &Client) -> CliResult<TopSample> {
             continue;
         };
         for q in d.queues {
-            let e = groups
-                .entry((g.name.clone(), q.topic))
-                .or_insert((0, 0, 0, 0, 0));
-            e.0 += q.committed_offset;
-            e.1 += q.lag;
-            e.2 += q.inflight;
-            e.3 += q.dead_lettered;
-            e.4 = e.4.max(q.lag_ms);
+            let e: &mut GroupSample = groups.entry((g.name.clone(), q.topic)).or_default();
+            e.committed += q.committed_offset;
+            e.lag += q.lag;
+            e.inflight += q.inflight;
+            e.dead += q.dead_lettered;
+            e.lag_ms = e.lag_ms.max(q.lag_ms);
         }
     }
     Ok(TopSample {
@@ -580,10 +589,14 @@ async fn top(client: &Client, a: TopArgs, json: bool) -> CliResult {
             let groups: Vec<Value> = cur
                 .groups
                 .iter()
-                .map(|((g, t), (c, lag, inflight, dead, lag_ms))| {
-                    let before = prev.groups.get(&(g.clone(), t.clone())).map_or(*c, |x| x.0);
-                    json!({"group": g, "topic": t, "consume_per_sec": rate(*c, before),
-                           "lag": lag, "lag_ms": lag_ms, "inflight": inflight, "dead_lettered": dead})
+                .map(|((g, t), s)| {
+                    let before = prev
+                        .groups
+                        .get(&(g.clone(), t.clone()))
+                        .map_or(s.committed, |x| x.committed);
+                    json!({"group": g, "topic": t, "consume_per_sec": rate(s.committed, before),
+                           "lag": s.lag, "lag_ms": s.lag_ms, "inflight": s.inflight,
+                           "dead_lettered": s.dead})
                 })
                 .collect();
             json_line(&json!({"topics": topics, "groups": groups}))?;
@@ -610,16 +623,19 @@ async fn top(client: &Client, a: TopArgs, json: bool) -> CliResult {
                 "INFLIGHT",
                 "DEAD",
             ]);
-            for ((g, t), (c, lag, inflight, dead, lag_ms)) in &cur.groups {
-                let before = prev.groups.get(&(g.clone(), t.clone())).map_or(*c, |x| x.0);
+            for ((g, t), s) in &cur.groups {
+                let before = prev
+                    .groups
+                    .get(&(g.clone(), t.clone()))
+                    .map_or(s.committed, |x| x.committed);
                 tab.row(vec![
                     g.clone(),
                     t.clone(),
-                    format!("{:.1}", rate(*c, before)),
-                    lag.to_string(),
-                    age(*lag_ms),
-                    inflight.to_string(),
-                    dead.to_string(),
+                    format!("{:.1}", rate(s.committed, before)),
+                    s.lag.to_string(),
+                    age(s.lag_ms),
+                    s.inflight.to_string(),
+                    s.dead.to_string(),
                 ]);
             }
             tab.print()?;
@@ -1469,6 +1485,17 @@ async fn cluster_admin(client: &Client, cmd: ClusterCmd, json: bool) -> CliResul
     }
 }
 
+/// A lag age for people: `-` for none, else ms / s / m / h.
+fn age(ms: u64) -> String {
+    match ms {
+        0 => "-".to_string(),
+        1..=999 => format!("{ms}ms"),
+        1_000..=59_999 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{:.1}m", ms as f64 / 60_000.0),
+        _ => format!("{:.1}h", ms as f64 / 3_600_000.0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1519,16 +1546,5 @@ mod tests {
     fn bodies_are_utf8_or_base64() {
         assert_eq!(body_text(b"hi"), ("hi".to_string(), "utf8"));
         assert_eq!(body_text(&[0xff, 0x00]), ("/wA=".to_string(), "base64"));
-    }
-}
-
-/// A lag age for people: `-` for none, else ms / s / m / h.
-fn age(ms: u64) -> String {
-    match ms {
-        0 => "-".to_string(),
-        1..=999 => format!("{ms}ms"),
-        1_000..=59_999 => format!("{:.1}s", ms as f64 / 1000.0),
-        60_000..=3_599_999 => format!("{:.1}m", ms as f64 / 60_000.0),
-        _ => format!("{:.1}h", ms as f64 / 3_600_000.0),
     }
 }
