@@ -68,10 +68,46 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Our own accept loop rather than `axum::serve`, for two bounds a port
+    // that anyone on the network can reach needs: a request head must
+    // arrive within ADMIN_HEADER_TIMEOUT (a half-sent request does not hold
+    // a connection forever), and at most ADMIN_MAX_CONNECTIONS are open
+    // (idle scrapers cannot use up the process's file descriptors).
+    let limit = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Over the bound: close it at once rather than queue it.
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
 }
+
+/// How long a client may take to send a request head on the admin port.
+pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most admin connections open at once.
+pub const ADMIN_MAX_CONNECTIONS: usize = 128;
 
 /// Binds `addr` (a clear error names it) and installs the recorder, so
 /// metrics recorded from now on (before the endpoint task runs) are kept.
@@ -383,5 +419,41 @@ pub async fn watch_config<F>(
                 tracing::error!(path = %path.display(), ?cause, error = %e, "config reload rejected; keeping the running configuration");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn serves_probes_and_drops_a_half_sent_request() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let ready: Readiness = Arc::new(|| Err("warming up".into()));
+        tokio::spawn(serve(l, ready, std::future::pending()));
+
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        assert!(out.contains("not ready: warming up"), "{out}");
+
+        // A request head that never completes is cut off.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(
+            ADMIN_HEADER_TIMEOUT + std::time::Duration::from_secs(5),
+            slow.read_to_end(&mut buf),
+        )
+        .await;
+        assert!(r.is_ok(), "a half-sent request held its connection open");
     }
 }
