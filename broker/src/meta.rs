@@ -111,6 +111,10 @@ impl ClusterMap {
                 "broker id 0 is reserved".into(),
             ));
         }
+        // Registering a broker again where it is changes nothing.
+        if self.brokers.get(&id).is_some_and(|a| a == address) && !self.removed.contains(&id) {
+            return Ok(self.version);
+        }
         // Checked again here, in apply, so two racing registrations cannot
         // both take one address.
         if let Some((other, _)) = self
@@ -774,6 +778,10 @@ mod tests {
         m.create_topic(&spec("a", 8, 3), &p, 0).unwrap();
         assert!(m.plan_replica_balance(100).is_empty());
         m.register_broker(4, "127.0.0.1:4").unwrap();
+        // Again at the same address: nothing changes, not even the version.
+        let v = m.version;
+        m.register_broker(4, "127.0.0.1:4").unwrap();
+        assert_eq!(m.version, v);
         // One address, one broker: another id cannot take it.
         assert!(matches!(
             m.register_broker(5, "127.0.0.1:4"),

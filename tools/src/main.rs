@@ -5,7 +5,10 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = petrel_tools::cli::Cli::parse();
+    let cli = match petrel_tools::cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
     petrel_tools::cli::init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -25,4 +28,36 @@ fn main() -> ExitCode {
     // static destructors ("pthread lock: Invalid argument").
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     code
+}
+
+/// Help and version print as clap prints them; a usage error is one stderr
+/// line like every other failure (`error: ...`, or with `--json` the JSON
+/// error object with code `usage`), exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let rendered = e.to_string();
+    let message = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid usage")
+        .trim()
+        .trim_start_matches("error: ")
+        .to_string();
+    let hint = " (see --help)";
+    if std::env::args().any(|a| a == "--json") {
+        let v =
+            serde_json::json!({"error": {"code": "usage", "message": format!("{message}{hint}")}});
+        eprintln!("{v}");
+    } else {
+        eprintln!("error: {message}{hint}");
+    }
+    ExitCode::from(2)
 }

@@ -802,3 +802,40 @@ fn top_reports_produce_and_consume_rates_lag_and_dead_letters() {
     assert!(g["consume_per_sec"].as_f64().is_some());
     dev.stop();
 }
+
+/// A command line clap rejects is one stderr line like any other failure
+/// (JSON with `--json`), exit 2; help still prints whole.
+#[test]
+fn usage_errors_are_one_line_and_help_is_whole() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(petrel())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["top", "--iterations", "0"][..],
+        &["bogus-command"][..],
+        &["topic", "create"][..],
+        &["consume", "--topic", "t", "--group", "g", "--max", "lots"][..],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
+        fails_with(&o, "");
+        assert!(o.stdout.is_empty(), "{args:?}: {o:?}");
+        let mut j = vec!["--json"];
+        j.extend_from_slice(args);
+        let o = run(&j);
+        assert_eq!(o.status.code(), Some(2), "{j:?}: {o:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{j:?}: {err}");
+        let v: Value = serde_json::from_str(err.trim()).unwrap();
+        assert_eq!(v["error"]["code"], "usage", "{err}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    let help = run(&["topic", "--help"]);
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).lines().count() > 3);
+}
