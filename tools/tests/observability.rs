@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::workload::{Consuming, Producing};
-use common::{broker_command, broker_list, free_port, peers_arg, proxy_command, wait_ready, Procs};
+use common::{
+    broker_command, broker_list, free_port, peers_arg, proxy_command, spawn_broker, wait_ready,
+    Procs,
+};
 use petrel_sdk::{Client, Error, Message, TopicSpec};
 
 /// `GET path` on 127.0.0.1:port: (status, body); None if it cannot connect.
@@ -67,6 +70,23 @@ fn scrape_all(ports: &[u16], name: &str, want: &[(&str, &str)]) -> f64 {
         .iter()
         .map(|p| get(*p, "/metrics").map_or(0.0, |(_, b)| metric(&b, name, want)))
         .sum()
+}
+
+/// Starts three brokers of one cluster, broker `i` (0-based) with the
+/// extra flags `extra(i)`; returns their ports.
+fn start_brokers(
+    dir: &std::path::Path,
+    procs: &mut Procs,
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Vec<u16> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    for (i, p) in ports.iter().enumerate() {
+        let flags = extra(i);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        procs.push(spawn_broker(i + 1, *p, &peers, dir, &flags));
+    }
+    ports
 }
 
 async fn eventually(what: &str, bound: Duration, mut ok: impl FnMut() -> Result<(), String>) {
@@ -316,16 +336,8 @@ async fn admin_endpoints_report_health_readiness_and_moving_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_drained_with_sigterm_costs_clients_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
     let mut procs = Procs::default();
-    for (i, p) in ports.iter().enumerate() {
-        procs.push(
-            broker_command(i + 1, *p, &peers, dir.path(), &[])
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let ports = start_brokers(dir.path(), &mut procs, |_| vec![]);
     let (pa, pb) = (free_port(), free_port());
     let admin_a = free_port();
     let mut a = proxy_command(pa, &broker_list(&ports));
@@ -403,16 +415,8 @@ async fn a_proxy_drained_with_sigterm_costs_clients_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_rate_limits_without_reconnects_and_rejects_a_bad_file() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
     let mut procs = Procs::default();
-    for (i, p) in ports.iter().enumerate() {
-        procs.push(
-            broker_command(i + 1, *p, &peers, dir.path(), &[])
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let ports = start_brokers(dir.path(), &mut procs, |_| vec![]);
     let conf = dir.path().join("proxy.toml");
     std::fs::write(&conf, "[rate_limits.topics]\nlimited = 10\n").unwrap();
     let (port, admin) = (free_port(), free_port());
@@ -503,29 +507,22 @@ async fn sighup_reloads_rate_limits_without_reconnects_and_rejects_a_bad_file() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edited_config_files_reload_per_client_limits_and_broker_settings() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let badmins: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
     let mut procs = Procs::default();
     let bconf: Vec<std::path::PathBuf> = (1..=3)
         .map(|i| dir.path().join(format!("broker{i}.toml")))
         .collect();
-    for (i, p) in ports.iter().enumerate() {
-        std::fs::write(&bconf[i], "transaction_check_ms = 5000\n").unwrap();
-        let admin = format!("127.0.0.1:{}", badmins[i]);
-        let conf = bconf[i].to_str().unwrap();
-        procs.push(
-            broker_command(
-                i + 1,
-                *p,
-                &peers,
-                dir.path(),
-                &["--admin-listen", &admin, "--config", conf],
-            )
-            .spawn()
-            .unwrap(),
-        );
+    for c in &bconf {
+        std::fs::write(c, "transaction_check_ms = 5000\n").unwrap();
     }
+    let ports = start_brokers(dir.path(), &mut procs, |i| {
+        vec![
+            "--admin-listen".into(),
+            format!("127.0.0.1:{}", badmins[i]),
+            "--config".into(),
+            bconf[i].display().to_string(),
+        ]
+    });
     let conf = dir.path().join("proxy.toml");
     std::fs::write(&conf, "[rate_limits.clients]\nslow = 10\n").unwrap();
     let (port, admin) = (free_port(), free_port());
