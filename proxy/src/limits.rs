@@ -65,6 +65,10 @@ pub struct RateLimits {
     /// (0 = unlimited).
     #[serde(default)]
     pub clients: BTreeMap<String, u64>,
+    /// Whether `clients` names any address (set by the [`Limiter`] that
+    /// takes this config, so a send need not look).
+    #[serde(skip)]
+    pub has_ip_limits: bool,
 }
 
 /// Longest client key accepted in the file (producer ids are at most 128).
@@ -140,12 +144,18 @@ pub struct Limiter {
 /// full, so it is never refused forever.
 fn take(map: &Buckets, key: &str, rate: u64, n: u64, now: Instant) -> Result<(), u64> {
     let cap = rate as f64;
-    let entry = map.entry(key.to_string()).or_insert_with(|| {
-        Mutex::new(Bucket {
-            tokens: cap,
-            at: now,
-        })
-    });
+    let entry = match map.get(key) {
+        Some(e) => e,
+        None => map
+            .entry(key.to_string())
+            .or_insert_with(|| {
+                Mutex::new(Bucket {
+                    tokens: cap,
+                    at: now,
+                })
+            })
+            .downgrade(),
+    };
     let mut b = entry.lock().unwrap_or_else(|e| e.into_inner());
     b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cap).min(cap);
     b.at = now;
@@ -167,9 +177,14 @@ fn give_back(map: &Buckets, key: &str, n: u64) {
 impl Limiter {
     pub fn new(config: RuntimeConfig) -> Self {
         Self {
-            config: RwLock::new(Arc::new(config)),
+            config: RwLock::new(Arc::new(Self::prepare(config))),
             ..Default::default()
         }
+    }
+
+    fn prepare(mut c: RuntimeConfig) -> RuntimeConfig {
+        c.rate_limits.has_ip_limits = c.rate_limits.clients.keys().any(|k| k.starts_with("ip:"));
+        c
     }
 
     pub fn config(&self) -> Arc<RuntimeConfig> {
@@ -182,7 +197,7 @@ impl Limiter {
     /// Takes effect for the next request; buckets keep their tokens (capped
     /// to the new rate).
     pub fn replace(&self, config: RuntimeConfig) {
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Self::prepare(config));
     }
 
     /// Admits `n` records to `topic` from a producer (its id; empty = none)
@@ -201,30 +216,43 @@ impl Limiter {
     ) -> Result<(), PetrelError> {
         let c = self.config();
         let l = &c.rate_limits;
-        let mut checks: Vec<(&Buckets, String, u64, &'static str)> = Vec::with_capacity(3);
+        // Sends are the hot path: with no limit that applies, admit without
+        // building a key or touching a bucket.
+        let mut checks: Vec<(&Buckets, std::borrow::Cow<'_, str>, u64, &'static str)> = Vec::new();
         if !producer_id.is_empty() {
             let rate = l
                 .clients
                 .get(producer_id)
                 .copied()
                 .unwrap_or(l.per_client_records_per_sec);
-            checks.push((&self.clients, producer_id.to_string(), rate, "client"));
+            if rate > 0 {
+                checks.push((&self.clients, producer_id.into(), rate, "client"));
+            }
         }
         if let Some(ip) = ip {
-            let key = format!("ip:{ip}");
-            let rate = match l.clients.get(&key) {
-                Some(r) => *r,
-                None if producer_id.is_empty() => l.per_client_records_per_sec,
-                None => 0,
-            };
-            checks.push((&self.clients, key, rate, "client"));
+            if l.has_ip_limits || (producer_id.is_empty() && l.per_client_records_per_sec > 0) {
+                let key = format!("ip:{ip}");
+                let rate = match l.clients.get(&key) {
+                    Some(r) => *r,
+                    None if producer_id.is_empty() => l.per_client_records_per_sec,
+                    None => 0,
+                };
+                if rate > 0 {
+                    checks.push((&self.clients, key.into(), rate, "client"));
+                }
+            }
         }
         let topic_rate = l
             .topics
             .get(topic)
             .copied()
             .unwrap_or(l.default_records_per_sec);
-        checks.push((&self.topics, topic.to_string(), topic_rate, "topic"));
+        if topic_rate > 0 {
+            checks.push((&self.topics, topic.into(), topic_rate, "topic"));
+        }
+        if checks.is_empty() {
+            return Ok(());
+        }
         let now = Instant::now();
         if self.clients.len() >= MAX_CLIENT_BUCKETS {
             self.clients.retain(|_, b| {
@@ -233,14 +261,9 @@ impl Limiter {
             });
         }
         for (i, (map, key, rate, kind)) in checks.iter().enumerate() {
-            if *rate == 0 {
-                continue;
-            }
             if let Err(wait_ms) = take(map, key, *rate, n, now) {
-                for (map, key, rate, _) in &checks[..i] {
-                    if *rate > 0 {
-                        give_back(map, key, n);
-                    }
+                for (map, key, _, _) in &checks[..i] {
+                    give_back(map, key, n);
                 }
                 metrics::counter!("petrel_proxy_rate_limited_total", "topic" => topic.to_string(), "limit" => *kind)
                     .increment(1);
