@@ -237,6 +237,20 @@ pub fn parse_file(text: &str) -> Result<(FileStatic, crate::limits::RuntimeConfi
 /// (they win over the config file; defaults do not).
 pub type Explicit = std::collections::BTreeSet<String>;
 
+/// The arguments of `m` given on the command line or in the environment.
+pub fn explicit_in(m: &clap::ArgMatches) -> Explicit {
+    m.ids()
+        .filter(|id| {
+            matches!(
+                m.value_source(id.as_str()),
+                Some(clap::parser::ValueSource::CommandLine)
+                    | Some(clap::parser::ValueSource::EnvVariable)
+            )
+        })
+        .map(|id| id.as_str().to_string())
+        .collect()
+}
+
 impl ProxyArgs {
     /// Parses the process's arguments and environment, noting which were
     /// given explicitly.
@@ -244,18 +258,7 @@ impl ProxyArgs {
         use clap::{CommandFactory, FromArgMatches};
         let matches = Self::command().get_matches();
         let args = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-        let explicit = matches
-            .ids()
-            .filter(|id| {
-                matches!(
-                    matches.value_source(id.as_str()),
-                    Some(clap::parser::ValueSource::CommandLine)
-                        | Some(clap::parser::ValueSource::EnvVariable)
-                )
-            })
-            .map(|id| id.as_str().to_string())
-            .collect();
-        (args, explicit)
+        (args, explicit_in(&matches))
     }
 
     /// Reads the `--config` file (if any) and resolves; every argument
@@ -265,23 +268,11 @@ impl ProxyArgs {
             Some(p) => Some(crate::limits::read(p)?),
             None => None,
         };
-        let all: Explicit = [
-            "listen",
-            "brokers",
-            "max_record_bytes",
-            "max_batch_messages",
-            "receipt_secret",
-            "route_refresh",
-            "request_timeout",
-            "max_wait",
-            "log",
-            "admin_listen",
-            "drain_delay",
-            "shutdown_grace",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect();
+        use clap::CommandFactory;
+        let all: Explicit = Self::command()
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
         self.resolve_with(text, &all)
     }
 
@@ -421,15 +412,7 @@ mod tests {
         let m = ProxyArgs::command()
             .try_get_matches_from(std::iter::once("petrel-proxy").chain(cli.iter().copied()))
             .unwrap();
-        let a = ProxyArgs::from_arg_matches(&m).unwrap();
-        let explicit = m
-            .ids()
-            .filter(|id| {
-                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
-            })
-            .map(|id| id.as_str().to_string())
-            .collect();
-        (a, explicit)
+        (ProxyArgs::from_arg_matches(&m).unwrap(), explicit_in(&m))
     }
 
     #[test]
