@@ -445,18 +445,7 @@ impl Node {
             let now = petrel_proto::now_ms();
             let mut leaders = 0u64;
             // (topic, group) -> (lag records, oldest age ms, inflight)
-            let mut per: BTreeMap<(String, String), (u64, i64, u64)> = BTreeMap::new();
-            let age_at = |group: u64, offset: u64| -> i64 {
-                self.store
-                    .get(
-                        crate::storage::CF_RECORDS,
-                        &crate::keys::record_key(group, offset),
-                    )
-                    .ok()
-                    .flatten()
-                    .and_then(|v| petrel_proto::record::store_timestamp_ms(&v))
-                    .map_or(0, |ts| (now - ts).max(0))
-            };
+            let mut per: BTreeMap<(String, String), (u64, u64, u64)> = BTreeMap::new();
             for t in map.topics.values() {
                 // The groups consuming this topic, as every replica hosted
                 // here knows them: a group that never popped a queue this
@@ -488,7 +477,7 @@ impl Node {
                         };
                         let lag = end.saturating_sub(committed);
                         let age = if committed < end {
-                            age_at(q.group_id, committed)
+                            self.record_age_ms(q.group_id, committed, now)
                         } else {
                             0
                         };
@@ -667,6 +656,20 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// How long ago the record at `offset` of `group` was stored (0 when it
+    /// cannot be read): the lag in time of a consumer waiting on it.
+    pub fn record_age_ms(&self, group: u64, offset: u64, now_ms: i64) -> u64 {
+        self.store
+            .get(
+                crate::storage::CF_RECORDS,
+                &crate::keys::record_key(group, offset),
+            )
+            .ok()
+            .flatten()
+            .and_then(|v| petrel_proto::record::store_timestamp_ms(&v))
+            .map_or(0, |ts| (now_ms - ts).max(0) as u64)
     }
 
     /// Records when this node was first seen leading each group (term), and

@@ -1006,10 +1006,7 @@ impl BrokerData for Service {
                 if offset >= end {
                     return 0;
                 }
-                self.read_record(g, offset)
-                    .ok()
-                    .and_then(|v| petrel_proto::record::store_timestamp_ms(&v))
-                    .map_or(0, |ts| (now - ts).max(0) as u64)
+                self.node.record_age_ms(g, offset, now)
             };
             queues.push(bpb::QueueStats {
                 group_id: g,
