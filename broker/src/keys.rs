@@ -90,12 +90,56 @@ pub mod sm_state {
     pub const QUEUE_HEADER: u8 = 2;
     /// `[group][3][consumer group name]` → bincode(ConsumerState).
     pub const CONSUMER: u8 = 3;
-    /// `[group][4][producer id]` → bincode(ProducerWindow).
-    pub const PRODUCER: u8 = 4;
+    /// Retired: `[group][4][producer id]` held the whole de-dup window,
+    /// rewritten on every append (replaced by 7 and 8). Never reused.
+    pub const PRODUCER_WINDOW_RETIRED: u8 = 4;
     /// `bincode(ClusterMap)`, meta group only.
     pub const CLUSTER_MAP: u8 = 5;
     /// `[group][6][transaction id]` → bincode(Txn).
     pub const TXN: u8 = 6;
+    /// `[group][7][u16 len][producer id][sequence]` → offset (u64 BE): one
+    /// de-duplication entry per key, so an append writes what it adds.
+    pub const PRODUCER_SEQ: u8 = 7;
+    /// `[group][8][producer id]` → last_seen log index (u64 BE).
+    pub const PRODUCER_SEEN: u8 = 8;
+}
+
+/// `[group][PRODUCER_SEQ][u16 len][producer]`: the prefix of one producer's
+/// de-duplication entries (the length keeps one producer's range from
+/// containing another's).
+pub fn producer_seq_prefix(group: u64, producer: &str) -> Vec<u8> {
+    let name = producer.as_bytes();
+    let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
+    let mut k = Vec::with_capacity(11 + name.len() + 8);
+    k.extend_from_slice(&state_key(group, sm_state::PRODUCER_SEQ));
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(&name[..usize::from(len)]);
+    k
+}
+
+/// `[group][PRODUCER_SEQ][u16 len][producer][sequence]`
+pub fn producer_seq_key(group: u64, producer: &str, seq: u64) -> Vec<u8> {
+    let mut k = producer_seq_prefix(group, producer);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Exclusive end of one producer's de-duplication entries.
+pub fn producer_seq_end(group: u64, producer: &str) -> Vec<u8> {
+    let mut k = producer_seq_prefix(group, producer);
+    k.extend_from_slice(&[0xFF; 9]);
+    k
+}
+
+/// Decodes a `producer_seq_key` of `group` into (producer, sequence).
+pub fn decode_producer_seq_key(group: u64, k: &[u8]) -> Option<(String, u64)> {
+    let head = state_key(group, sm_state::PRODUCER_SEQ);
+    let rest = k.strip_prefix(&head[..])?;
+    let len = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
+    let name = rest.get(2..2 + len)?;
+    let seq = rest.get(2 + len..)?;
+    let seq = u64::from_be_bytes(seq.try_into().ok()?);
+    Some((String::from_utf8_lossy(name).into_owned(), seq))
 }
 
 /// `[group][kind]`
@@ -128,5 +172,22 @@ mod tests {
         assert!(named_state_key(1, 3, "zzzz").as_slice() < end.as_slice());
         assert!(log_key(2, 0).as_slice() >= end.as_slice());
         assert!(group_start(1).as_slice() <= log_key(1, 0).as_slice());
+    }
+
+    #[test]
+    fn producer_seq_keys_round_trip_and_ranges_do_not_overlap() {
+        let k = producer_seq_key(3, "p-1", 42);
+        assert_eq!(decode_producer_seq_key(3, &k), Some(("p-1".into(), 42)));
+        assert_eq!(decode_producer_seq_key(4, &k), None);
+        // Every key of "p" is inside its range; "p-1" and "q" are not.
+        let (start, end) = (producer_seq_prefix(3, "p"), producer_seq_end(3, "p"));
+        for seq in [0, 1, u64::MAX] {
+            let k = producer_seq_key(3, "p", seq);
+            assert!(start <= k && k < end);
+        }
+        for other in [producer_seq_key(3, "p-1", 0), producer_seq_key(3, "q", 0)] {
+            assert!(!(start <= other && other < end));
+        }
+        assert!(producer_seq_key(3, "p", u64::MAX).as_slice() < group_end(3).as_slice());
     }
 }

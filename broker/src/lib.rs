@@ -15,6 +15,7 @@
 // helpers that feed them return it too.
 #![allow(clippy::result_large_err)]
 
+pub mod append_lane;
 pub mod config;
 pub mod keys;
 pub mod log_store;
@@ -22,6 +23,7 @@ pub mod meta;
 pub mod network;
 pub mod node;
 pub mod queue;
+pub mod quiet;
 pub mod service;
 pub mod sm;
 pub mod storage;

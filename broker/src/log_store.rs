@@ -2,8 +2,10 @@
 //! `raft_state` column families. Appends are written at once and completed
 //! by the shared group-commit syncer after one fsync.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError};
@@ -17,6 +19,112 @@ use crate::types::{Entry, LogId, RaftStorageError, TypeConfig, Vote};
 pub struct LogStore {
     group: u64,
     store: Store,
+    /// The newest entries, shared with the log readers openraft hands to
+    /// replication: a follower catching up with fresh entries is served
+    /// from memory, not re-read and re-decoded from RocksDB.
+    tail: Arc<Mutex<Tail>>,
+}
+
+/// Most entries kept in memory per group.
+const TAIL_ENTRIES: usize = 1024;
+/// Most command bytes kept in memory per group (records dominate).
+const TAIL_BYTES: usize = 16 << 20;
+
+/// A contiguous run of the newest log entries (indexes `first..first+len`).
+#[derive(Debug, Default)]
+struct Tail {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn first(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, e: Entry) {
+        // Appends are contiguous; anything else (a gap after a purge or a
+        // snapshot install) starts the run afresh.
+        let next = self.entries.back().map(|(b, _)| b.log_id.index + 1);
+        if next.is_some_and(|n| n != e.log_id.index) {
+            self.clear();
+        }
+        let size = entry_size(&e);
+        self.bytes += size;
+        self.entries.push_back((e, size));
+        while self.entries.len() > TAIL_ENTRIES
+            || (self.bytes > TAIL_BYTES && self.entries.len() > 1)
+        {
+            if let Some((_, s)) = self.entries.pop_front() {
+                self.bytes -= s;
+            }
+        }
+    }
+
+    /// Drops entries with index >= `from`.
+    fn truncate(&mut self, from: u64) {
+        while self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.log_id.index >= from)
+        {
+            if let Some((_, s)) = self.entries.pop_back() {
+                self.bytes -= s;
+            }
+        }
+    }
+
+    /// Drops entries with index <= `upto`.
+    fn purge(&mut self, upto: u64) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(e, _)| e.log_id.index <= upto)
+        {
+            if let Some((_, s)) = self.entries.pop_front() {
+                self.bytes -= s;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// The entries of `start..end` if the tail holds all of them.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let first = self.first()?;
+        let last = first + self.entries.len() as u64; // exclusive
+        if start < first || end > last || start > end {
+            return None;
+        }
+        let from = (start - first) as usize;
+        let to = (end - first) as usize;
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+}
+
+/// Approximate memory of an entry: its records' bytes plus a little.
+fn entry_size(e: &Entry) -> usize {
+    use crate::types::Command;
+    let body = match &e.payload {
+        openraft::EntryPayload::Normal(Command::Append { records, .. }) => {
+            records.iter().map(|(_, b)| b.len() + 16).sum()
+        }
+        openraft::EntryPayload::Normal(Command::AppendBatch(parts)) => parts
+            .iter()
+            .flat_map(|p| p.records.iter())
+            .map(|(_, b)| b.len() + 16)
+            .sum(),
+        _ => 0,
+    };
+    body + 128
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> RaftStorageError {
@@ -29,7 +137,15 @@ fn write_err(e: impl std::error::Error + 'static) -> RaftStorageError {
 
 impl LogStore {
     pub fn new(group: u64, store: Store) -> Self {
-        Self { group, store }
+        Self {
+            group,
+            store,
+            tail: Arc::default(),
+        }
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -76,6 +192,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(x) => x + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(x) => Some(x + 1),
+            Bound::Excluded(x) => Some(*x),
+            Bound::Unbounded => None,
+        };
+        if let Some(end) = end {
+            if let Some(hit) = self.tail().get(start, end) {
+                return Ok(hit);
+            }
+        }
         let cf = self.store.cf(CF_RAFT_LOG);
         let from = keys::log_key(self.group, start);
         let it = self
@@ -156,17 +282,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let cf = self.store.cf(CF_RAFT_LOG);
         let mut b = WriteBatch::default();
+        let mut fresh = Vec::new();
         for e in entries {
             let v = bincode::serialize(&e).map_err(write_err)?;
             b.put_cf(&cf, keys::log_key(self.group, e.log_id.index), v);
+            fresh.push(e);
         }
         self.store.write_logged(b).map_err(write_err)?;
+        {
+            let mut tail = self.tail();
+            for e in fresh {
+                tail.push(e);
+            }
+        }
         self.store
             .sync_then(Box::new(move |res| callback.log_io_completed(res)));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        self.tail().truncate(log_id.index);
         let mut b = WriteBatch::default();
         b.delete_range_cf(
             &self.store.cf(CF_RAFT_LOG),
@@ -177,6 +312,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        self.tail().purge(log_id.index);
         let mut b = WriteBatch::default();
         let v = bincode::serialize(&Some(log_id)).map_err(write_err)?;
         b.put_cf(

@@ -33,6 +33,9 @@ pub const KIND_ELECT: u32 = 4;
 pub const KIND_TRANSFER: u32 = 5;
 /// Liveness probe between brokers (no group involved).
 pub const KIND_PING: u32 = 6;
+/// Leader → follower: the group is idle and you hold its last entry, turn
+/// your timers off (`quiet.rs`).
+pub const KIND_QUIET: u32 = 7;
 
 /// Raft RPCs larger than this are refused by the transport. One entry is
 /// at most one proxy append (64 MiB), and an AppendEntries carries at most
@@ -41,8 +44,10 @@ pub const MAX_RAFT_MESSAGE: usize = 1 << 30;
 /// Entries per AppendEntries RPC (openraft `max_payload_entries`).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
 
-/// Heartbeats bound for one peer within this window go in one RPC.
-pub const COALESCE_WINDOW: Duration = Duration::from_millis(10);
+/// Coalesced RPCs in flight per peer; heartbeats that come while they are
+/// all busy wait and leave together when one returns (self-clocking: no
+/// fixed window, a lone heartbeat goes at once).
+const COALESCE_IN_FLIGHT: usize = 2;
 /// Most messages in one coalesced RPC.
 const COALESCE_MAX: usize = 1024;
 
@@ -67,10 +72,11 @@ pub struct PeerPool {
 }
 
 impl PeerPool {
-    /// Sends `req` to `peer` in the next coalesced batch (one `RaftBatch`
-    /// RPC per peer per `COALESCE_WINDOW`): with a thousand groups, the
-    /// heartbeats between two brokers cost a few RPCs per window instead of
-    /// one each.
+    /// Sends `req` to `peer` in the next coalesced batch: at once if a
+    /// slot is free, else with everything that queued behind the
+    /// `COALESCE_IN_FLIGHT` RPCs in flight. With many active groups the
+    /// heartbeats between two brokers cost a few RPCs per round trip
+    /// instead of one each.
     async fn coalesced(
         &self,
         peer: u64,
@@ -173,6 +179,8 @@ impl PeerPool {
             .map_err(|e| PetrelError::InvalidArgument(format!("bad peer address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            .initial_stream_window_size(petrel_proto::transport::STREAM_WINDOW)
+            .initial_connection_window_size(petrel_proto::transport::CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .connect_lazy();
@@ -187,17 +195,17 @@ async fn coalesce_loop(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>,
     pool: PeerPool,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(COALESCE_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        // While every slot is busy, later heartbeats queue in `rx`.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let mut batch = vec![first];
-        let window = tokio::time::sleep(COALESCE_WINDOW);
-        tokio::pin!(window);
         while batch.len() < COALESCE_MAX {
-            tokio::select! {
-                _ = &mut window => break,
-                m = rx.recv() => match m {
-                    Some(m) => batch.push(m),
-                    None => break,
-                },
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
         }
         let (reqs, dones): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
@@ -206,6 +214,7 @@ async fn coalesce_loop(
             .max_encoding_message_size(MAX_RAFT_MESSAGE);
         let pool = pool.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut r = tonic::Request::new(RaftBatchRequest { requests: reqs });
             r.set_timeout(Duration::from_secs(2));
             match client.raft_batch(r).await {

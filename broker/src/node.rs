@@ -67,6 +67,9 @@ pub struct GroupHandle {
     /// Set while this leader hands the group to another replica: it takes
     /// no new writes, so the target catches up and can win at once.
     pub handoff: Arc<AtomicBool>,
+    /// Quiescence (see `quiet.rs`): whether this replica's Raft timers are
+    /// off, and when this node last proposed a write to the group.
+    pub(crate) quiet: Arc<crate::quiet::QuietState>,
 }
 
 impl GroupHandle {
@@ -75,6 +78,7 @@ impl GroupHandle {
             raft,
             queue,
             handoff: Arc::new(AtomicBool::new(false)),
+            quiet: Arc::default(),
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct Node {
     stopping: AtomicBool,
     rebalance: Notify,
     started: Instant,
+    /// Per queue group: appends coalescing into one Raft entry.
+    pub(crate) append_lanes: DashMap<u64, Arc<crate::append_lane::Lane>>,
 }
 
 impl Node {
@@ -146,6 +152,7 @@ impl Node {
             stopping: AtomicBool::new(false),
             rebalance: Notify::new(),
             started: Instant::now(),
+            append_lanes: DashMap::new(),
         });
         let sm = StateMachine::open(META_GROUP, store.clone(), Kind::Meta(map_tx))?;
         let raft = Raft::new(
@@ -178,7 +185,21 @@ impl Node {
         tokio::spawn(node.clone().release_loop());
         tokio::spawn(node.clone().txn_timeout_loop());
         tokio::spawn(node.clone().gauges_loop());
+        tokio::spawn(node.clone().quiet_loop());
         Ok(node)
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_isolated(&self) -> bool {
+        self.isolated.load(Ordering::Acquire)
+    }
+
+    /// Whether this node is driving a membership change of `group`.
+    pub(crate) fn is_changing(&self, group: u64) -> bool {
+        self.changing.contains_key(&group)
     }
 
     /// The leader lease: openraft's `election_timeout_max`.
@@ -298,6 +319,12 @@ impl Node {
                     // gets fresh attempts.
                     tried.remove(&g);
                     continue;
+                }
+                // A quiet group's timers are off: its leader's broker went
+                // silent, so turn them back on (openraft's own elections are
+                // the fallback below) on every replica that notices.
+                if let Some(h) = self.group(g) {
+                    h.quiet.wake(&h.raft);
                 }
                 let voters: Vec<u64> = voters(&raft);
                 if voters.len() < 2 {
@@ -839,6 +866,7 @@ impl Node {
             }
         };
         let start = Instant::now();
+        self.note_write(h);
         let write = async {
             tokio::select! {
                 r = h.raft.client_write(cmd) => Some(r),
@@ -1117,7 +1145,7 @@ impl Node {
                     return Some((id, self.routes_response(&self.map_rx.borrow().clone())));
                 }
                 let ch = self.pool.channel(id, &addr).ok()?;
-                let mut r = tonic::Request::new(bpb::RoutesRequest {});
+                let mut r = tonic::Request::new(bpb::RoutesRequest::default());
                 r.set_timeout(Duration::from_secs(1));
                 let resp = BrokerDataClient::new(ch).routes(r).await.ok()?;
                 Some((id, resp.into_inner()))
@@ -1295,6 +1323,7 @@ impl Node {
     /// election, which must be a lease old), so `to` wins at once.
     pub async fn transfer_leader(&self, group: u64, to: u64) -> Result<(), PetrelError> {
         let h = self.ensure_leader(group)?;
+        h.quiet.wake(&h.raft);
         let voters: BTreeSet<u64> = voters(&h.raft);
         if to == self.id || !voters.contains(&to) {
             return Err(PetrelError::InvalidArgument(format!(
@@ -1387,6 +1416,7 @@ impl Node {
         let h = self.group(group).ok_or_else(|| {
             PetrelError::NotFound(format!("broker {} does not host group {group}", self.id))
         })?;
+        h.quiet.wake(&h.raft);
         h.raft
             .trigger()
             .elect()
@@ -1437,6 +1467,7 @@ impl Node {
         addrs: &BTreeMap<u64, String>,
     ) -> Result<(), PetrelError> {
         let group = q.group_id;
+        h.quiet.wake(&h.raft);
         if !target.contains(&self.id) {
             // A leader being moved off hands over to a staying voter first.
             let to = target
@@ -1548,6 +1579,7 @@ impl Node {
             meta_leader,
             hosting,
             meta_voters,
+            map_unchanged: false,
         }
     }
 

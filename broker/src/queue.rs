@@ -255,8 +255,13 @@ pub struct Changes {
     pub records: Vec<(u64, Bytes)>,
     pub header: bool,
     pub consumers: HashSet<String>,
+    /// Producers whose `last_seen` changed (a small value each).
     pub producers: HashSet<String>,
+    /// Producers forgotten whole (their keys are range-deleted first).
     pub removed_producers: Vec<String>,
+    /// De-duplication entries added (`Some(offset)`) or dropped (`None`):
+    /// one small key each, so an append costs O(records), not O(window).
+    pub producer_seqs: Vec<(String, u64, Option<u64>)>,
     /// Records `old..new` removed by retention.
     pub truncated: Option<(u64, u64)>,
     /// Delayed records held (offset, deliver time) and released.
@@ -329,10 +334,10 @@ impl QueueState {
         let mut out = Vec::with_capacity(records.len());
         let dedup = !producer_id.is_empty();
         if dedup && !self.producers.contains_key(producer_id) {
+            // An evicted producer that comes back within this apply batch
+            // is fine: its keys are range-deleted before the new ones are
+            // written (see `StateMachine::persist_queue`).
             self.evict_producers_if_full(ch);
-            // Evicted earlier in this same apply batch and back now: its
-            // new window must not be deleted by that eviction's write.
-            ch.removed_producers.retain(|p| p != producer_id);
         }
         for (i, (seq, bytes)) in records.iter().enumerate() {
             if dedup && *seq != 0 {
@@ -344,8 +349,12 @@ impl QueueState {
                 }
                 let off = self.header.next_offset;
                 w.seqs.insert(*seq, off);
+                ch.producer_seqs
+                    .push((producer_id.to_string(), *seq, Some(off)));
                 while w.seqs.len() > DEDUP_WINDOW {
-                    w.seqs.pop_first();
+                    if let Some((old, _)) = w.seqs.pop_first() {
+                        ch.producer_seqs.push((producer_id.to_string(), old, None));
+                    }
                 }
                 ch.producers.insert(producer_id.to_string());
             }
@@ -534,6 +543,7 @@ impl QueueState {
         {
             self.producers.remove(&oldest);
             ch.producers.remove(&oldest);
+            ch.producer_seqs.retain(|(p, _, _)| *p != oldest);
             ch.removed_producers.push(oldest);
         }
     }

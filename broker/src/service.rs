@@ -21,13 +21,13 @@ use tonic::{Request, Response as TResponse, Status};
 use crate::keys;
 use crate::meta::TopicSpec;
 use crate::network::{
-    encode_result, KIND_APPEND, KIND_ELECT, KIND_PING, KIND_SNAPSHOT, KIND_TRANSFER, KIND_VOTE,
-    MAX_RAFT_MESSAGE,
+    encode_result, KIND_APPEND, KIND_ELECT, KIND_PING, KIND_QUIET, KIND_SNAPSHOT, KIND_TRANSFER,
+    KIND_VOTE, MAX_RAFT_MESSAGE,
 };
 use crate::node::{GroupHandle, Node};
 use crate::queue::{RetryPolicy, TxnOpen};
 use crate::storage::CF_RECORDS;
-use crate::types::{Command, Response, META_GROUP};
+use crate::types::{AppendPart, Command, Response, META_GROUP};
 
 /// How long a Raft message for a group this broker does not (yet) host
 /// waits for the group to be started.
@@ -45,10 +45,20 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    use tokio_stream::StreamExt as _;
+    // tonic's `tcp_nodelay` does not reach streams passed in: set it here
+    // (see `petrel_proto::transport`).
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
+        if let Ok(s) = &c {
+            let _ = s.set_nodelay(true);
+        }
+        c
+    });
     let svc = Service { node };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(petrel_proto::transport::STREAM_WINDOW))
+        .initial_connection_window_size(Some(petrel_proto::transport::CONNECTION_WINDOW))
         .layer(petrel_proto::admin::RpcMetricsLayer {
             prefix: "petrel_broker",
         })
@@ -174,26 +184,19 @@ impl Service {
         if deliver_at.iter().all(|t| *t == 0) {
             deliver_at.clear();
         }
-        let cmd = Command::Append {
+        let part = AppendPart {
             producer_id: g.producer_id,
             records,
             deliver_at,
             txn,
         };
-        match self.node.write(g.group_id, &h, cmd).await? {
-            Response::Appended(v) => {
-                let topic = self.topic_name_of(g.group_id);
-                let new = v.iter().filter(|(_, dup)| !dup).count() as u64;
-                metrics::counter!("petrel_broker_appended_records_total", "topic" => topic.clone())
-                    .increment(new);
-                metrics::counter!("petrel_broker_appended_bytes_total", "topic" => topic)
-                    .increment(bytes);
-                Ok(v)
-            }
-            other => Err(PetrelError::Internal(format!(
-                "unexpected response {other:?}"
-            ))),
-        }
+        let v = self.node.append(g.group_id, &h, part).await?;
+        let topic = self.topic_name_of(g.group_id);
+        let new = v.iter().filter(|(_, dup)| !dup).count() as u64;
+        metrics::counter!("petrel_broker_appended_records_total", "topic" => topic.clone())
+            .increment(new);
+        metrics::counter!("petrel_broker_appended_bytes_total", "topic" => topic).increment(bytes);
+        Ok(v)
     }
 
     /// The name of the topic a queue group belongs to ("" if unknown).
@@ -1059,9 +1062,16 @@ impl BrokerData for Service {
         Ok(TResponse::new(bpb::InjectFaultResponse {}))
     }
 
-    async fn routes(&self, _req: Request<bpb::RoutesRequest>) -> R<bpb::RoutesResponse> {
+    async fn routes(&self, req: Request<bpb::RoutesRequest>) -> R<bpb::RoutesResponse> {
+        let known = req.into_inner().known_map_version;
         let map = self.node.map_rx.borrow().clone();
-        Ok(TResponse::new(self.node.routes_response(&map)))
+        let mut r = self.node.routes_response(&map);
+        if known != 0 && known == r.map_version {
+            r.brokers.clear();
+            r.topics.clear();
+            r.map_unchanged = true;
+        }
+        Ok(TResponse::new(r))
     }
 
     async fn meta_write(&self, req: Request<bpb::MetaWriteRequest>) -> R<bpb::MetaWriteResponse> {
@@ -1149,6 +1159,11 @@ impl Service {
         let bad = |e: bincode::Error| {
             PetrelError::InvalidArgument(format!("undecodable raft payload: {e}")).to_status()
         };
+        // Any Raft traffic for the group but a ping or a quiet request
+        // wakes a quiet replica (quiet.rs).
+        if req.kind != KIND_PING && req.kind != KIND_QUIET {
+            h.quiet.wake(&h.raft);
+        }
         let resp = match req.kind {
             KIND_APPEND => {
                 let rpc = bincode::deserialize(&req.payload).map_err(bad)?;
@@ -1163,6 +1178,11 @@ impl Service {
                 encode_result(&h.raft.install_snapshot(rpc).await)
             }
             KIND_PING => encode_control(Ok(())),
+            KIND_QUIET => encode_control(self.node.quiet_request(
+                req.group_id,
+                req.from,
+                &req.payload,
+            )),
             KIND_ELECT => {
                 let r = self.node.elect_now(req.group_id).await;
                 encode_control(r)

@@ -125,6 +125,52 @@ fn scan_named<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// Every producer's de-duplication window of `group`: its entries
+/// (`PRODUCER_SEQ`) and when it was last seen (`PRODUCER_SEEN`).
+fn scan_producers(
+    store: &Store,
+    group: u64,
+) -> Result<HashMap<String, ProducerWindow>, RaftStorageError> {
+    let mut out: HashMap<String, ProducerWindow> = HashMap::new();
+    let cf = store.cf(CF_SM_STATE);
+    let prefix = keys::state_key(group, sm_state::PRODUCER_SEQ);
+    for kv in store
+        .db()
+        .iterator_cf(&cf, IteratorMode::From(&prefix, Direction::Forward))
+    {
+        let (k, v) = kv.map_err(sm_read_err)?;
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        let (Some((name, seq)), Ok(off)) = (
+            keys::decode_producer_seq_key(group, &k),
+            <[u8; 8]>::try_from(v.as_ref()),
+        ) else {
+            return Err(sm_read_err(std::io::Error::other(
+                "malformed de-duplication entry",
+            )));
+        };
+        out.entry(name)
+            .or_default()
+            .seqs
+            .insert(seq, u64::from_be_bytes(off));
+    }
+    let prefix = keys::state_key(group, sm_state::PRODUCER_SEEN);
+    for kv in store
+        .db()
+        .iterator_cf(&cf, IteratorMode::From(&prefix, Direction::Forward))
+    {
+        let (k, v) = kv.map_err(sm_read_err)?;
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        let seen = <[u8; 8]>::try_from(v.as_ref()).map_or(0, u64::from_be_bytes);
+        out.entry(name).or_default().last_seen = seen;
+    }
+    Ok(out)
+}
+
 impl StateMachine {
     /// Loads the state last flushed for `group`.
     pub fn open(group: u64, store: Store, kind: Kind) -> Result<Self, RaftStorageError> {
@@ -154,7 +200,7 @@ impl StateMachine {
                     None => QueueHeader::default(),
                 };
                 let consumers = scan_named(&store, group, sm_state::CONSUMER)?;
-                let producers = scan_named(&store, group, sm_state::PRODUCER)?;
+                let producers = scan_producers(&store, group)?;
                 let mut held = BTreeMap::new();
                 let mut due = BTreeSet::new();
                 let prefix = keys::group_start(group);
@@ -267,14 +313,31 @@ impl StateMachine {
                 b.put_cf(&sm, keys::named_state_key(g, sm_state::CONSUMER, name), v);
             }
         }
-        for name in &ch.producers {
-            if let Some(p) = q.producers.get(name) {
-                let v = bincode::serialize(p).map_err(sm_write_err)?;
-                b.put_cf(&sm, keys::named_state_key(g, sm_state::PRODUCER, name), v);
+        // Forgotten producers go first, so one evicted and back within this
+        // batch keeps the entries written below.
+        for name in &ch.removed_producers {
+            b.delete_cf(&sm, keys::named_state_key(g, sm_state::PRODUCER_SEEN, name));
+            b.delete_range_cf(
+                &sm,
+                keys::producer_seq_prefix(g, name),
+                keys::producer_seq_end(g, name),
+            );
+        }
+        for (name, seq, off) in &ch.producer_seqs {
+            let k = keys::producer_seq_key(g, name, *seq);
+            match off {
+                Some(off) => b.put_cf(&sm, k, off.to_be_bytes()),
+                None => b.delete_cf(&sm, k),
             }
         }
-        for name in &ch.removed_producers {
-            b.delete_cf(&sm, keys::named_state_key(g, sm_state::PRODUCER, name));
+        for name in &ch.producers {
+            if let Some(p) = q.producers.get(name) {
+                b.put_cf(
+                    &sm,
+                    keys::named_state_key(g, sm_state::PRODUCER_SEEN, name),
+                    p.last_seen.to_be_bytes(),
+                );
+            }
         }
         for id in &ch.txns {
             if let Some(t) = q.txns.get(id) {
@@ -344,6 +407,21 @@ impl StateMachine {
                 index,
                 ch,
             )),
+            Command::AppendBatch(parts) => Response::AppendedBatch(
+                parts
+                    .iter()
+                    .map(|p| {
+                        q.append(
+                            &p.producer_id,
+                            &p.records,
+                            &p.deliver_at,
+                            p.txn.as_ref(),
+                            index,
+                            ch,
+                        )
+                    })
+                    .collect(),
+            ),
             Command::EndTxn { id, commit } => Response::Count(q.end_txn(id, *commit, index, ch)),
             Command::TxnChecked {
                 ids,
@@ -664,6 +742,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     consumers: st.consumers.keys().cloned().collect(),
                     producers: st.producers.keys().cloned().collect(),
                     removed_producers: Vec::new(),
+                    producer_seqs: st
+                        .producers
+                        .iter()
+                        .flat_map(|(p, w)| w.seqs.iter().map(|(s, o)| (p.clone(), *s, Some(*o))))
+                        .collect(),
                     truncated: None,
                     held_added: held,
                     held_removed: Vec::new(),

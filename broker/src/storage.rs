@@ -134,11 +134,12 @@ impl Store {
         Ok(())
     }
 
-    /// Write with the WAL on and fsynced before returning (votes).
+    /// Write with the WAL on and fsynced before returning (votes). The
+    /// fsync waits on the disk, so it runs as blocking work ([`blocking`]).
     pub fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {
         let mut o = WriteOptions::default();
         o.set_sync(true);
-        self.db.write_opt(batch, &o)?;
+        blocking(|| self.db.write_opt(batch, &o))?;
         Ok(())
     }
 
@@ -154,15 +155,17 @@ impl Store {
     pub fn flush_state(&self) -> Result<(), StorageError> {
         let mut fo = FlushOptions::default();
         fo.set_wait(true);
-        self.db.flush_cfs_opt(
-            &[
-                self.cf(CF_RECORDS),
-                self.cf(CF_SM_STATE),
-                self.cf(CF_TIMERS),
-                self.cf(CF_INDEXES),
-            ],
-            &fo,
-        )?;
+        blocking(|| {
+            self.db.flush_cfs_opt(
+                &[
+                    self.cf(CF_RECORDS),
+                    self.cf(CF_SM_STATE),
+                    self.cf(CF_TIMERS),
+                    self.cf(CF_INDEXES),
+                ],
+                &fo,
+            )
+        })?;
         Ok(())
     }
 
@@ -188,6 +191,20 @@ impl Store {
             );
         }
         self.write_synced(b)
+    }
+}
+
+/// Runs `f`, which waits on the disk (an fsync, a flush), as blocking work:
+/// on a multi-threaded Tokio runtime the worker hands its other tasks
+/// (other groups' heartbeats, requests) to another thread first, so a slow
+/// disk stalls only the caller. Elsewhere (a current-thread runtime in a
+/// test, or no runtime) it simply runs `f`.
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

@@ -150,6 +150,21 @@ pub enum Command {
         group: u64,
         generation: u64,
     },
+    // ---- queue groups (added last: variant indexes of logged entries
+    // must not move) ----
+    /// Appends that arrived together, in one Raft entry: applied in order,
+    /// each exactly as its own `Append` would be.
+    AppendBatch(Vec<AppendPart>),
+}
+
+/// One request's records inside an [`Command::AppendBatch`]; the fields of
+/// [`Command::Append`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppendPart {
+    pub producer_id: String,
+    pub records: Vec<(u64, Bytes)>,
+    pub deliver_at: Vec<i64>,
+    pub txn: Option<TxnOpen>,
 }
 
 /// A lease handed out by `Pop` or `ChangeInvisible`.
@@ -202,4 +217,6 @@ pub enum Response {
     Done(Result<(), ApplyError>),
     /// Meta: the map version after the change.
     Meta(Result<u64, ApplyError>),
+    /// `AppendBatch`: per part, (offset, duplicate) per record.
+    AppendedBatch(Vec<Vec<(u64, bool)>>),
 }

@@ -22,6 +22,7 @@ pub mod filter;
 pub mod ids;
 pub mod receipt;
 pub mod record;
+pub mod transport;
 pub mod validate;
 
 pub use error::PetrelError;

@@ -109,7 +109,12 @@ pub async fn run(
     // backlog or refused connections show up in /metrics.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
         match &c {
-            Ok(_) => metrics::counter!("petrel_proxy_connections_accepted_total").increment(1),
+            Ok(s) => {
+                // tonic's `tcp_nodelay` does not reach streams passed in
+                // (see `petrel_proto::transport`).
+                let _ = s.set_nodelay(true);
+                metrics::counter!("petrel_proxy_connections_accepted_total").increment(1)
+            }
             Err(_) => metrics::counter!("petrel_proxy_accept_errors_total").increment(1),
         }
         c
@@ -117,6 +122,8 @@ pub async fn run(
     let server_stop = CancellationToken::new();
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(petrel_proto::transport::STREAM_WINDOW))
+        .initial_connection_window_size(Some(petrel_proto::transport::CONNECTION_WINDOW))
         .layer(petrel_proto::admin::RpcMetricsLayer {
             prefix: "petrel_proxy",
         })

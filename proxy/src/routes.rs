@@ -23,7 +23,8 @@ const ROUTES_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RouteTable {
     pub map_version: u64,
     pub brokers: HashMap<u64, String>,
-    pub topics: HashMap<String, bpb::TopicRoute>,
+    /// Shared between refreshes while the map version stays the same.
+    pub topics: Arc<HashMap<String, bpb::TopicRoute>>,
     /// group → (leader broker, term)
     pub leaders: HashMap<u64, (u64, u64)>,
     pub meta_leader: u64,
@@ -74,6 +75,8 @@ impl Channels {
                     })?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
+                    .initial_stream_window_size(petrel_proto::transport::STREAM_WINDOW)
+                    .initial_connection_window_size(petrel_proto::transport::CONNECTION_WINDOW)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_while_idle(true)
                     .connect_lazy();
@@ -159,11 +162,12 @@ impl Router {
                 addrs.push((Some(*id), a.clone()));
             }
         }
+        let known_map_version = old.map_version;
         let futs = addrs.iter().map(|(_, a)| {
             let c = self.channels.client(a);
             async move {
                 let mut c = c?;
-                let mut req = tonic::Request::new(bpb::RoutesRequest {});
+                let mut req = tonic::Request::new(bpb::RoutesRequest { known_map_version });
                 req.set_timeout(ROUTES_TIMEOUT);
                 match tokio::time::timeout(ROUTES_TIMEOUT, c.routes(req)).await {
                     Ok(Ok(r)) => Ok(r.into_inner()),
@@ -209,7 +213,13 @@ impl Router {
             // Keep the old table: better stale routes than none.
             return;
         }
-        if let Some(b) = best {
+        if let Some(b) = best.filter(|b| b.map_unchanged) {
+            // Nobody has a newer map than ours: keep it.
+            t.map_version = b.map_version;
+            t.brokers = old.brokers.clone();
+            t.draining = old.draining.clone();
+            t.topics = old.topics.clone();
+        } else if let Some(b) = best {
             t.map_version = b.map_version;
             t.brokers = b
                 .brokers
@@ -222,11 +232,12 @@ impl Router {
                 .filter(|x| x.draining)
                 .map(|x| x.id)
                 .collect();
-            t.topics = b
-                .topics
-                .iter()
-                .filter_map(|tr| Some((tr.config.as_ref()?.name.clone(), tr.clone())))
-                .collect();
+            t.topics = Arc::new(
+                b.topics
+                    .iter()
+                    .filter_map(|tr| Some((tr.config.as_ref()?.name.clone(), tr.clone())))
+                    .collect(),
+            );
         }
         for id in t.brokers.keys() {
             t.reachable.entry(*id).or_insert(false);

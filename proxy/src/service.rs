@@ -88,6 +88,20 @@ fn hash_of(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// Consecutive sequences of one producer that go to the same queue.
+pub const SPREAD_STRIPE: u64 = 16;
+
+/// The queue of an unkeyed record: a producer's records go round robin over
+/// the queues in stripes of [`SPREAD_STRIPE`] consecutive sequences,
+/// starting at a queue chosen by its id. A pure function of (producer,
+/// sequence), so a retried request lands where it first did; and any window
+/// of W consecutive records of a producer puts W/n ± `SPREAD_STRIPE` in each
+/// of n queues, whatever the batch sizes (a batch that crosses a stripe is
+/// split, and the parts travel together in the per-leader append).
+pub fn unkeyed_queue(producer_hash: u64, sequence: u64, queues: u64) -> u64 {
+    (producer_hash % queues + (sequence / SPREAD_STRIPE) % queues) % queues
+}
+
 impl ProxyService {
     /// `shutdown` ends the long-lived transaction-check streams, so the
     /// server's graceful stop does not wait for them.
@@ -801,12 +815,14 @@ impl Petrel for ProxyService {
         }
         // Queue choice is a pure function of the request, so a retried
         // request (same producer id and sequences) lands where it did.
-        let unkeyed = if req.producer_id.is_empty() {
-            s.rr.fetch_add(1, Ordering::Relaxed) % n
+        // Without a producer id (no de-duplication, so no retry to match)
+        // requests go round robin.
+        let rr = if req.producer_id.is_empty() {
+            Some(s.rr.fetch_add(1, Ordering::Relaxed) % n)
         } else {
-            let first_seq = req.messages[0].sequence;
-            hash_of(&[req.producer_id.as_bytes(), &first_seq.to_le_bytes()]) % n
+            None
         };
+        let producer_hash = hash_of(&[req.producer_id.as_bytes()]);
         let mut parts: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, m) in req.messages.iter().enumerate() {
             // A FIFO message group pins its records to one queue, whatever
@@ -814,7 +830,7 @@ impl Petrel for ProxyService {
             let q = if !m.message_group.is_empty() {
                 hash_of(&[m.message_group.as_bytes()]) % n
             } else if m.key.is_empty() {
-                unkeyed
+                rr.unwrap_or_else(|| unkeyed_queue(producer_hash, m.sequence, n))
             } else {
                 hash_of(&[m.key.as_bytes()]) % n
             };
@@ -1439,7 +1455,7 @@ impl Petrel for ProxyService {
         let s = &self.inner;
         let table = s.router.table();
         let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for (name, t) in &table.topics {
+        for (name, t) in table.topics.iter() {
             let stats = s
                 .stats(t.queues.iter().map(|q| q.group_id).collect(), "")
                 .await;
@@ -1604,5 +1620,36 @@ impl Petrel for ProxyService {
             map_version: r.map_version,
             moves: r.moves,
         }))
+    }
+}
+
+#[cfg(test)]
+mod spread_tests {
+    use super::*;
+
+    /// Any window of a few thousand records of one producer is spread
+    /// within a stripe of even, whatever the batch size, and the queue of a
+    /// record depends only on (producer, sequence).
+    #[test]
+    fn unkeyed_records_spread_evenly_for_any_batch_size() {
+        for queues in [1u64, 3, 8, 12] {
+            for batch in [1u64, 7, 16, 100, 128, 1000] {
+                let h = hash_of(&[b"producer-1"]);
+                let mut counts = vec![0u64; queues as usize];
+                let mut seq = 1;
+                while seq <= 4000 {
+                    for s in seq..(seq + batch).min(4001) {
+                        counts[unkeyed_queue(h, s, queues) as usize] += 1;
+                    }
+                    seq += batch;
+                }
+                let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+                assert!(
+                    max - min <= 2 * SPREAD_STRIPE,
+                    "{queues} queues, batch {batch}: {counts:?}"
+                );
+            }
+        }
+        assert_eq!(unkeyed_queue(7, 35, 8), unkeyed_queue(7, 35, 8));
     }
 }

@@ -152,6 +152,8 @@ impl ClientBuilder {
                 .map_err(|e| Error::InvalidArgument(format!("endpoint {uri:?}: {e}")))?
                 .connect_timeout(self.connect_timeout)
                 .tcp_nodelay(true)
+                .initial_stream_window_size(petrel_proto::transport::STREAM_WINDOW)
+                .initial_connection_window_size(petrel_proto::transport::CONNECTION_WINDOW)
                 .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .keep_alive_while_idle(true);

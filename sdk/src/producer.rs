@@ -30,11 +30,16 @@ use prost::Message as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 
-/// Default time a batch waits for more messages.
+/// Default longest time a message waits behind requests in flight before it
+/// is sent anyway. A message sent while fewer than two requests are in
+/// flight does not wait at all (batching is self-clocking).
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
+/// Requests in flight below which a message is sent at once rather than
+/// coalesced behind them.
+const EAGER_IN_FLIGHT: usize = 2;
 /// Default largest batch, in encoded bytes.
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Default most messages per batch.
@@ -107,7 +112,10 @@ impl ProducerBuilder {
         self
     }
 
-    /// How long a batch waits for more messages after its first (default 5 ms).
+    /// Longest time a message waits behind requests in flight before it is
+    /// sent anyway (default 5 ms). Batching is self-clocking: a message sent
+    /// while fewer than two requests are in flight leaves at once, and the
+    /// ones that queue behind leave together when a request completes.
     pub fn linger(mut self, d: Duration) -> Self {
         self.linger = d;
         self
@@ -455,63 +463,95 @@ struct Batcher {
 }
 
 impl Batcher {
+    /// Self-clocking batching: a message goes out at once while fewer than
+    /// `EAGER_IN_FLIGHT` requests are in flight (so a lone send never waits),
+    /// otherwise it coalesces behind them and leaves when one of them
+    /// completes, when its batch is full, or after `linger` at most.
     async fn run(self, mut rx: mpsc::Receiver<Command>) {
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
+        let completed = Arc::new(Notify::new());
         let mut acc = Accumulator::new(self.max_batch_bytes, self.max_batch_messages);
         let mut deadline: Option<Instant> = None;
-        loop {
-            let cmd = match deadline {
-                Some(at) => tokio::select! {
+        let mut open = true;
+        while open || !acc.is_empty() {
+            // A request in flight completed: what waited behind it goes.
+            let mut slot_freed = false;
+            let mut cmd = if !open {
+                None
+            } else if acc.is_empty() {
+                Some(rx.recv().await)
+            } else {
+                let at = deadline.unwrap_or_else(|| Instant::now() + self.linger);
+                deadline = Some(at);
+                tokio::select! {
                     biased;
-                    c = rx.recv() => c,
+                    c = rx.recv() => Some(c),
+                    _ = completed.notified() => {
+                        slot_freed = true;
+                        None
+                    }
                     _ = tokio::time::sleep_until(at) => {
                         deadline = None;
-                        self.dispatch(acc.take(), &permits).await;
+                        self.dispatch(acc.take(), &permits, &completed).await;
                         continue;
                     }
-                },
-                None => rx.recv().await,
+                }
             };
-            match cmd {
-                None => {
-                    // Every Producer handle is gone: send what is left, stop.
-                    self.dispatch(acc.take(), &permits).await;
-                    return;
-                }
-                Some(Command::Send { msg, done }) => {
-                    let mut msg = *msg;
-                    msg.sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
-                    let size = msg.encoded_len();
-                    let full = acc.push(Pending { msg, done }, size);
-                    let started_new = !full.is_empty() || deadline.is_none();
-                    for batch in full {
-                        self.dispatch(batch, &permits).await;
+            // Take everything already queued before deciding, so callers
+            // that arrived together leave together.
+            while let Some(c) = cmd.take() {
+                match c {
+                    None => {
+                        open = false;
                     }
-                    deadline = if acc.is_empty() {
-                        None
-                    } else if started_new {
-                        Some(Instant::now() + self.linger)
-                    } else {
-                        deadline
-                    };
+                    Some(Command::Send { msg, done }) => {
+                        let mut msg = *msg;
+                        msg.sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+                        let size = msg.encoded_len();
+                        for batch in acc.push(Pending { msg, done }, size) {
+                            self.dispatch(batch, &permits, &completed).await;
+                        }
+                    }
+                    Some(Command::Flush { done }) => {
+                        deadline = None;
+                        self.dispatch(acc.take(), &permits, &completed).await;
+                        // Semaphore waiters are served in order, so getting
+                        // every permit means every earlier batch has been
+                        // answered.
+                        let permits = permits.clone();
+                        let all = self.max_in_flight as u32;
+                        self.client.spawn(async move {
+                            let _all = permits.acquire_many_owned(all).await;
+                            let _ = done.send(());
+                        });
+                    }
                 }
-                Some(Command::Flush { done }) => {
-                    deadline = None;
-                    self.dispatch(acc.take(), &permits).await;
-                    // Semaphore waiters are served in order, so getting every
-                    // permit means every earlier batch has been answered.
-                    let permits = permits.clone();
-                    let all = self.max_in_flight as u32;
-                    self.client.spawn(async move {
-                        let _all = permits.acquire_many_owned(all).await;
-                        let _ = done.send(());
-                    });
+                if open {
+                    match rx.try_recv() {
+                        Ok(c) => cmd = Some(Some(c)),
+                        Err(mpsc::error::TryRecvError::Empty) => {}
+                        Err(mpsc::error::TryRecvError::Disconnected) => cmd = Some(None),
+                    }
                 }
+            }
+            if acc.is_empty() {
+                deadline = None;
+                continue;
+            }
+            let in_flight = self.max_in_flight - permits.available_permits();
+            if !open || slot_freed || in_flight < EAGER_IN_FLIGHT.min(self.max_in_flight) {
+                deadline = None;
+                self.dispatch(acc.take(), &permits, &completed).await;
             }
         }
     }
 
-    async fn dispatch(&self, batch: Vec<Pending>, permits: &Arc<Semaphore>) {
+    async fn dispatch(
+        &self,
+        batch: Vec<Pending>,
+        permits: &Arc<Semaphore>,
+        completed: &Arc<Notify>,
+    ) {
         if batch.is_empty() {
             return;
         }
@@ -526,9 +566,12 @@ impl Batcher {
             messages,
         };
         let client = self.client.clone();
+        let completed = completed.clone();
         self.client.spawn(async move {
             let result = send_request(&client, req).await;
             drop(permit);
+            // Wakes the batcher: what coalesced behind this request goes now.
+            completed.notify_one();
             match result {
                 Ok(receipts) => {
                     for (w, r) in waiters.into_iter().zip(receipts) {

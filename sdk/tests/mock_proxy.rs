@@ -440,3 +440,24 @@ async fn closed_producer_rejects_sends() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+/// Batching is self-clocking: with nothing in flight a send goes at once,
+/// whatever the linger (a 10-minute linger would otherwise hold it).
+#[tokio::test]
+async fn a_lone_send_does_not_wait_for_the_linger() {
+    let (mock, addr) = start().await;
+    let c = client(vec![addr]);
+    let p = c.producer("t").linger(Duration::from_secs(600)).build();
+    for i in 0..3 {
+        let r = tokio::time::timeout(Duration::from_secs(30), p.send(Message::new("x")))
+            .await
+            .expect("a lone send left without waiting for the linger")
+            .unwrap();
+        assert_eq!(r.offset, i);
+    }
+    assert_eq!(
+        mock.0.lock().unwrap().sends.len(),
+        3,
+        "one request per send"
+    );
+}

@@ -221,7 +221,7 @@ impl TestCluster {
     pub async fn routes(&self, id: u64) -> Result<bpb::RoutesResponse, PetrelError> {
         let call = async {
             let mut c = connect!(self, id);
-            Ok(c.routes(bpb::RoutesRequest {})
+            Ok(c.routes(bpb::RoutesRequest::default())
                 .await
                 .map_err(|s| PetrelError::from_status(&s))?
                 .into_inner())
