@@ -11,14 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
 use petrel_sdk::{Client, Message, TopicSpec};
 use serde::Serialize;
+
+use crate::cluster::{LocalCluster, READY_TIMEOUT};
 
 #[derive(Debug, Args)]
 pub struct FailoverArgs {
@@ -52,32 +52,6 @@ pub struct FailoverReport {
     write_errors: u64,
 }
 
-struct Procs(Vec<Option<Child>>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let p = std::env::current_exe()?.with_file_name(name);
-    anyhow::ensure!(p.exists(), "{} not found beside petrel-bench", p.display());
-    Ok(p)
-}
-
-/// Appends a process's log to `dir/NAME.log`.
-fn log(dir: &std::path::Path, name: &str) -> anyhow::Result<Stdio> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))?;
-    Ok(Stdio::from(f))
-}
-
 fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -98,64 +72,31 @@ pub async fn run(a: FailoverArgs) -> anyhow::Result<FailoverReport> {
 }
 
 async fn measure(a: FailoverArgs) -> anyhow::Result<FailoverReport> {
-    let tmp = std::env::temp_dir().join(format!("petrel-failover-{}", std::process::id()));
-    let dir = a.data_dir.clone().unwrap_or(tmp.clone());
-    std::fs::create_dir_all(&dir)?;
-    let broker_bin = sibling("petrel-broker")?;
-    let proxy_bin = sibling("petrel-proxy")?;
-    let ports: Vec<u16> = (1..=3).map(|i| a.base_port + i).collect();
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let start_broker = |i: usize| -> anyhow::Result<Child> {
-        Ok(Command::new(&broker_bin)
-            .args(["--id", &(i + 1).to_string()])
-            .args(["--listen", &format!("127.0.0.1:{}", ports[i])])
-            .args(["--peers", &peers])
-            .arg("--data-dir")
-            .arg(dir.join(format!("b{}", i + 1)))
-            .env("PETREL_LOG", "info,openraft=warn")
-            .stdout(Stdio::null())
-            .stderr(log(&dir, &format!("broker{}", i + 1))?)
-            .spawn()?)
-    };
-    let mut procs = Procs(Vec::new());
-    for i in 0..3 {
-        procs.0.push(Some(start_broker(i)?));
+    let mut cluster = LocalCluster::start(a.base_port, a.data_dir.clone())?;
+    let r = measure_on(&mut cluster, &a).await;
+    if r.is_err() {
+        // Keep the logs of a failed run.
+        cluster.keep_dir();
+        eprintln!("failover: logs kept in {}", cluster.dir().display());
     }
-    let brokers = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    procs.0.push(Some(
-        Command::new(&proxy_bin)
-            .args(["--listen", &format!("127.0.0.1:{}", a.base_port)])
-            .args(["--brokers", &brokers])
-            .env("PETREL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log(&dir, "proxy")?)
-            .spawn()?,
-    ));
-    let client = Client::builder(vec![format!("127.0.0.1:{}", a.base_port)])
+    r
+}
+
+async fn measure_on(
+    cluster: &mut LocalCluster,
+    a: &FailoverArgs,
+) -> anyhow::Result<FailoverReport> {
+    let client = Client::builder(vec![cluster.endpoint()])
         .request_timeout(Duration::from_secs(30))
         .build()?;
     let admin = client.admin();
     let topic = "failover";
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match admin
-            .create_topic(TopicSpec::new(topic).queues(a.queues).replicas(3))
-            .await
-        {
-            Ok(_) | Err(petrel_sdk::Error::AlreadyExists(_)) => break,
-            Err(e) if Instant::now() > deadline => return Err(e).context("creating the topic"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
-        }
-    }
+    LocalCluster::create_topic_when_ready(
+        &admin,
+        TopicSpec::new(topic).queues(a.queues).replicas(3),
+        READY_TIMEOUT,
+    )
+    .await?;
     let producer = client.producer(topic).build();
     // A key per queue.
     let mut keys: BTreeMap<u32, String> = BTreeMap::new();
@@ -209,10 +150,7 @@ async fn measure(a: FailoverArgs) -> anyhow::Result<FailoverReport> {
         let victim = u64::from(k % 3) + 1;
         let queues = led.get(&victim).cloned().unwrap_or_default();
         let i = victim as usize - 1;
-        if let Some(mut c) = procs.0[i].take() {
-            c.kill()?;
-            c.wait()?;
-        }
+        cluster.kill_broker(i)?;
         let killed = Instant::now();
         // Wait until each affected queue has an ack well after the kill.
         let wait_until = killed + Duration::from_secs(30);
@@ -246,15 +184,11 @@ async fn measure(a: FailoverArgs) -> anyhow::Result<FailoverReport> {
                 samples.push(30_000);
             }
         }
-        procs.0[i] = Some(start_broker(i)?);
+        cluster.restart_broker(i)?;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         let _ = w.await;
-    }
-    drop(procs);
-    if a.data_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&tmp);
     }
     let mut sorted = samples.clone();
     sorted.sort_unstable();

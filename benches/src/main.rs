@@ -5,18 +5,28 @@
 //!
 //! ```text
 //! {"workload":"produce","records":N,"bytes":B,"seconds":S,"records_per_sec":..,
-//!  "mb_per_sec":..,"p50_ms":..,"p99_ms":..,"p999_ms":..,"errors":E}
+//!  "mb_per_sec":..,"p50_ms":..,"p99_ms":..,"p999_ms":..,"errors":E,
+//!  "server_cpu_seconds":..,"server_cpu_cores":..,"server_cpu_us_per_record":..,
+//!  "server_pids":n}
 //! ```
 //!
-//! Latencies are per request (produce: one `send_batch`; consume: one
-//! receive), recorded in microseconds in an HDR histogram.
+//! Latencies are per request (produce: one `send_batch`; publish: one
+//! `send` of one record; consume: one receive), recorded in microseconds in
+//! an HDR histogram. Server CPU is utime + stime of the server processes
+//! over the run (see [`cpu`]). `suite` starts its own cluster and runs
+//! every workload against it (see [`suite`]).
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
+mod cluster;
+mod cpu;
 mod failover;
+mod idle;
+mod suite;
 mod timers;
+use cpu::{CpuSampler, CpuUsage};
 use hdrhistogram::Histogram;
 use petrel_sdk::{Client, Error as PetrelError, Message, TopicSpec};
 use serde::Serialize;
@@ -41,10 +51,41 @@ struct Cli {
 enum Workload {
     /// Produce `--count` records of `--size` bytes, `--batch` per request,
     /// `--inflight` requests at once.
-    Produce(ProduceArgs),
+    Produce {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        args: ProduceArgs,
+    },
+    /// Publish `--count` records of `--size` bytes one `Producer::send` at a
+    /// time from `--inflight` concurrent tasks (one default producer, which
+    /// batches concurrent sends).
+    Publish {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        args: PublishArgs,
+    },
     /// Receive and ack `--count` records with `--inflight` concurrent
     /// receivers, `--batch` records per receive.
-    Consume(ConsumeArgs),
+    Consume {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        args: ConsumeArgs,
+    },
+    /// Create a topic of `--queues` queues, let the cluster settle, then
+    /// measure the server processes' CPU with no traffic.
+    Idle {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        args: idle::IdleArgs,
+    },
+    /// Start a cluster of its own (3 brokers + 1 proxy from the binaries
+    /// beside this one), run publish, produce, consume and idle against it
+    /// and print every report and a Markdown table.
+    Suite(suite::SuiteArgs),
     /// Start a 3-broker cluster of its own, SIGKILL its brokers in turn
     /// `--kills` times, and report per affected queue the time
     /// from the kill to the first acked write (p50/p99/max).
@@ -54,8 +95,10 @@ enum Workload {
     Timers(timers::TimersArgs),
 }
 
+/// Where the cluster is: the proxies to talk to and the server processes
+/// to measure.
 #[derive(Debug, Args)]
-struct Common {
+struct Target {
     /// Proxy endpoint(s), comma-separated; requests fail over between them.
     #[arg(
         long,
@@ -64,6 +107,15 @@ struct Common {
         value_delimiter = ','
     )]
     endpoint: Vec<String>,
+    /// PIDs of the server processes whose CPU time to report,
+    /// comma-separated [default: every process on this machine named
+    /// petrel-broker, petrel-proxy or petrel].
+    #[arg(long, value_delimiter = ',')]
+    server_pids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct Common {
     /// Topic to use.
     #[arg(long, default_value = "bench")]
     topic: String,
@@ -81,7 +133,7 @@ struct Common {
     timeout_ms: u64,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct ProduceArgs {
     #[command(flatten)]
     common: Common,
@@ -99,7 +151,22 @@ struct ProduceArgs {
     batch: u64,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Body size of each record in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Records to publish.
+    #[arg(long, default_value_t = 100_000)]
+    count: u64,
+    /// Concurrent tasks, each with one `send` (one record) outstanding.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    inflight: u64,
+}
+
+#[derive(Debug, Clone, Args)]
 struct ConsumeArgs {
     #[command(flatten)]
     common: Common,
@@ -141,6 +208,29 @@ struct Report {
     p999_ms: f64,
     /// Failed requests (after the SDK's retries), plus failed per-record acks.
     errors: u64,
+    /// CPU seconds (user + system) of the server processes during the run;
+    /// `None` (null) when no server process could be read.
+    server_cpu_seconds: Option<f64>,
+    /// `server_cpu_seconds` per wall-clock second (1.0 = one core busy).
+    server_cpu_cores: Option<f64>,
+    /// Server CPU µs per record (null when no records).
+    server_cpu_us_per_record: Option<f64>,
+    /// Server processes measured (readable at the start and the end).
+    server_pids: usize,
+}
+
+impl Report {
+    /// Adds what a [`CpuSampler`] measured over the run.
+    fn with_cpu(mut self, cpu: Option<CpuUsage>) -> Self {
+        if let Some(u) = cpu {
+            self.server_cpu_seconds = Some(u.seconds);
+            self.server_cpu_cores = Some(u.cores());
+            self.server_cpu_us_per_record =
+                (self.records > 0).then(|| u.seconds * 1e6 / self.records as f64);
+            self.server_pids = u.pids;
+        }
+        self
+    }
 }
 
 #[derive(Debug, Default)]
@@ -159,25 +249,60 @@ fn record_latency(h: &mut Histogram<u64>, since: Instant) {
     h.saturating_record(us.clamp(1, MAX_LATENCY_US));
 }
 
-/// Waits for the workers, merges their histograms, stops the progress
-/// printer and builds the report.
-async fn finish(
+/// The state of a load workload while it runs.
+struct Run {
     workload: &'static str,
-    workers: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
-    counters: &Counters,
-    start: Instant,
-    done: &AtomicBool,
+    counters: Arc<Counters>,
+    done: Arc<AtomicBool>,
     progress: tokio::task::JoinHandle<()>,
-) -> anyhow::Result<Report> {
-    let mut hist = new_histogram()?;
-    for w in workers {
-        let h = w.await.context("worker panicked")??;
-        hist.add(&h).context("merging histograms")?;
+    cpu: CpuSampler,
+    start: Instant,
+}
+
+impl Run {
+    /// Starts the progress printer and the server CPU sampler (over `pids`,
+    /// or the server processes found on this machine) and the clock.
+    fn start(workload: &'static str, pids: Option<&[u32]>) -> Self {
+        let counters = Arc::new(Counters::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let progress = spawn_progress(workload, counters.clone(), done.clone());
+        let cpu = CpuSampler::start(pids);
+        if cpu.pids() == 0 {
+            eprintln!("{workload}: no server process to measure; CPU fields will be null");
+        }
+        Self {
+            workload,
+            counters,
+            done,
+            progress,
+            cpu,
+            start: Instant::now(),
+        }
     }
-    let elapsed = start.elapsed();
-    done.store(true, Ordering::Relaxed);
-    progress.abort();
-    Ok(report(workload, counters, &hist, elapsed))
+
+    /// Waits for the workers, merges their histograms, stops the progress
+    /// printer and the CPU sampler and builds the report.
+    async fn finish(
+        self,
+        workers: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+    ) -> anyhow::Result<Report> {
+        let mut hist = new_histogram()?;
+        let mut failed = None;
+        for w in workers {
+            match w.await.context("worker panicked").and_then(|r| r) {
+                Ok(h) => hist.add(&h).context("merging histograms")?,
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        let elapsed = self.start.elapsed();
+        let cpu = self.cpu.finish();
+        self.done.store(true, Ordering::Relaxed);
+        self.progress.abort();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(report(self.workload, &self.counters, &hist, elapsed).with_cpu(cpu))
+    }
 }
 
 fn report(workload: &'static str, c: &Counters, h: &Histogram<u64>, elapsed: Duration) -> Report {
@@ -202,6 +327,10 @@ fn report(workload: &'static str, c: &Counters, h: &Histogram<u64>, elapsed: Dur
         p99_ms: q(0.99),
         p999_ms: q(0.999),
         errors: c.errors.load(Ordering::Relaxed),
+        server_cpu_seconds: None,
+        server_cpu_cores: None,
+        server_cpu_us_per_record: None,
+        server_pids: 0,
     }
 }
 
@@ -231,8 +360,8 @@ fn spawn_progress(
     })
 }
 
-async fn connect(common: &Common) -> anyhow::Result<Client> {
-    let client = Client::builder(common.endpoint.clone())
+async fn connect(endpoint: &[String], common: &Common) -> anyhow::Result<Client> {
+    let client = Client::builder(endpoint.to_vec())
         .request_timeout(Duration::from_millis(common.timeout_ms))
         .build()
         .context("connecting")?;
@@ -244,31 +373,67 @@ async fn connect(common: &Common) -> anyhow::Result<Client> {
             Ok(_) | Err(PetrelError::AlreadyExists(_)) => {}
             Err(e) => return Err(e).context("creating the topic"),
         }
+        wait_for_leaders(
+            &client,
+            &common.topic,
+            Duration::from_millis(common.timeout_ms),
+        )
+        .await;
     }
     Ok(client)
 }
 
-async fn produce(a: ProduceArgs) -> anyhow::Result<Report> {
-    let client = connect(&a.common).await?;
-    let producer = client.producer(a.common.topic.clone()).build();
-    let body = Bytes::from(
-        (0..a.size)
+/// Waits (at most `budget`) until every queue of `topic` has a leader, so
+/// that a run on a topic it just created does not measure the elections of
+/// its queues; says so on stderr and goes on when the budget runs out.
+async fn wait_for_leaders(client: &Client, topic: &str, budget: Duration) {
+    let deadline = Instant::now() + budget;
+    loop {
+        let leaderless = match client.admin().describe_topic(topic).await {
+            Ok(info) if !info.queues.is_empty() => {
+                info.queues.iter().filter(|q| q.leader == 0).count()
+            }
+            Ok(_) | Err(_) => usize::MAX,
+        };
+        if leaderless == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("{topic}: not every queue has a leader after {budget:?}; starting anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A record body of `size` bytes.
+fn make_body(size: usize) -> Bytes {
+    Bytes::from(
+        (0..size)
             .map(|i| b'a' + (i % 26) as u8)
             .collect::<Vec<u8>>(),
-    );
+    )
+}
+
+/// `--batch` records per `send_batch`, `--inflight` requests at once.
+async fn produce(
+    a: &ProduceArgs,
+    endpoint: &[String],
+    pids: Option<&[u32]>,
+) -> anyhow::Result<Report> {
+    let client = connect(endpoint, &a.common).await?;
+    let producer = client.producer(a.common.topic.clone()).build();
+    let body = make_body(a.size);
     let batches = a.count.div_ceil(a.batch);
     let next = Arc::new(AtomicU64::new(0));
-    let counters = Arc::new(Counters::default());
-    let done = Arc::new(AtomicBool::new(false));
-    let progress = spawn_progress("produce", counters.clone(), done.clone());
-    let start = Instant::now();
+    let run = Run::start("produce", pids);
     let mut workers = Vec::new();
     for _ in 0..a.inflight.min(batches.max(1)) {
         let (producer, body, next, c) = (
             producer.clone(),
             body.clone(),
             next.clone(),
-            counters.clone(),
+            run.counters.clone(),
         );
         let (count, batch, size) = (a.count, a.batch, a.size as u64);
         workers.push(tokio::spawn(async move {
@@ -295,29 +460,76 @@ async fn produce(a: ProduceArgs) -> anyhow::Result<Report> {
             }
         }));
     }
-    finish("produce", workers, &counters, start, &done, progress).await
+    run.finish(workers).await
 }
 
-async fn consume(a: ConsumeArgs) -> anyhow::Result<Report> {
-    let client = connect(&a.common).await?;
+/// One `Producer::send` (one record) per request from `--inflight` tasks
+/// sharing one producer with default settings.
+async fn publish(
+    a: &PublishArgs,
+    endpoint: &[String],
+    pids: Option<&[u32]>,
+) -> anyhow::Result<Report> {
+    let client = connect(endpoint, &a.common).await?;
+    let producer = client.producer(a.common.topic.clone()).build();
+    let body = make_body(a.size);
+    let next = Arc::new(AtomicU64::new(0));
+    let run = Run::start("publish", pids);
+    let mut workers = Vec::new();
+    for _ in 0..a.inflight.min(a.count.max(1)) {
+        let (producer, body, next, c) = (
+            producer.clone(),
+            body.clone(),
+            next.clone(),
+            run.counters.clone(),
+        );
+        let (count, size) = (a.count, a.size as u64);
+        workers.push(tokio::spawn(async move {
+            let mut h = new_histogram()?;
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let t = Instant::now();
+                match producer.send(Message::new(body.clone())).await {
+                    Ok(_) => {
+                        record_latency(&mut h, t);
+                        c.records.fetch_add(1, Ordering::Relaxed);
+                        c.bytes.fetch_add(size, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        c.errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("publish: send failed: {e}");
+                    }
+                }
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    run.finish(workers).await
+}
+
+/// Receive + ack with `--inflight` receivers until `--count` records are
+/// acked or nothing arrives for `--idle-ms`.
+async fn consume(
+    a: &ConsumeArgs,
+    endpoint: &[String],
+    pids: Option<&[u32]>,
+) -> anyhow::Result<Report> {
+    let client = connect(endpoint, &a.common).await?;
     let consumer = client
         .simple_consumer(a.common.topic.clone(), a.group.clone())
         .build();
-    let counters = Arc::new(Counters::default());
-    let done = Arc::new(AtomicBool::new(false));
     // Claimed records (may run ahead of acked ones), to stop near --count.
     let claimed = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
     let last_seen_ms = Arc::new(AtomicU64::new(0));
-    let progress = spawn_progress("consume", counters.clone(), done.clone());
+    let run = Run::start("consume", pids);
+    let start = run.start;
     let invisible = Duration::from_millis(a.invisible_ms);
     let wait = Duration::from_millis(a.wait_ms);
     let mut workers = Vec::new();
     for _ in 0..a.inflight {
         let (consumer, c, done, claimed, last_seen_ms) = (
             consumer.clone(),
-            counters.clone(),
-            done.clone(),
+            run.counters.clone(),
+            run.done.clone(),
             claimed.clone(),
             last_seen_ms.clone(),
         );
@@ -375,15 +587,28 @@ async fn consume(a: ConsumeArgs) -> anyhow::Result<Report> {
             anyhow::Ok(h)
         }));
     }
-    finish("consume", workers, &counters, start, &done, progress).await
+    run.finish(workers).await
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let report = match cli.workload {
-        Workload::Produce(a) => produce(a).await?,
-        Workload::Consume(a) => consume(a).await?,
+        Workload::Produce { target, args } => {
+            produce(&args, &target.endpoint, target.server_pids.as_deref()).await?
+        }
+        Workload::Publish { target, args } => {
+            publish(&args, &target.endpoint, target.server_pids.as_deref()).await?
+        }
+        Workload::Consume { target, args } => {
+            consume(&args, &target.endpoint, target.server_pids.as_deref()).await?
+        }
+        Workload::Idle { target, args } => {
+            let r = idle::run(&args, &target.endpoint, target.server_pids.as_deref()).await?;
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(());
+        }
+        Workload::Suite(a) => return suite::run(a).await,
         Workload::Failover(a) => {
             let r = failover::run(a).await?;
             println!("{}", serde_json::to_string(&r)?);
@@ -425,5 +650,36 @@ mod tests {
         assert!((r.p99_ms - 990.0).abs() < 5.0);
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.starts_with("{\"workload\":\"produce\",\"records\":1000,"));
+    }
+
+    #[test]
+    fn cpu_fields_come_last_and_are_null_when_unmeasured() {
+        let c = Counters::default();
+        c.records.store(1000, Ordering::Relaxed);
+        let h = new_histogram().unwrap();
+        let r = report("publish", &c, &h, Duration::from_secs(2)).with_cpu(None);
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(
+            line.ends_with(
+                ",\"errors\":0,\"server_cpu_seconds\":null,\"server_cpu_cores\":null,\
+                 \"server_cpu_us_per_record\":null,\"server_pids\":0}"
+            ),
+            "{line}"
+        );
+        let cpu = CpuUsage {
+            seconds: 0.5,
+            wall_seconds: 2.0,
+            pids: 4,
+        };
+        let r = report("publish", &c, &h, Duration::from_secs(2)).with_cpu(Some(cpu));
+        assert_eq!(r.server_cpu_seconds, Some(0.5));
+        assert_eq!(r.server_cpu_cores, Some(0.25));
+        assert_eq!(r.server_cpu_us_per_record, Some(500.0));
+        assert_eq!(r.server_pids, 4);
+        // No records: no per-record figure (rather than infinity).
+        let r =
+            report("publish", &Counters::default(), &h, Duration::from_secs(2)).with_cpu(Some(cpu));
+        assert_eq!(r.server_cpu_us_per_record, None);
+        assert_eq!(r.server_cpu_cores, Some(0.25));
     }
 }
