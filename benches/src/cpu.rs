@@ -47,6 +47,20 @@ pub fn process_ticks(pid: u32) -> Option<u64> {
     parse_stat_ticks(&stat)
 }
 
+/// Bytes process `pid` caused to be written to storage (`write_bytes` of
+/// `/proc/PID/io`); `None` when it is gone or unreadable.
+pub fn process_write_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    parse_io_write_bytes(&io)
+}
+
+/// `write_bytes` from the text of `/proc/PID/io`.
+pub fn parse_io_write_bytes(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Every process on the machine whose `/proc/PID/comm` is one of
 /// [`SERVER_COMMS`], except this one.
 pub fn find_server_pids() -> Vec<u32> {
@@ -73,6 +87,8 @@ pub struct CpuSampler {
     start: Instant,
     /// PID -> ticks at the start, for the processes readable then.
     ticks: BTreeMap<u32, u64>,
+    /// PID -> bytes written to storage at the start.
+    written: BTreeMap<u32, u64>,
 }
 
 /// What a [`CpuSampler`] measured.
@@ -84,6 +100,9 @@ pub struct CpuUsage {
     pub wall_seconds: f64,
     /// Processes readable at both ends.
     pub pids: usize,
+    /// Bytes the processes caused to be written to storage (`write_bytes`
+    /// of `/proc/PID/io`: WAL, SST flushes and compactions), if readable.
+    pub disk_write_bytes: Option<u64>,
 }
 
 impl CpuUsage {
@@ -102,12 +121,17 @@ impl CpuSampler {
             None => find_server_pids(),
         };
         let ticks = pids
-            .into_iter()
-            .filter_map(|pid| Some((pid, process_ticks(pid)?)))
+            .iter()
+            .filter_map(|&pid| Some((pid, process_ticks(pid)?)))
+            .collect();
+        let written = pids
+            .iter()
+            .filter_map(|&pid| Some((pid, process_write_bytes(pid)?)))
             .collect();
         Self {
             start: Instant::now(),
             ticks,
+            written,
         }
     }
 
@@ -126,10 +150,17 @@ impl CpuSampler {
                 pids += 1;
             }
         }
+        let mut written: Option<u64> = None;
+        for (&pid, &before) in &self.written {
+            if let Some(now) = process_write_bytes(pid) {
+                *written.get_or_insert(0) += now.saturating_sub(before);
+            }
+        }
         (pids > 0).then(|| CpuUsage {
             seconds: ticks as f64 / clock_ticks_per_sec() as f64,
             wall_seconds,
             pids,
+            disk_write_bytes: written,
         })
     }
 }
@@ -154,6 +185,13 @@ mod tests {
         assert_eq!(parse_stat_ticks(&stat), Some(1801));
         let stat = STAT.replace("(petrel-broker)", "( ) 1 2 3 4 5 6 7 8 9 10 11 12 )");
         assert_eq!(parse_stat_ticks(&stat), Some(1801));
+    }
+
+    #[test]
+    fn io_write_bytes_is_parsed() {
+        let io = "rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 4096\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n";
+        assert_eq!(parse_io_write_bytes(io), Some(8192));
+        assert_eq!(parse_io_write_bytes("rchar: 1\n"), None);
     }
 
     #[test]

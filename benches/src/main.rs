@@ -217,6 +217,14 @@ struct Report {
     server_cpu_us_per_record: Option<f64>,
     /// Server processes measured (readable at the start and the end).
     server_pids: usize,
+    /// Bytes the server processes caused to be written to storage during
+    /// the run (`write_bytes` of `/proc/PID/io`; null when unreadable).
+    server_disk_write_bytes: Option<u64>,
+    /// `server_disk_write_bytes` / record body bytes, all replicas
+    /// together: divide by the replication factor for the write
+    /// amplification of one replica. Flushes and compactions that finish
+    /// after the run are not counted.
+    disk_bytes_per_body_byte: Option<f64>,
 }
 
 impl Report {
@@ -228,6 +236,11 @@ impl Report {
             self.server_cpu_us_per_record =
                 (self.records > 0).then(|| u.seconds * 1e6 / self.records as f64);
             self.server_pids = u.pids;
+            self.server_disk_write_bytes = u.disk_write_bytes;
+            self.disk_bytes_per_body_byte = u
+                .disk_write_bytes
+                .filter(|_| self.bytes > 0)
+                .map(|w| w as f64 / self.bytes as f64);
         }
         self
     }
@@ -330,6 +343,8 @@ fn report(workload: &'static str, c: &Counters, h: &Histogram<u64>, elapsed: Dur
         server_cpu_seconds: None,
         server_cpu_cores: None,
         server_cpu_us_per_record: None,
+        server_disk_write_bytes: None,
+        disk_bytes_per_body_byte: None,
         server_pids: 0,
     }
 }
@@ -662,7 +677,8 @@ mod tests {
         assert!(
             line.ends_with(
                 ",\"errors\":0,\"server_cpu_seconds\":null,\"server_cpu_cores\":null,\
-                 \"server_cpu_us_per_record\":null,\"server_pids\":0}"
+                 \"server_cpu_us_per_record\":null,\"server_pids\":0,\
+                 \"server_disk_write_bytes\":null,\"disk_bytes_per_body_byte\":null}"
             ),
             "{line}"
         );
@@ -670,12 +686,19 @@ mod tests {
             seconds: 0.5,
             wall_seconds: 2.0,
             pids: 4,
+            disk_write_bytes: Some(6000),
         };
         let r = report("publish", &c, &h, Duration::from_secs(2)).with_cpu(Some(cpu));
         assert_eq!(r.server_cpu_seconds, Some(0.5));
         assert_eq!(r.server_cpu_cores, Some(0.25));
         assert_eq!(r.server_cpu_us_per_record, Some(500.0));
         assert_eq!(r.server_pids, 4);
+        // No body bytes counted in this report: no ratio.
+        assert_eq!(r.server_disk_write_bytes, Some(6000));
+        assert_eq!(r.disk_bytes_per_body_byte, None);
+        c.bytes.store(2000, Ordering::Relaxed);
+        let r = report("publish", &c, &h, Duration::from_secs(2)).with_cpu(Some(cpu));
+        assert_eq!(r.disk_bytes_per_body_byte, Some(3.0));
         // No records: no per-record figure (rather than infinity).
         let r =
             report("publish", &Counters::default(), &h, Duration::from_secs(2)).with_cpu(Some(cpu));

@@ -22,7 +22,7 @@ use crate::node::{GroupHandle, Node};
 use crate::types::{AppendPart, Command, Response};
 
 /// Raft writes of appends in flight per queue before appends coalesce.
-pub const LANE_DEPTH: usize = 2;
+pub const LANE_DEPTH: usize = 1;
 /// Most requests in one batched entry.
 const MAX_PARTS: usize = 1024;
 /// Stop adding requests to a batched entry past this many record bytes.

@@ -11,7 +11,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7410";
-pub const DEFAULT_HEARTBEAT_MS: u64 = 250;
+pub const DEFAULT_HEARTBEAT_MS: u64 = 500;
 pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 20_000;
 pub const DEFAULT_MAX_RECORD_BYTES: usize = petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES;
@@ -57,7 +57,8 @@ pub struct BrokerArgs {
     /// as needing a restart; an invalid file is rejected and logged.
     #[arg(long, env = "PETREL_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Raft heartbeat interval in milliseconds [default: 250].
+    /// Raft heartbeat interval in milliseconds; it is also how long a
+    /// replication call may take before openraft resends it [default: 500].
     #[arg(long, env = "PETREL_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
     /// Minimum Raft election timeout in milliseconds; the maximum is twice

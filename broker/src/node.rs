@@ -96,7 +96,7 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// (term, first seen) of each group this node leads: a leader grants a
     /// hand-off vote only once its own election is a lease old.
-    leader_since: DashMap<u64, (u64, Instant)>,
+    leader_since: Arc<DashMap<u64, (u64, Instant)>>,
     /// Groups whose membership change this node is driving.
     changing: DashMap<u64, ()>,
     /// Controller: when each group's leadership was last moved.
@@ -110,6 +110,10 @@ pub struct Node {
     started: Instant,
     /// Per queue group: appends coalescing into one Raft entry.
     pub(crate) append_lanes: DashMap<u64, Arc<crate::append_lane::Lane>>,
+    /// Earliest delivery time of any held record of any queue here (a
+    /// hint for the release loop; `i64::MAX`: none), shared with every
+    /// queue's state machine.
+    earliest_due: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Node {
@@ -144,7 +148,7 @@ impl Node {
             raft_config,
             shutdown,
             config,
-            leader_since: DashMap::new(),
+            leader_since: Arc::new(DashMap::new()),
             changing: DashMap::new(),
             moved_at: DashMap::new(),
             moves_in_flight: DashMap::new(),
@@ -153,6 +157,7 @@ impl Node {
             rebalance: Notify::new(),
             started: Instant::now(),
             append_lanes: DashMap::new(),
+            earliest_due: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
         });
         let sm = StateMachine::open(META_GROUP, store.clone(), Kind::Meta(map_tx))?;
         let raft = Raft::new(
@@ -168,6 +173,7 @@ impl Node {
         .await?;
         node.groups
             .insert(META_GROUP, GroupHandle::new(raft.clone(), None));
+        node.watch_leadership(META_GROUP, raft.clone());
         let voters = node.meta_voters();
         if node.config.join.is_empty() && voters.contains_key(&node.id) {
             let first = *voters.keys().next().expect("non-empty");
@@ -178,7 +184,6 @@ impl Node {
         }
         tokio::spawn(node.clone().reconcile_loop());
         tokio::spawn(node.clone().controller_loop());
-        tokio::spawn(node.clone().leadership_loop());
         tokio::spawn(node.clone().failover_loop());
         tokio::spawn(node.clone().ping_loop());
         tokio::spawn(node.clone().retention_loop());
@@ -200,6 +205,28 @@ impl Node {
     /// Whether this node is driving a membership change of `group`.
     pub(crate) fn is_changing(&self, group: u64) -> bool {
         self.changing.contains_key(&group)
+    }
+
+    /// Wakes every quiet group this node leads that has one of `peers` as
+    /// a voter.
+    fn wake_led_groups_with(&self, peers: &[u64]) {
+        for e in self.groups.iter() {
+            if !e.quiet.is_quiet() {
+                continue;
+            }
+            let ours = {
+                let m = e.raft.metrics();
+                let m = m.borrow();
+                m.current_leader == Some(self.id)
+                    && m.membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|v| peers.contains(&v))
+            };
+            if ours {
+                e.quiet.wake(&e.raft);
+            }
+        }
     }
 
     /// The leader lease: openraft's `election_timeout_max`.
@@ -262,15 +289,24 @@ impl Node {
         const RETRY: Duration = Duration::from_secs(10);
         const ATTEMPTS: u32 = 3;
         const GAP: Duration = Duration::from_millis(300);
+        // Every group is examined only while some peer is silent (its
+        // groups may need a campaign), and otherwise once per
+        // `FULL_SCAN_EVERY` ticks for groups that lost their leader some
+        // other way; with a thousand idle groups a scan every 100 ms was
+        // most of an idle broker's CPU.
+        const FULL_SCAN_EVERY: u32 = 10;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut no_leader_since: BTreeMap<u64, Instant> = BTreeMap::new();
         // group → (attempts, first, last)
         let mut tried: BTreeMap<u64, (u32, Instant, Instant)> = BTreeMap::new();
+        let mut was_silent: BTreeSet<u64> = BTreeSet::new();
+        let mut ticks: u32 = 0;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            ticks = ticks.wrapping_add(1);
             if self.stopping.load(Ordering::Acquire) {
                 continue;
             }
@@ -280,6 +316,37 @@ impl Node {
             }
             let map = self.map_rx.borrow().clone();
             let now = Instant::now();
+            let silent: BTreeSet<u64> = map
+                .brokers
+                .keys()
+                .chain(self.config.peers.keys())
+                .copied()
+                .filter(|b| *b != self.id)
+                .filter(|b| {
+                    let last = self
+                        .pool
+                        .last_in(*b)
+                        .unwrap_or(self.started)
+                        .max(self.started);
+                    now.duration_since(last) > silence
+                })
+                .collect();
+            // A peer that is back (restarted, healed) may hold replicas
+            // that know no leader: wake the quiet groups led here that it
+            // is a voter of, so their heartbeats reach it before its own
+            // election timer fires.
+            let back: Vec<u64> = was_silent.difference(&silent).copied().collect();
+            if !back.is_empty() {
+                self.wake_led_groups_with(&back);
+            }
+            was_silent = silent.clone();
+            if silent.is_empty()
+                && tried.is_empty()
+                && no_leader_since.is_empty()
+                && ticks % FULL_SCAN_EVERY != 0
+            {
+                continue;
+            }
             let groups: Vec<(u64, Raft)> = self
                 .groups
                 .iter()
@@ -426,14 +493,24 @@ impl Node {
                 _ = tick.tick() => {}
             }
             let now = petrel_proto::now_ms();
+            // Nothing held anywhere is due yet: no need to look at every
+            // queue. The hint only ever moves down between scans (every
+            // apply lowers it to its queue's earliest), and a scan resets
+            // it to the earliest it finds.
+            if self.earliest_due.load(Ordering::Acquire) > now {
+                continue;
+            }
+            self.earliest_due.store(i64::MAX, Ordering::Release);
+            let mut earliest = i64::MAX;
             let due: Vec<(u64, GroupHandle)> = self
                 .groups
                 .iter()
                 .filter(|e| {
-                    e.queue
-                        .as_ref()
-                        .and_then(|q| q.read().next_due())
-                        .is_some_and(|t| t <= now)
+                    let next = e.queue.as_ref().and_then(|q| q.next_due());
+                    if let Some(t) = next {
+                        earliest = earliest.min(t);
+                    }
+                    next.is_some_and(|t| t <= now)
                 })
                 .map(|e| (*e.key(), e.clone()))
                 .filter(|(_, h)| self.serving(h).is_some())
@@ -451,6 +528,9 @@ impl Node {
                 }
             });
             futures::future::join_all(writes).await;
+            // Released queues lowered the hint again as they applied.
+            self.earliest_due
+                .fetch_min(earliest.max(now + 1), Ordering::AcqRel);
         }
     }
 
@@ -704,24 +784,25 @@ impl Node {
     /// (`petrel_broker_raft_elections_total`, the term a group is in when
     /// first seen included), and every term this broker
     /// starts leading is one it won (`petrel_broker_raft_leaderships_won_total`).
-    async fn leadership_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let mut terms: BTreeMap<u64, u64> = BTreeMap::new();
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            for e in self.groups.iter() {
-                let (leader, term) = {
-                    let m = e.raft.metrics();
-                    let m = m.borrow();
-                    (m.current_leader, m.current_term)
+    fn watch_leadership(&self, group: u64, raft: Raft) {
+        // Event-driven: openraft's server metrics change only with the
+        // vote, the state or the leader, so an idle group costs nothing
+        // here (a 200 ms poll over every group was an idle broker's
+        // largest CPU cost with a thousand queues).
+        let leader_since = self.leader_since.clone();
+        let mut rx = raft.server_metrics();
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            let kind = group_kind(group);
+            let mut seen_term: Option<u64> = None;
+            loop {
+                let (leader, term, me) = {
+                    let m = rx.borrow_and_update();
+                    (m.current_leader, m.vote.leader_id().get_term(), m.id)
                 };
-                let kind = group_kind(*e.key());
                 // Terms this replica saw begin; the one it finds a group
                 // in when it first looks (start-up, new replica) counts.
-                let new_terms = match terms.insert(*e.key(), term) {
+                let new_terms = match seen_term.replace(term) {
                     Some(t) => term.saturating_sub(t),
                     None => u64::from(term > 0),
                 };
@@ -729,19 +810,22 @@ impl Node {
                     metrics::counter!("petrel_broker_raft_elections_total", "group" => kind)
                         .increment(new_terms);
                 }
-                if leader == Some(self.id) {
-                    let fresh = self.leader_since.get(e.key()).is_none_or(|v| v.0 != term);
+                if leader == Some(me) {
+                    let fresh = leader_since.get(&group).is_none_or(|v| v.0 != term);
                     if fresh {
-                        self.leader_since.insert(*e.key(), (term, Instant::now()));
+                        leader_since.insert(group, (term, Instant::now()));
                         metrics::counter!("petrel_broker_raft_leaderships_won_total", "group" => kind)
                             .increment(1);
                     }
                 } else {
-                    self.leader_since.remove(e.key());
+                    leader_since.remove(&group);
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
                 }
             }
-            terms.retain(|g, _| self.groups.contains_key(g));
-        }
+        });
     }
 
     /// Meta voters: the three lowest broker ids among the configured peers.
@@ -923,11 +1007,7 @@ impl Node {
             if self.groups.contains_key(&q.group_id) {
                 continue;
             }
-            let shared = Arc::new(QueueShared {
-                group: q.group_id,
-                state: Default::default(),
-                changed: Default::default(),
-            });
+            let shared = Arc::new(QueueShared::new(q.group_id, self.earliest_due.clone()));
             let sm =
                 StateMachine::open(q.group_id, self.store.clone(), Kind::Queue(shared.clone()))?;
             let raft = Raft::new(
@@ -943,6 +1023,7 @@ impl Node {
             .await?;
             self.groups
                 .insert(q.group_id, GroupHandle::new(raft.clone(), Some(shared)));
+            self.watch_leadership(q.group_id, raft.clone());
             let members: BTreeMap<u64, BasicNode> = q
                 .replicas
                 .iter()
@@ -979,8 +1060,13 @@ impl Node {
     /// voters, move replicas off draining brokers and balance leaderships.
     /// On every node: drive membership changes of the groups it leads.
     async fn controller_loop(self: Arc<Self>) {
+        // Memberships are reconciled when the map changes, and otherwise
+        // every `RECONCILE_EVERY` (a new leader of a group being moved picks
+        // the move up): a pass looks at every group this broker hosts.
+        const RECONCILE_EVERY: Duration = Duration::from_secs(2);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_balance = Instant::now();
+        let mut reconciled: Option<(u64, Instant)> = None;
         loop {
             let kicked = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -990,7 +1076,11 @@ impl Node {
             if self.stopping.load(Ordering::Acquire) {
                 continue;
             }
-            self.reconcile_memberships();
+            let version = self.map_rx.borrow().version;
+            if reconciled.is_none_or(|(v, at)| v != version || at.elapsed() >= RECONCILE_EVERY) {
+                reconciled = Some((version, Instant::now()));
+                self.reconcile_memberships();
+            }
             let meta = self.meta();
             // Not while cut off from the other meta voters (fenced).
             match self.group(META_GROUP) {

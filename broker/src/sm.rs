@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Cursor;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -36,11 +37,40 @@ pub struct QueueShared {
     pub state: RwLock<QueueState>,
     /// Woken whenever records are appended or leases change.
     pub changed: Notify,
+    /// Earliest delivery time of a held record (`i64::MAX`: none), kept
+    /// beside the state so the release loop looks at an atomic per queue
+    /// rather than taking every queue's lock 20 times a second.
+    pub next_due_ms: AtomicI64,
+    /// The broker's earliest due time over all its queues: lowered here
+    /// whenever this queue's moves down.
+    earliest_due: Arc<AtomicI64>,
 }
 
 impl QueueShared {
+    pub fn new(group: u64, earliest_due: Arc<AtomicI64>) -> Self {
+        Self {
+            group,
+            state: RwLock::new(QueueState::default()),
+            changed: Notify::new(),
+            next_due_ms: AtomicI64::new(i64::MAX),
+            earliest_due,
+        }
+    }
+
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, QueueState> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes `st.next_due()` (call with the state just changed).
+    fn note_due(&self, st: &QueueState) {
+        let due = st.next_due().unwrap_or(i64::MAX);
+        self.next_due_ms.store(due, Ordering::Release);
+        self.earliest_due.fetch_min(due, Ordering::AcqRel);
+    }
+
+    /// Earliest delivery time of a held record, if any.
+    pub fn next_due(&self) -> Option<i64> {
+        Some(self.next_due_ms.load(Ordering::Acquire)).filter(|t| *t != i64::MAX)
     }
 }
 
@@ -232,6 +262,7 @@ impl StateMachine {
                     due,
                     txns: txns.into_iter().collect(),
                 };
+                q.note_due(&st);
             }
         }
         Ok(Self {
@@ -631,6 +662,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.persist_queue(&st, ch, &mut b)?;
                 self.put_applied(&mut b)?;
                 self.store.write_unlogged(b).map_err(sm_write_err)?;
+                shared.note_due(&st);
                 drop(st);
                 shared.changed.notify_waiters();
             }
@@ -757,6 +789,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.persist_queue(&st, ch, &mut b)?;
                 self.put_applied(&mut b)?;
                 self.store.write_unlogged(b).map_err(sm_write_err)?;
+                shared.note_due(&st);
                 drop(st);
                 shared.changed.notify_waiters();
             }

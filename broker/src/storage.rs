@@ -90,6 +90,11 @@ fn db_options() -> Options {
     o.set_max_background_jobs(2);
     o.set_bytes_per_sync(1 << 20);
     o.increase_parallelism(2);
+    // Raft appends, applies and the syncer write from different threads;
+    // RocksDB's default makes a waiting writer spin (sched_yield) for up to
+    // 100 µs, which on a small box takes the core from the writer it waits
+    // for. Block at once instead.
+    o.set_enable_write_thread_adaptive_yield(false);
     o
 }
 

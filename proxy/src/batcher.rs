@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::routes::Router;
 
 /// Appends in flight per leader broker.
-const INFLIGHT_PER_LEADER: usize = 8;
+const INFLIGHT_PER_LEADER: usize = 2;
 /// Most groups' appends coalesced into one RPC.
 const MAX_COALESCED: usize = 256;
 /// Stop coalescing past this many body bytes.

@@ -433,7 +433,7 @@ fn record_with_flipped_bytes_on_disk_is_reported_corrupt_not_served() {
     ]);
     assert_eq!(produced.len(), 5);
     // An ack means a quorum stored the records; the third replica learns
-    // the commit index with the next heartbeat (250 ms) and only then
+    // the commit index with the next heartbeat (500 ms) and only then
     // applies them to its records column family, which this test reads.
     std::thread::sleep(Duration::from_millis(1500));
     dev.stop();
