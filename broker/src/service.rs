@@ -516,9 +516,16 @@ impl BrokerData for Service {
         let fifo = self.message_type_of(group) == pb::MessageType::Fifo;
         let h = self.leader(group)?;
         let q = queue_of(&h, group)?;
+        // Read before the pop: a change that lands while it runs (an
+        // append) then still wakes the caller's WaitReady (at worst one
+        // extra, empty pop, which writes nothing).
+        let queue_version = q.version();
         let now = petrel_proto::now_ms();
         if req.max_messages == 0 || !q.read().has_deliverable(&req.consumer_group, now) {
-            return Ok(TResponse::new(bpb::PopResponse::default()));
+            return Ok(TResponse::new(bpb::PopResponse {
+                queue_version,
+                ..Default::default()
+            }));
         }
         // Size the pop by bytes so one response stays well under the
         // message limit however large the records are (at least one). The
@@ -603,6 +610,24 @@ impl BrokerData for Service {
         Ok(TResponse::new(bpb::PopResponse {
             records,
             dead_letters,
+            queue_version,
+        }))
+    }
+
+    async fn wait_ready(&self, req: Request<bpb::WaitReadyRequest>) -> R<bpb::WaitReadyResponse> {
+        let req = req.into_inner();
+        if req.queues.len() > MAX_WAIT_QUEUES {
+            return Err(PetrelError::InvalidArgument(format!(
+                "wait on at most {MAX_WAIT_QUEUES} queues"
+            ))
+            .into());
+        }
+        for w in &req.queues {
+            validate::group_name(&w.consumer_group)?;
+        }
+        let wait = std::time::Duration::from_millis(req.wait_ms.min(MAX_WAIT_MS));
+        Ok(TResponse::new(bpb::WaitReadyResponse {
+            ready: self.wait_ready_inner(&req.queues, wait).await,
         }))
     }
 
@@ -1123,7 +1148,96 @@ impl RaftTransport for Service {
     }
 }
 
+/// Most queues one `WaitReady` watches.
+const MAX_WAIT_QUEUES: usize = 4096;
+/// Longest `WaitReady`.
+const MAX_WAIT_MS: u64 = 60_000;
+
 impl Service {
+    /// Waits until a listed queue's version passes the caller's, a lease of
+    /// its consumer group expires, or `wait` ends; returns the queues that
+    /// are worth a pop (a queue not led here is one: the pop will say
+    /// where it went).
+    async fn wait_ready_inner(
+        &self,
+        queues: &[bpb::WaitQueue],
+        wait: std::time::Duration,
+    ) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut watched = Vec::with_capacity(queues.len());
+        let mut ready = Vec::new();
+        for w in queues {
+            match self
+                .node
+                .ensure_leader(w.group_id)
+                .ok()
+                .and_then(|h| h.queue)
+            {
+                Some(q) => watched.push((w, q)),
+                None => ready.push(w.group_id),
+            }
+        }
+        if !ready.is_empty() || watched.is_empty() {
+            return ready;
+        }
+        loop {
+            // Register for wake-ups before looking, so a change between
+            // the look and the wait is not lost.
+            let mut wakes: Vec<_> = watched
+                .iter()
+                .map(|(_, q)| Box::pin(q.changed.notified()))
+                .collect();
+            for n in &mut wakes {
+                n.as_mut().enable();
+            }
+            let now = petrel_proto::now_ms();
+            let mut lease_due: Option<(i64, u64)> = None;
+            for (w, q) in &watched {
+                if q.version() > w.known_version {
+                    ready.push(w.group_id);
+                    continue;
+                }
+                let st = q.read();
+                if let Some(c) = st.consumers.get(&w.consumer_group) {
+                    if let Some(t) = c
+                        .leases
+                        .values()
+                        .map(|l| l.retry_at_ms)
+                        .filter(|t| *t > now)
+                        .min()
+                    {
+                        if lease_due.is_none_or(|(d, _)| t < d) {
+                            lease_due = Some((t, w.group_id));
+                        }
+                    }
+                }
+            }
+            if !ready.is_empty() {
+                return ready;
+            }
+            let until = match lease_due {
+                Some((t, _)) => deadline.min(
+                    tokio::time::Instant::now()
+                        + std::time::Duration::from_millis((t - now).max(0) as u64),
+                ),
+                None => deadline,
+            };
+            tokio::select! {
+                _ = futures::future::select_all(wakes) => {}
+                _ = tokio::time::sleep_until(until) => {
+                    return match lease_due {
+                        Some((t, g)) if petrel_proto::now_ms() >= t => vec![g],
+                        _ => Vec::new(),
+                    };
+                }
+                _ = self.node.shutdown.cancelled() => return Vec::new(),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Vec::new();
+            }
+        }
+    }
+
     async fn raft_one(&self, req: bpb::RaftRequest) -> Result<bpb::RaftResponse, Status> {
         if req.from != 0 && self.node.pool.is_blocked(req.from) {
             return Err(PetrelError::Unavailable(format!(

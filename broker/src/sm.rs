@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Cursor;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -44,6 +44,9 @@ pub struct QueueShared {
     /// The broker's earliest due time over all its queues: lowered here
     /// whenever this queue's moves down.
     earliest_due: Arc<AtomicI64>,
+    /// Bumped by every apply (and load): a receive that found nothing waits
+    /// for it to move (`WaitReady`) instead of polling.
+    version: AtomicU64,
 }
 
 impl QueueShared {
@@ -54,7 +57,13 @@ impl QueueShared {
             changed: Notify::new(),
             next_due_ms: AtomicI64::new(i64::MAX),
             earliest_due,
+            version: AtomicU64::new(0),
         }
+    }
+
+    /// The queue's change counter (see `version`).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, QueueState> {
@@ -62,10 +71,13 @@ impl QueueShared {
     }
 
     /// Publishes `st.next_due()` (call with the state just changed).
+    /// The state just changed: publish its due time and bump the version
+    /// (call before `changed.notify_waiters()`).
     fn note_due(&self, st: &QueueState) {
         let due = st.next_due().unwrap_or(i64::MAX);
         self.next_due_ms.store(due, Ordering::Release);
         self.earliest_due.fetch_min(due, Ordering::AcqRel);
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Earliest delivery time of a held record, if any.

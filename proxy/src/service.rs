@@ -470,11 +470,14 @@ impl Inner {
     }
 
     /// One pass over the topic's queues, leasing up to `max` records.
+    /// Also returns, per queue that answered, its version at the pop (for
+    /// `wait_ready`).
     async fn sweep(
         &self,
         t: &bpb::TopicRoute,
         req: &pb::ReceiveRequest,
-    ) -> Result<Vec<pb::Record>, PetrelError> {
+    ) -> Result<(Vec<pb::Record>, Vec<(u64, u64)>), PetrelError> {
+        let mut versions = Vec::with_capacity(t.queues.len());
         let (group, max) = (req.group.as_str(), req.max_messages);
         let topic = t
             .config
@@ -514,6 +517,12 @@ impl Inner {
                 .await;
             match res {
                 Ok(resp) => {
+                    // A queue with dead letters to move is polled, not
+                    // waited on: its pops write (and move its version)
+                    // until the dead-letter topic has them.
+                    if resp.dead_letters.is_empty() {
+                        versions.push((q.group_id, resp.queue_version));
+                    }
                     if !resp.dead_letters.is_empty() {
                         let n = resp.dead_letters.len();
                         match self
@@ -572,7 +581,49 @@ impl Inner {
                 }
             }
         }
-        Ok(out)
+        Ok((out, versions))
+    }
+
+    /// After a sweep found nothing: waits until one of the queues changed
+    /// since its pop (an append, a release, an ack that unblocks a FIFO
+    /// group), a lease expires, or `until`. One `WaitReady` per leader,
+    /// all at once; the first answer ends the wait. Returns false when the
+    /// brokers could not be asked (the caller falls back to a short sleep).
+    async fn wait_ready(&self, group: &str, versions: &[(u64, u64)], until: Instant) -> bool {
+        let wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+        if wait_ms == 0 {
+            return true;
+        }
+        let mut by_leader: HashMap<String, Vec<bpb::WaitQueue>> = HashMap::new();
+        for (g, v) in versions {
+            let Some((_, addr)) = self.router.leader_addr(*g) else {
+                return false;
+            };
+            by_leader.entry(addr).or_default().push(bpb::WaitQueue {
+                group_id: *g,
+                consumer_group: group.to_string(),
+                known_version: *v,
+            });
+        }
+        let calls: Vec<_> = by_leader
+            .into_iter()
+            .filter_map(|(addr, queues)| {
+                let mut c = self.router.channels.client(&addr).ok()?;
+                Some(Box::pin(async move {
+                    let mut r = tonic::Request::new(bpb::WaitReadyRequest { queues, wait_ms });
+                    r.set_timeout(Duration::from_millis(wait_ms) + Duration::from_secs(2));
+                    c.wait_ready(r).await.is_ok()
+                }))
+            })
+            .collect();
+        if calls.is_empty() {
+            return false;
+        }
+        tokio::select! {
+            (answered, _, _) = futures::future::select_all(calls) => answered,
+            _ = tokio::time::sleep_until(until.into()) => true,
+            _ = self.shutdown.cancelled() => true,
+        }
     }
 
     async fn stats(
@@ -931,8 +982,8 @@ impl Petrel for ProxyService {
             let deadline = Instant::now() + wait;
             let mut poll = POLL_MIN;
             loop {
-                match s.sweep(&t, &req).await {
-                    Ok(records) if !records.is_empty() => {
+                let versions = match s.sweep(&t, &req).await {
+                    Ok((records, _)) if !records.is_empty() => {
                         // Several stream messages when the records are big,
                         // so no single message nears the gRPC size limit.
                         let mut chunk = Vec::new();
@@ -953,16 +1004,28 @@ impl Petrel for ProxyService {
                         let _ = tx.send(Ok(pb::ReceiveResponse { records: chunk })).await;
                         return;
                     }
-                    Ok(_) => {}
+                    Ok((_, v)) => v,
                     Err(e) => {
                         let _ = tx.send(Err(e.to_status())).await;
                         return;
                     }
-                }
-                if Instant::now() + poll > deadline
+                };
+                if Instant::now() >= deadline
                     || tx.is_closed()
                     || s.draining.load(Ordering::Acquire)
                 {
+                    return;
+                }
+                // Every queue answered: wait to be woken by a change
+                // (within a millisecond of the commit), not by a timer.
+                // Otherwise (a queue without a reachable leader) poll.
+                if versions.len() == t.queues.len()
+                    && s.wait_ready(&req.group, &versions, deadline).await
+                {
+                    poll = POLL_MIN;
+                    continue;
+                }
+                if Instant::now() + poll > deadline {
                     return;
                 }
                 tokio::time::sleep(poll).await;
