@@ -11,10 +11,12 @@
 //! ```
 //!
 //! Latencies are per request (produce: one `send_batch`; publish: one
-//! `send` of one record; consume: one receive), recorded in microseconds in
-//! an HDR histogram. Server CPU is utime + stime of the server processes
-//! over the run (see [`cpu`]). `suite` starts its own cluster and runs
-//! every workload against it (see [`suite`]).
+//! `send` of one record; consume: one receive; drain: one receive plus the
+//! ack of what it returned), except for e2e, where they are per record, from
+//! the publisher's send to a receiver getting it (see [`e2e`]); recorded in
+//! microseconds in an HDR histogram. Server CPU is utime + stime of the
+//! server processes over the run (see [`cpu`]). `suite` starts its own
+//! cluster and runs every workload against it (see [`suite`]).
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -22,6 +24,8 @@ use clap::{Args, Parser, Subcommand};
 
 mod cluster;
 mod cpu;
+mod drain;
+mod e2e;
 mod failover;
 mod idle;
 mod suite;
@@ -74,6 +78,24 @@ enum Workload {
         #[command(flatten)]
         args: ConsumeArgs,
     },
+    /// Fill a backlog of `--count` records (not timed), then time receiving
+    /// and acking all of it with `--inflight` receivers, `--batch` records
+    /// per receive.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        args: drain::DrainArgs,
+    },
+    /// Publish `--rate` records/s for `--seconds` s (one `Producer::send`
+    /// each, send time in the body) while `--receivers` receivers receive
+    /// and ack them: publish-to-receive latency per record.
+    E2e {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        args: e2e::E2eArgs,
+    },
     /// Create a topic of `--queues` queues, let the cluster settle, then
     /// measure the server processes' CPU with no traffic.
     Idle {
@@ -83,8 +105,8 @@ enum Workload {
         args: idle::IdleArgs,
     },
     /// Start a cluster of its own (3 brokers + 1 proxy from the binaries
-    /// beside this one), run publish, produce, consume and idle against it
-    /// and print every report and a Markdown table.
+    /// beside this one), run publish, produce, consume, drain, e2e and idle
+    /// against it and print every report and a Markdown table.
     Suite(suite::SuiteArgs),
     /// Start a 3-broker cluster of its own, SIGKILL its brokers in turn
     /// `--kills` times, and report per affected queue the time
@@ -421,6 +443,68 @@ async fn wait_for_leaders(client: &Client, topic: &str, budget: Duration) {
     }
 }
 
+/// A stop signal set once (by any clone) and awaited by many tasks.
+#[derive(Debug, Clone)]
+struct Stop(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Stop {
+    fn new() -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    /// Sets the signal (idempotent).
+    fn stop(&self) {
+        self.0.send_replace(true);
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the signal is set (at once if it already is).
+    async fn stopped(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`, so this cannot fail.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// A consumer group name no earlier run used: `PREFIX-MS-PID` (ms since
+/// the Unix epoch, this process's id).
+fn fresh_group(prefix: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{prefix}-{ms}-{}", std::process::id())
+}
+
+/// Moves consumer group `group` to the current end of every queue of
+/// `topic` (a commit where the group is behind the end; nothing on an empty
+/// topic), so that it receives only records produced from now on. Returns
+/// how many records it skipped.
+async fn start_group_at_end(client: &Client, topic: &str, group: &str) -> anyhow::Result<u64> {
+    let info = client
+        .admin()
+        .describe_topic(topic)
+        .await
+        .with_context(|| format!("describing topic {topic}"))?;
+    let pull = client.pull_consumer(topic, group);
+    let mut skipped = 0;
+    for q in &info.queues {
+        let o = pull
+            .committed(q.queue)
+            .await
+            .with_context(|| format!("reading group {group}'s offset of {topic}/{}", q.queue))?;
+        if o.end_offset > o.committed_offset {
+            pull.commit(q.queue, o.end_offset).await.with_context(|| {
+                format!("moving group {group} to the end of {topic}/{}", q.queue)
+            })?;
+            skipped += o.end_offset - o.committed_offset;
+        }
+    }
+    Ok(skipped)
+}
+
 /// A record body of `size` bytes.
 fn make_body(size: usize) -> Bytes {
     Bytes::from(
@@ -437,11 +521,22 @@ async fn produce(
     pids: Option<&[u32]>,
 ) -> anyhow::Result<Report> {
     let client = connect(endpoint, &a.common).await?;
+    run_produce("produce", &client, a, pids).await
+}
+
+/// The produce workload on a connected client, reported as `workload`
+/// (also the label of its progress lines).
+async fn run_produce(
+    workload: &'static str,
+    client: &Client,
+    a: &ProduceArgs,
+    pids: Option<&[u32]>,
+) -> anyhow::Result<Report> {
     let producer = client.producer(a.common.topic.clone()).build();
     let body = make_body(a.size);
     let batches = a.count.div_ceil(a.batch);
     let next = Arc::new(AtomicU64::new(0));
-    let run = Run::start("produce", pids);
+    let run = Run::start(workload, pids);
     let mut workers = Vec::new();
     for _ in 0..a.inflight.min(batches.max(1)) {
         let (producer, body, next, c) = (
@@ -469,7 +564,7 @@ async fn produce(
                     }
                     Err(e) => {
                         c.errors.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("produce: request failed: {e}");
+                        eprintln!("{workload}: request failed: {e}");
                     }
                 }
             }
@@ -618,6 +713,12 @@ async fn main() -> anyhow::Result<()> {
         Workload::Consume { target, args } => {
             consume(&args, &target.endpoint, target.server_pids.as_deref()).await?
         }
+        Workload::Drain { target, args } => {
+            drain::run(&args, &target.endpoint, target.server_pids.as_deref()).await?
+        }
+        Workload::E2e { target, args } => {
+            e2e::run(&args, &target.endpoint, target.server_pids.as_deref()).await?
+        }
         Workload::Idle { target, args } => {
             let r = idle::run(&args, &target.endpoint, target.server_pids.as_deref()).await?;
             println!("{}", serde_json::to_string(&r)?);
@@ -647,6 +748,32 @@ mod tests {
     fn cli_definition_is_valid() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fresh_groups_are_valid_names() {
+        let g = fresh_group("e2e");
+        assert!(g.starts_with("e2e-"), "{g}");
+        petrel_proto::validate::group_name(&g).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stop_wakes_every_waiter_and_later_ones() {
+        let stop = Stop::new();
+        assert!(!stop.is_stopped());
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let s = stop.clone();
+                tokio::spawn(async move { s.stopped().await })
+            })
+            .collect();
+        stop.clone().stop();
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert!(stop.is_stopped());
+        stop.stopped().await;
+        stop.stop();
     }
 
     #[test]

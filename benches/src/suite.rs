@@ -8,7 +8,8 @@
 //! a Markdown table of all of them goes to stderr and to stdout.
 //!
 //! Every step but `consume` uses a fresh topic of 8 queues, RF 3, that it
-//! creates; `consume` reads back what `produce` wrote. `idle` runs last on
+//! creates; `consume` reads back what `produce` wrote. `drain` fills its
+//! topic and drains it; `e2e` publishes at a fixed rate while receiving. `idle` runs last on
 //! its own topic, so the topics of the earlier steps (idle by then) are part
 //! of the idle cost it measures.
 //!
@@ -25,6 +26,8 @@ use petrel_sdk::{Client, TopicSpec};
 use serde::Serialize;
 
 use crate::cluster::{LocalCluster, READY_TIMEOUT};
+use crate::drain::DrainArgs;
+use crate::e2e::E2eArgs;
 use crate::idle::{IdleArgs, IdleReport};
 use crate::{Common, ConsumeArgs, ProduceArgs, PublishArgs, Report};
 
@@ -51,6 +54,8 @@ pub enum Step {
     Publish(PublishArgs),
     Produce(ProduceArgs),
     Consume(ConsumeArgs),
+    Drain(DrainArgs),
+    E2e(E2eArgs),
     Idle(IdleArgs),
 }
 
@@ -77,6 +82,8 @@ impl Step {
             Step::Publish(a) => format!("publish, {} in flight", a.inflight),
             Step::Produce(a) => format!("produce, batch {}, {} in flight", a.batch, a.inflight),
             Step::Consume(a) => format!("consume, batch {}, {} receivers", a.batch, a.inflight),
+            Step::Drain(a) => format!("drain, batch {}, {} receivers", a.batch, a.inflight),
+            Step::E2e(a) => format!("e2e at {}/s", thousands(a.rate as f64)),
             Step::Idle(a) => format!("idle, {} queues", a.queues),
         }
     }
@@ -97,6 +104,14 @@ impl Step {
             }
             Step::Consume(a) => {
                 let r = crate::consume(a, endpoint, pids).await?;
+                Outcome::new(&r, Row::load(label, &r))
+            }
+            Step::Drain(a) => {
+                let r = crate::drain::run(a, endpoint, pids).await?;
+                Outcome::new(&r, Row::load(label, &r))
+            }
+            Step::E2e(a) => {
+                let r = crate::e2e::run(a, endpoint, pids).await?;
                 Outcome::new(&r, Row::load(label, &r))
             }
             Step::Idle(a) => {
@@ -150,6 +165,27 @@ pub fn plan(a: &SuiteArgs, run: &str) -> Vec<Step> {
             wait_ms: 1_000,
             invisible_ms: 30_000,
             idle_ms: 10_000,
+        }),
+        Step::Drain(DrainArgs {
+            common: common("drain"),
+            group: Some("suite".into()),
+            size: 1024,
+            count: n(300_000, 50_000),
+            batch: 256,
+            inflight: 8,
+            fill_batch: 100,
+            fill_inflight: 32,
+            idle_ms: 10_000,
+        }),
+        Step::E2e(E2eArgs {
+            common: common("e2e"),
+            group: Some("suite".into()),
+            rate: 5_000,
+            seconds: n(10, 5),
+            size: 1024,
+            receivers: 4,
+            batch: 64,
+            max_outstanding: 10_000,
         }),
         Step::Idle(IdleArgs {
             topic: format!("suite-{run}-idle"),
@@ -439,6 +475,8 @@ mod tests {
                 "publish, 128 in flight",
                 "produce, batch 100, 32 in flight",
                 "consume, batch 256, 8 receivers",
+                "drain, batch 256, 8 receivers",
+                "e2e at 5,000/s",
                 "idle, 200 queues",
             ]
         );
@@ -448,6 +486,25 @@ mod tests {
         assert_eq!(c.common.topic, p.common.topic);
         assert_eq!(c.count, p.count);
         assert!(!c.common.create_topic);
+        let (Step::Drain(d), Step::E2e(e)) = (&steps[4], &steps[5]) else {
+            panic!("drain then e2e after consume");
+        };
+        assert_eq!((d.count, d.batch, d.inflight), (50_000, 256, 8));
+        assert_eq!((e.rate, e.seconds), (5_000, 5));
+        // Fresh topics of their own.
+        let topics: std::collections::HashSet<&str> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Publish(a) => Some(a.common.topic.as_str()),
+                Step::Produce(a) => Some(a.common.topic.as_str()),
+                Step::Drain(a) => Some(a.common.topic.as_str()),
+                Step::E2e(a) => Some(a.common.topic.as_str()),
+                Step::Idle(a) => Some(a.topic.as_str()),
+                Step::Consume(_) => None,
+            })
+            .collect();
+        assert_eq!(topics.len(), 6);
+        assert!(d.common.create_topic && e.common.create_topic);
         let full = plan(
             &SuiteArgs {
                 quick: false,
@@ -456,9 +513,14 @@ mod tests {
             },
             "1",
         );
-        let Step::Idle(i) = &full[4] else {
+        let Step::Idle(i) = &full[6] else {
             panic!("idle last");
         };
+        let (Step::Drain(d), Step::E2e(e)) = (&full[4], &full[5]) else {
+            panic!("drain then e2e");
+        };
+        assert_eq!(d.count, 300_000);
+        assert_eq!(e.seconds, 10);
         assert_eq!(i.queues, 50);
         let Step::Produce(p) = &full[2] else {
             panic!("produce third");

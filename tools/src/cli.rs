@@ -18,7 +18,9 @@ use tokio::io::AsyncBufReadExt;
 /// Default proxy endpoint of `petrel dev`.
 const DEFAULT_ENDPOINT: &str = "127.0.0.1:7400";
 /// Largest receive batch of `petrel consume`.
-const CONSUME_BATCH: u64 = 32;
+const CONSUME_BATCH: u64 = 256;
+/// Ack (or nack) calls of `petrel consume` in flight at once.
+const CONSUME_ACKS_IN_FLIGHT: usize = 8;
 /// Long-poll wait per receive when `--wait-ms` is not given (consume then
 /// runs until `--max` or Ctrl-C).
 const FOREVER_POLL_WAIT: Duration = Duration::from_secs(5);
@@ -1105,40 +1107,92 @@ async fn consume(client: &Client, a: ConsumeArgs, json: bool) -> CliResult {
     let consumer = builder.build();
     let invisible = Duration::from_millis(a.invisible_ms);
     let wait = a.wait_ms.map(Duration::from_millis);
+    // Pipelined so printing, not waiting, bounds it: the next receive is
+    // in flight while a batch prints, and acks (or nacks) go in the
+    // background, at most `CONSUME_ACKS_IN_FLIGHT` at once. One receive at
+    // a time keeps each queue's records in offset order on the output,
+    // and it never asks for more than `--max` leaves to print, so it
+    // leases nothing it will not print.
     let work = async {
         let mut printed: u64 = 0;
-        loop {
-            let want = match a.max {
-                Some(max) if printed >= max => return Ok(()),
-                Some(max) => (max - printed).min(CONSUME_BATCH),
-                None => CONSUME_BATCH,
+        let want = |printed: u64| match a.max {
+            Some(max) => (max - printed).min(CONSUME_BATCH),
+            None => CONSUME_BATCH,
+        };
+        let receive = |n: u64| {
+            let consumer = consumer.clone();
+            tokio::spawn(async move {
+                consumer
+                    .receive_with(n as u32, invisible, wait.unwrap_or(FOREVER_POLL_WAIT))
+                    .await
+            })
+        };
+        let acks = std::sync::Arc::new(tokio::sync::Semaphore::new(CONSUME_ACKS_IN_FLIGHT));
+        let mut acking = tokio::task::JoinSet::new();
+        let mut next = (want(0) > 0).then(|| receive(want(0)));
+        let mut failed: Option<petrel_sdk::Error> = None;
+        while let Some(pending) = next.take() {
+            let batch = match pending.await {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+                Err(e) => return Err(CliError::Other(anyhow::anyhow!("receive task failed: {e}"))),
             };
-            let batch = consumer
-                .receive_with(want as u32, invisible, wait.unwrap_or(FOREVER_POLL_WAIT))
-                .await?;
             if batch.is_empty() {
                 if wait.is_some() {
-                    return Ok(());
+                    break;
                 }
+                next = Some(receive(want(printed)));
                 continue;
+            }
+            printed += batch.len() as u64;
+            if want(printed) > 0 {
+                next = Some(receive(want(printed)));
             }
             for m in &batch {
                 print_record(m, json)?;
             }
-            printed += batch.len() as u64;
-            if let Some(reason) = &a.nack {
-                for m in &batch {
-                    if let Err(e) = consumer.nack(m, reason).await {
-                        tracing::warn!(id = %m.message_id, error = %e, "nack failed");
+            let Ok(permit) = acks.clone().acquire_owned().await else {
+                break;
+            };
+            let (consumer, nack, no_ack) = (consumer.clone(), a.nack.clone(), a.no_ack);
+            acking.spawn(async move {
+                let _permit = permit;
+                if let Some(reason) = nack {
+                    for m in &batch {
+                        if let Err(e) = consumer.nack(m, &reason).await {
+                            tracing::warn!(id = %m.message_id, error = %e, "nack failed");
+                        }
+                    }
+                } else if !no_ack {
+                    for (m, r) in batch.iter().zip(consumer.ack_many(&batch).await?) {
+                        if let Err(e) = r {
+                            tracing::warn!(id = %m.message_id, error = %e, "ack failed; the record will be redelivered");
+                        }
                     }
                 }
-            } else if !a.no_ack {
-                for (m, r) in batch.iter().zip(consumer.ack_many(&batch).await?) {
-                    if let Err(e) = r {
-                        tracing::warn!(id = %m.message_id, error = %e, "ack failed; the record will be redelivered");
-                    }
+                Ok::<(), petrel_sdk::Error>(())
+            });
+            // Reap finished acks, and stop at the first that failed whole.
+            while let Some(r) = acking.try_join_next() {
+                if let Ok(Err(e)) = r {
+                    failed.get_or_insert(e);
                 }
             }
+            if failed.is_some() {
+                break;
+            }
+        }
+        while let Some(r) = acking.join_next().await {
+            if let Ok(Err(e)) = r {
+                failed.get_or_insert(e);
+            }
+        }
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
         }
     };
     let interrupted = async {
