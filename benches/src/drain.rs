@@ -162,25 +162,8 @@ pub async fn run(
                 if claimed.fetch_add(n, Ordering::Relaxed) + n >= target {
                     stop.stop();
                 }
-                match consumer.ack_many(&msgs).await {
-                    Ok(results) => {
-                        record_latency(&mut h, t);
-                        for (m, r) in msgs.iter().zip(results) {
-                            match r {
-                                Ok(()) => {
-                                    c.records.fetch_add(1, Ordering::Relaxed);
-                                    c.bytes.fetch_add(m.body.len() as u64, Ordering::Relaxed);
-                                }
-                                Err(_) => {
-                                    c.errors.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        c.errors.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("drain: ack failed: {e}");
-                    }
+                if crate::ack_and_count(&consumer, &msgs, &c, "drain").await {
+                    record_latency(&mut h, t);
                 }
             }
             anyhow::Ok(h)

@@ -275,6 +275,38 @@ struct Counters {
     errors: AtomicU64,
 }
 
+/// Acks `msgs` and counts them: each acked record (and its body bytes),
+/// or an error per record refused and one for a failed call. True when the
+/// call went through.
+async fn ack_and_count(
+    consumer: &petrel_sdk::SimpleConsumer,
+    msgs: &[petrel_sdk::ReceivedMessage],
+    c: &Counters,
+    workload: &str,
+) -> bool {
+    match consumer.ack_many(msgs).await {
+        Ok(results) => {
+            for (m, r) in msgs.iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        c.records.fetch_add(1, Ordering::Relaxed);
+                        c.bytes.fetch_add(m.body.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        c.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            true
+        }
+        Err(e) => {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+            eprintln!("{workload}: ack failed: {e}");
+            false
+        }
+    }
+}
+
 fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("creating histogram")
 }
@@ -674,25 +706,7 @@ async fn consume(
                 }
                 last_seen_ms.fetch_max(now_ms, Ordering::Relaxed);
                 claimed.fetch_add(msgs.len() as u64, Ordering::Relaxed);
-                match consumer.ack_many(&msgs).await {
-                    Ok(results) => {
-                        for (m, r) in msgs.iter().zip(results) {
-                            match r {
-                                Ok(()) => {
-                                    c.records.fetch_add(1, Ordering::Relaxed);
-                                    c.bytes.fetch_add(m.body.len() as u64, Ordering::Relaxed);
-                                }
-                                Err(_) => {
-                                    c.errors.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        c.errors.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("consume: ack failed: {e}");
-                    }
-                }
+                ack_and_count(&consumer, &msgs, &c, "consume").await;
             }
             anyhow::Ok(h)
         }));

@@ -306,7 +306,11 @@ impl Node {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            ticks = ticks.wrapping_add(1);
+            // Counts down to the next full scan.
+            ticks = match ticks {
+                0 => FULL_SCAN_EVERY - 1,
+                t => t - 1,
+            };
             if self.stopping.load(Ordering::Acquire) {
                 continue;
             }
@@ -340,11 +344,7 @@ impl Node {
                 self.wake_led_groups_with(&back);
             }
             was_silent = silent.clone();
-            if silent.is_empty()
-                && tried.is_empty()
-                && no_leader_since.is_empty()
-                && ticks % FULL_SCAN_EVERY != 0
-            {
+            if silent.is_empty() && tried.is_empty() && no_leader_since.is_empty() && ticks != 0 {
                 continue;
             }
             let groups: Vec<(u64, Raft)> = self

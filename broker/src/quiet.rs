@@ -188,10 +188,11 @@ impl Node {
                             }
                         });
                         let all = futures::future::join_all(asks).await;
-                        if all.iter().all(|ok| *ok) && node.quiet_candidate(g, &h).is_some() {
-                            if h.quiet.sleep(&h.raft, Some(since)) {
-                                tracing::debug!(group = g, "quiet");
-                            }
+                        if all.iter().all(|ok| *ok)
+                            && node.quiet_candidate(g, &h).is_some()
+                            && h.quiet.sleep(&h.raft, Some(since))
+                        {
+                            tracing::debug!(group = g, "quiet");
                         }
                     }
                 });

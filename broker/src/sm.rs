@@ -167,6 +167,27 @@ fn scan_named<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// Calls `f(key, value)` for every key of the state CF that starts with
+/// `prefix`, in order.
+fn for_each_with_prefix(
+    store: &Store,
+    prefix: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), RaftStorageError>,
+) -> Result<(), RaftStorageError> {
+    let cf = store.cf(CF_SM_STATE);
+    for kv in store
+        .db()
+        .iterator_cf(&cf, IteratorMode::From(prefix, Direction::Forward))
+    {
+        let (k, v) = kv.map_err(sm_read_err)?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        f(&k, &v)?;
+    }
+    Ok(())
+}
+
 /// Every producer's de-duplication window of `group`: its entries
 /// (`PRODUCER_SEQ`) and when it was last seen (`PRODUCER_SEEN`).
 fn scan_producers(
@@ -174,19 +195,11 @@ fn scan_producers(
     group: u64,
 ) -> Result<HashMap<String, ProducerWindow>, RaftStorageError> {
     let mut out: HashMap<String, ProducerWindow> = HashMap::new();
-    let cf = store.cf(CF_SM_STATE);
-    let prefix = keys::state_key(group, sm_state::PRODUCER_SEQ);
-    for kv in store
-        .db()
-        .iterator_cf(&cf, IteratorMode::From(&prefix, Direction::Forward))
-    {
-        let (k, v) = kv.map_err(sm_read_err)?;
-        if !k.starts_with(&prefix) {
-            break;
-        }
+    let seqs = keys::state_key(group, sm_state::PRODUCER_SEQ);
+    for_each_with_prefix(store, &seqs, |k, v| {
         let (Some((name, seq)), Ok(off)) = (
-            keys::decode_producer_seq_key(group, &k),
-            <[u8; 8]>::try_from(v.as_ref()),
+            keys::decode_producer_seq_key(group, k),
+            <[u8; 8]>::try_from(v),
         ) else {
             return Err(sm_read_err(std::io::Error::other(
                 "malformed de-duplication entry",
@@ -196,20 +209,15 @@ fn scan_producers(
             .or_default()
             .seqs
             .insert(seq, u64::from_be_bytes(off));
-    }
-    let prefix = keys::state_key(group, sm_state::PRODUCER_SEEN);
-    for kv in store
-        .db()
-        .iterator_cf(&cf, IteratorMode::From(&prefix, Direction::Forward))
-    {
-        let (k, v) = kv.map_err(sm_read_err)?;
-        if !k.starts_with(&prefix) {
-            break;
-        }
-        let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-        let seen = <[u8; 8]>::try_from(v.as_ref()).map_or(0, u64::from_be_bytes);
-        out.entry(name).or_default().last_seen = seen;
-    }
+        Ok(())
+    })?;
+    let seen = keys::state_key(group, sm_state::PRODUCER_SEEN);
+    for_each_with_prefix(store, &seen, |k, v| {
+        let name = String::from_utf8_lossy(&k[seen.len()..]).into_owned();
+        out.entry(name).or_default().last_seen =
+            <[u8; 8]>::try_from(v).map_or(0, u64::from_be_bytes);
+        Ok(())
+    })?;
     Ok(out)
 }
 
