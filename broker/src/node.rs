@@ -1227,6 +1227,7 @@ impl Node {
         // Leader claims from every broker (highest term wins per group).
         let mut alive = BTreeSet::new();
         let mut claims: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        let version = map.version;
         let futs = map.brokers.iter().map(|(id, addr)| {
             let id = *id;
             let addr = addr.clone();
@@ -1235,7 +1236,11 @@ impl Node {
                     return Some((id, self.routes_response(&self.map_rx.borrow().clone())));
                 }
                 let ch = self.pool.channel(id, &addr).ok()?;
-                let mut r = tonic::Request::new(bpb::RoutesRequest::default());
+                // Only the leader claims are used: a broker on our map
+                // version leaves the map out.
+                let mut r = tonic::Request::new(bpb::RoutesRequest {
+                    known_map_version: version,
+                });
                 r.set_timeout(Duration::from_secs(1));
                 let resp = BrokerDataClient::new(ch).routes(r).await.ok()?;
                 Some((id, resp.into_inner()))
