@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -25,10 +26,16 @@ pub struct LogStore {
     tail: Arc<Mutex<Tail>>,
 }
 
-/// Most entries kept in memory per group.
-const TAIL_ENTRIES: usize = 1024;
+/// Most entries kept in memory per group. Followers are normally a few
+/// entries behind; one further back is served from RocksDB.
+const TAIL_ENTRIES: usize = 256;
 /// Most command bytes kept in memory per group (records dominate).
-const TAIL_BYTES: usize = 16 << 20;
+const TAIL_BYTES: usize = 4 << 20;
+/// Most bytes kept by every group's tail together (process-wide): with
+/// thousands of groups the per-group bound alone is not a bound. Past it, a
+/// group that appends keeps only its newest entry.
+const TAIL_BYTES_TOTAL: usize = 256 << 20;
+static TAIL_TOTAL: AtomicUsize = AtomicUsize::new(0);
 
 /// A contiguous run of the newest log entries (indexes `first..first+len`).
 #[derive(Debug, Default)]
@@ -51,13 +58,21 @@ impl Tail {
         }
         let size = entry_size(&e);
         self.bytes += size;
+        TAIL_TOTAL.fetch_add(size, Ordering::Relaxed);
         self.entries.push_back((e, size));
         while self.entries.len() > TAIL_ENTRIES
-            || (self.bytes > TAIL_BYTES && self.entries.len() > 1)
+            || (self.entries.len() > 1
+                && (self.bytes > TAIL_BYTES
+                    || TAIL_TOTAL.load(Ordering::Relaxed) > TAIL_BYTES_TOTAL))
         {
-            if let Some((_, s)) = self.entries.pop_front() {
-                self.bytes -= s;
-            }
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, s)) = self.entries.pop_front() {
+            self.bytes -= s;
+            TAIL_TOTAL.fetch_sub(s, Ordering::Relaxed);
         }
     }
 
@@ -70,6 +85,7 @@ impl Tail {
         {
             if let Some((_, s)) = self.entries.pop_back() {
                 self.bytes -= s;
+                TAIL_TOTAL.fetch_sub(s, Ordering::Relaxed);
             }
         }
     }
@@ -81,13 +97,12 @@ impl Tail {
             .front()
             .is_some_and(|(e, _)| e.log_id.index <= upto)
         {
-            if let Some((_, s)) = self.entries.pop_front() {
-                self.bytes -= s;
-            }
+            self.pop_front();
         }
     }
 
     fn clear(&mut self) {
+        TAIL_TOTAL.fetch_sub(self.bytes, Ordering::Relaxed);
         self.entries.clear();
         self.bytes = 0;
     }
@@ -107,6 +122,12 @@ impl Tail {
                 .map(|(e, _)| e.clone())
                 .collect(),
         )
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        TAIL_TOTAL.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -146,6 +167,13 @@ impl LogStore {
 
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the in-memory tail (a quiet group: every follower holds every
+    /// entry, so nothing will be replicated from it). The tail is shared
+    /// with the clone openraft owns.
+    pub fn forget_tail(&self) {
+        self.tail().clear();
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(

@@ -70,6 +70,8 @@ pub struct GroupHandle {
     /// Quiescence (see `quiet.rs`): whether this replica's Raft timers are
     /// off, and when this node last proposed a write to the group.
     pub(crate) quiet: Arc<crate::quiet::QuietState>,
+    /// The group's log store (its in-memory tail is dropped when quiet).
+    pub(crate) log: Option<LogStore>,
 }
 
 impl GroupHandle {
@@ -79,6 +81,7 @@ impl GroupHandle {
             queue,
             handoff: Arc::new(AtomicBool::new(false)),
             quiet: Arc::default(),
+            log: None,
         }
     }
 }
@@ -1008,6 +1011,7 @@ impl Node {
                 continue;
             }
             let shared = Arc::new(QueueShared::new(q.group_id, self.earliest_due.clone()));
+            let log = LogStore::new(q.group_id, self.store.clone());
             let sm =
                 StateMachine::open(q.group_id, self.store.clone(), Kind::Queue(shared.clone()))?;
             let raft = Raft::new(
@@ -1017,12 +1021,13 @@ impl Node {
                     group: q.group_id,
                     pool: self.pool.clone(),
                 },
-                LogStore::new(q.group_id, self.store.clone()),
+                log.clone(),
                 sm,
             )
             .await?;
-            self.groups
-                .insert(q.group_id, GroupHandle::new(raft.clone(), Some(shared)));
+            let mut handle = GroupHandle::new(raft.clone(), Some(shared));
+            handle.log = Some(log);
+            self.groups.insert(q.group_id, handle);
             self.watch_leadership(q.group_id, raft.clone());
             let members: BTreeMap<u64, BasicNode> = q
                 .replicas

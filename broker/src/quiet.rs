@@ -140,6 +140,9 @@ impl Node {
             )));
         }
         h.quiet.sleep(&h.raft, None);
+        if let Some(log) = &h.log {
+            log.forget_tail();
+        }
         Ok(())
     }
 
@@ -192,6 +195,11 @@ impl Node {
                             && node.quiet_candidate(g, &h).is_some()
                             && h.quiet.sleep(&h.raft, Some(since))
                         {
+                            // Every follower holds every entry: nothing
+                            // will be replicated from the in-memory tail.
+                            if let Some(log) = &h.log {
+                                log.forget_tail();
+                            }
                             tracing::debug!(group = g, "quiet");
                         }
                     }
