@@ -136,18 +136,14 @@ pub async fn run(
                 }
                 let t = Instant::now();
                 // Every record claimed: stop long-polling for more.
-                let received = tokio::select! {
-                    r = consumer.receive_with(want, INVISIBLE, WAIT) => Some(r),
-                    () = stop.stopped() => None,
-                };
-                let msgs = match received {
-                    None => break,
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        c.errors.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("drain: receive failed: {e}");
-                        continue;
-                    }
+                let msgs = match crate::receive_or_stop(
+                    &consumer, want, INVISIBLE, WAIT, &stop, &c, "drain",
+                )
+                .await
+                {
+                    crate::Received::Stopped => break,
+                    crate::Received::Failed => continue,
+                    crate::Received::Got(m) => m,
                 };
                 let now_ms = start.elapsed().as_millis() as u64;
                 if msgs.is_empty() {

@@ -207,18 +207,14 @@ pub async fn run(a: &E2eArgs, endpoint: &[String], pids: Option<&[u32]>) -> anyh
         workers.push(tokio::spawn(async move {
             let mut h = new_histogram()?;
             while !stop.is_stopped() {
-                let received = tokio::select! {
-                    r = consumer.receive_with(batch, INVISIBLE, WAIT) => Some(r),
-                    () = stop.stopped() => None,
-                };
-                let msgs = match received {
-                    None => break,
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        c.errors.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("e2e: receive failed: {e}");
-                        continue;
-                    }
+                let msgs = match crate::receive_or_stop(
+                    &consumer, batch, INVISIBLE, WAIT, &stop, &c, "e2e",
+                )
+                .await
+                {
+                    crate::Received::Stopped => break,
+                    crate::Received::Failed => continue,
+                    crate::Received::Got(m) => m,
                 };
                 if msgs.is_empty() {
                     continue;

@@ -479,6 +479,38 @@ async fn wait_for_leaders(client: &Client, topic: &str, budget: Duration) {
 #[derive(Debug, Clone)]
 struct Stop(Arc<tokio::sync::watch::Sender<bool>>);
 
+/// What a receiver of a stoppable workload got from one receive.
+enum Received {
+    /// The workload stopped while the receive long-polled.
+    Stopped,
+    /// The receive failed (counted as an error and reported on stderr).
+    Failed,
+    Got(Vec<petrel_sdk::ReceivedMessage>),
+}
+
+/// One receive of up to `n` records that gives way to `stop`.
+async fn receive_or_stop(
+    consumer: &petrel_sdk::SimpleConsumer,
+    n: u32,
+    invisible: Duration,
+    wait: Duration,
+    stop: &Stop,
+    c: &Counters,
+    workload: &str,
+) -> Received {
+    tokio::select! {
+        r = consumer.receive_with(n, invisible, wait) => match r {
+            Ok(m) => Received::Got(m),
+            Err(e) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                eprintln!("{workload}: receive failed: {e}");
+                Received::Failed
+            }
+        },
+        () = stop.stopped() => Received::Stopped,
+    }
+}
+
 impl Stop {
     fn new() -> Self {
         Self(Arc::new(tokio::sync::watch::channel(false).0))
