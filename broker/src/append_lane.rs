@@ -54,6 +54,17 @@ fn part_bytes(p: &AppendPart) -> usize {
     p.records.iter().map(|(_, b)| b.len()).sum()
 }
 
+/// Runs `Node::lane_next` when dropped.
+struct LaneNext(Option<(Arc<Node>, u64, GroupHandle, Arc<Lane>)>);
+
+impl Drop for LaneNext {
+    fn drop(&mut self) {
+        if let Some((node, group, h, lane)) = self.0.take() {
+            node.lane_next(group, h, lane);
+        }
+    }
+}
+
 impl Node {
     /// Appends `part` to queue `group` (led here, `h`), coalesced with
     /// concurrent appends to the same queue.
@@ -77,12 +88,13 @@ impl Node {
         };
         match wait {
             Ok(part) => {
-                let r = self
-                    .write_parts(group, h, vec![part])
+                // Hands the slot on however this future ends: a request
+                // dropped mid-write (client gone, RPC deadline) must not
+                // leave the queue's lane held for good.
+                let _next = LaneNext(Some((self.clone(), group, h.clone(), lane)));
+                self.write_parts(group, h, vec![part])
                     .await
-                    .map(|mut v| v.pop().unwrap_or_default());
-                self.clone().lane_next(group, h.clone(), lane);
-                r
+                    .map(|mut v| v.pop().unwrap_or_default())
             }
             Err(rx) => rx.await.unwrap_or_else(|_| {
                 Err(PetrelError::Unavailable(format!(
@@ -112,7 +124,12 @@ impl Node {
             }
             st.waiting.drain(..n).collect()
         };
-        tokio::spawn(async move {
+        // Outside a runtime (shutting down) the waiters' senders drop and
+        // they get `unavailable`.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
             let (parts, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             match self.write_parts(group, &h, parts).await {
                 Ok(results) => {
