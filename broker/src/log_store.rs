@@ -71,9 +71,14 @@ impl Tail {
 
     fn pop_front(&mut self) {
         if let Some((_, s)) = self.entries.pop_front() {
-            self.bytes -= s;
-            TAIL_TOTAL.fetch_sub(s, Ordering::Relaxed);
+            self.forget(s);
         }
+    }
+
+    /// Accounts for an entry of `size` bytes leaving the tail.
+    fn forget(&mut self, size: usize) {
+        self.bytes -= size;
+        TAIL_TOTAL.fetch_sub(size, Ordering::Relaxed);
     }
 
     /// Drops entries with index >= `from`.
@@ -84,8 +89,7 @@ impl Tail {
             .is_some_and(|(e, _)| e.log_id.index >= from)
         {
             if let Some((_, s)) = self.entries.pop_back() {
-                self.bytes -= s;
-                TAIL_TOTAL.fetch_sub(s, Ordering::Relaxed);
+                self.forget(s);
             }
         }
     }

@@ -261,7 +261,7 @@ pub struct Changes {
     pub removed_producers: Vec<String>,
     /// De-duplication entries added (`Some(offset)`) or dropped (`None`):
     /// one small key each, so an append costs O(records), not O(window).
-    pub producer_seqs: Vec<(String, u64, Option<u64>)>,
+    pub producer_seqs: HashMap<String, Vec<(u64, Option<u64>)>>,
     /// Records `old..new` removed by retention.
     pub truncated: Option<(u64, u64)>,
     /// Delayed records held (offset, deliver time) and released.
@@ -339,9 +339,13 @@ impl QueueState {
             // written (see `StateMachine::persist_queue`).
             self.evict_producers_if_full(ch);
         }
+        // The producer's window is taken out for the loop and put back
+        // after it: no per-record lookup or allocation of its name.
+        let mut window = (dedup && records.iter().any(|(seq, _)| *seq != 0))
+            .then(|| self.producers.remove(producer_id).unwrap_or_default());
+        let mut seq_changes: Vec<(u64, Option<u64>)> = Vec::new();
         for (i, (seq, bytes)) in records.iter().enumerate() {
-            if dedup && *seq != 0 {
-                let w = self.producers.entry(producer_id.to_string()).or_default();
+            if let Some(w) = window.as_mut().filter(|_| *seq != 0) {
                 w.last_seen = log_index;
                 if let Some(off) = w.seqs.get(seq) {
                     out.push((*off, true));
@@ -349,14 +353,12 @@ impl QueueState {
                 }
                 let off = self.header.next_offset;
                 w.seqs.insert(*seq, off);
-                ch.producer_seqs
-                    .push((producer_id.to_string(), *seq, Some(off)));
+                seq_changes.push((*seq, Some(off)));
                 while w.seqs.len() > DEDUP_WINDOW {
                     if let Some((old, _)) = w.seqs.pop_first() {
-                        ch.producer_seqs.push((producer_id.to_string(), old, None));
+                        seq_changes.push((old, None));
                     }
                 }
-                ch.producers.insert(producer_id.to_string());
             }
             let off = self.header.next_offset;
             self.header.next_offset += 1;
@@ -385,6 +387,16 @@ impl QueueState {
                 ch.held_added.push((off, at));
             }
             out.push((off, false));
+        }
+        if let Some(w) = window {
+            if !seq_changes.is_empty() {
+                ch.producers.insert(producer_id.to_string());
+                ch.producer_seqs
+                    .entry(producer_id.to_string())
+                    .or_default()
+                    .extend(seq_changes);
+            }
+            self.producers.insert(producer_id.to_string(), w);
         }
         ch.header = true;
         out
@@ -543,7 +555,7 @@ impl QueueState {
         {
             self.producers.remove(&oldest);
             ch.producers.remove(&oldest);
-            ch.producer_seqs.retain(|(p, _, _)| *p != oldest);
+            ch.producer_seqs.remove(&oldest);
             ch.removed_producers.push(oldest);
         }
     }

@@ -374,11 +374,13 @@ impl StateMachine {
                 keys::producer_seq_end(g, name),
             );
         }
-        for (name, seq, off) in &ch.producer_seqs {
-            let k = keys::producer_seq_key(g, name, *seq);
-            match off {
-                Some(off) => b.put_cf(&sm, k, off.to_be_bytes()),
-                None => b.delete_cf(&sm, k),
+        for (name, changes) in &ch.producer_seqs {
+            for (seq, off) in changes {
+                let k = keys::producer_seq_key(g, name, *seq);
+                match off {
+                    Some(off) => b.put_cf(&sm, k, off.to_be_bytes()),
+                    None => b.delete_cf(&sm, k),
+                }
             }
         }
         for name in &ch.producers {
@@ -797,7 +799,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     producer_seqs: st
                         .producers
                         .iter()
-                        .flat_map(|(p, w)| w.seqs.iter().map(|(s, o)| (p.clone(), *s, Some(*o))))
+                        .map(|(p, w)| {
+                            (
+                                p.clone(),
+                                w.seqs.iter().map(|(s, o)| (*s, Some(*o))).collect(),
+                            )
+                        })
                         .collect(),
                     truncated: None,
                     held_added: held,
