@@ -924,6 +924,26 @@ impl Node {
         .then_some(m.current_term)
     }
 
+    /// The term in which this leader may serve `h`'s consumers from memory:
+    /// only once it has applied an entry of its own term, which means every
+    /// checkpoint its predecessors committed is in its state.
+    pub fn consumer_term(&self, group: u64, h: &GroupHandle) -> Result<u64, PetrelError> {
+        let m = h.raft.metrics();
+        let m = m.borrow();
+        if m.current_leader != Some(self.id) {
+            return Err(PetrelError::NotLeader {
+                group,
+                leader: m.current_leader,
+            });
+        }
+        match m.last_applied {
+            Some(l) if l.leader_id.term == m.current_term => Ok(m.current_term),
+            _ => Err(PetrelError::Unavailable(format!(
+                "group {group}: the new leader is still applying its predecessors' log; retry"
+            ))),
+        }
+    }
+
     /// Replicates `cmd` through `group` and returns its applied response.
     pub async fn write(
         &self,

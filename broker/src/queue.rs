@@ -184,8 +184,30 @@ impl ConsumerState {
         } else if offset < self.next_fresh && !self.pending.contains_key(&offset) {
             ApplyError::ReceiptExpired(format!("offset {offset} is already acked"))
         } else {
-            ApplyError::InvalidArgument(format!("offset {offset} is not leased to this group"))
+            // Receipts are signed, so this one was issued by a leader of
+            // the queue whose lease was not checkpointed before a failover
+            // (or was dropped by an offset reset): the record comes again.
+            ApplyError::ReceiptExpired(format!(
+                "offset {offset} is no longer leased under this receipt (the queue's leader \
+                 changed or its offset was reset); it will be delivered again"
+            ))
         }
+    }
+
+    /// Moves the group to `offset` (clamped to `start..=end`). Moving
+    /// backwards forgets every lease and pending record.
+    fn reset(&mut self, offset: u64, start: u64, end: u64) {
+        let offset = offset.clamp(start, end.max(start));
+        if offset < self.committed {
+            self.leases.clear();
+            self.pending.clear();
+            self.next_fresh = offset;
+        } else {
+            self.leases = self.leases.split_off(&offset);
+            self.pending = self.pending.split_off(&offset);
+            self.next_fresh = self.next_fresh.max(offset);
+        }
+        self.advance();
     }
 
     /// Message groups that may not be leased now.
@@ -196,6 +218,58 @@ impl ConsumerState {
             .map(|l| l.mgroup)
             .collect()
     }
+}
+
+/// One change the queue leader made to a group's consumer state in its
+/// memory (a receive, ack, nack, invisibility change or dead-letter
+/// decision), replicated afterwards in a batched [`Checkpoint`]. Each is a
+/// plain assignment of the outcome, so a replica that applies them in log
+/// order reaches the leader's state whatever else (releases, retention,
+/// transaction ends) was applied in between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsumerOp {
+    /// The group's retry policy (every receive carries it).
+    Policy(RetryPolicy),
+    /// A lease granted or changed (first delivery, redelivery, nack back-off,
+    /// invisibility change): the record is leased, not pending.
+    Lease(u64, Lease),
+    /// Acked: the lease ends and the record is done.
+    Done(u64),
+    /// A receive's scan of fresh records ended at `to`. `passed` went to
+    /// pending (FIFO groups in flight), `held` (ranges, end exclusive) were
+    /// delayed or transactional records still held when passed over: a
+    /// replica where one has since been released hands it to the group as
+    /// pending, as the leader's release did.
+    Scan {
+        to: u64,
+        filtered: u64,
+        passed: Vec<(u64, u64)>,
+        held: Vec<(u64, u64)>,
+    },
+    /// The last attempt failed: the record waits to be stored as a dead
+    /// letter.
+    Dead(u64, DeadLetter),
+    /// The dead letter is stored in the group's dead-letter topic.
+    Shipped(u64),
+    /// An operator set the group's position (offset mode).
+    Reset(u64),
+}
+
+/// One group's consumer ops, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerOps {
+    pub consumer: String,
+    pub ops: Vec<ConsumerOp>,
+}
+
+/// The ops of many receives, acks and nacks, replicated as one Raft entry
+/// (`Command::Checkpoint`). `origin` names the in-memory state that
+/// already holds them (see `QueueShared::incarnation`): that replica skips
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub origin: u64,
+    pub batches: Vec<ConsumerOps>,
 }
 
 /// An append inside a transaction.
@@ -270,6 +344,9 @@ pub struct Changes {
     /// Transactions changed (to write) and forgotten (to delete).
     pub txns: HashSet<String>,
     pub txns_removed: Vec<String>,
+    /// Consumer ops taken (recorded only when the leader runs a receive,
+    /// ack or nack in memory; applying a command ignores them).
+    pub ops: Vec<(String, ConsumerOp)>,
 }
 
 /// `held` time of a record in an open (or rolled back) transaction: never
@@ -687,8 +764,12 @@ impl QueueState {
             .consumers
             .entry(consumer.to_string())
             .or_insert_with(|| ConsumerState::new(start));
-        let before = c.clone();
-        c.policy = p.policy;
+        let ops_before = ch.ops.len();
+        let mut op = |o: ConsumerOp| ch.ops.push((consumer.to_string(), o));
+        if c.policy != p.policy {
+            c.policy = p.policy;
+            op(ConsumerOp::Policy(p.policy));
+        }
         let max = p.max as usize;
         let mut out = Vec::new();
         let lease_of = |mgroup: u64| Lease {
@@ -725,7 +806,9 @@ impl QueueState {
                 };
                 let attempts = l.attempt;
                 c.leases.remove(&off);
-                c.dead_pending.insert(off, DeadLetter { attempts, reason });
+                let d = DeadLetter { attempts, reason };
+                op(ConsumerOp::Dead(off, d.clone()));
+                c.dead_pending.insert(off, d);
                 c.dead_lettered += 1;
                 continue;
             }
@@ -734,6 +817,7 @@ impl QueueState {
             l.prev_lease_id = 0;
             l.deadline_ms = deadline_ms;
             l.retry_at_ms = deadline_ms;
+            op(ConsumerOp::Lease(off, l.clone()));
             out.push(LeaseInfo {
                 offset: off,
                 attempt: l.attempt,
@@ -753,6 +837,7 @@ impl QueueState {
                     continue;
                 }
                 c.pending.remove(&off);
+                op(ConsumerOp::Lease(off, lease_of(g)));
                 c.leases.insert(off, lease_of(g));
                 if g != 0 {
                     blocked.insert(g);
@@ -767,6 +852,8 @@ impl QueueState {
         }
         // 3. Fresh records.
         let (mut scanned, mut held_skipped) = (0, 0);
+        let scan_from = c.next_fresh;
+        let (mut filtered, mut passed, mut held_runs) = (0u64, Vec::new(), Vec::new());
         while out.len() < max && c.next_fresh < end && scanned < POP_SCAN_LIMIT {
             let off = c.next_fresh;
             if held.contains_key(&off) {
@@ -777,6 +864,7 @@ impl QueueState {
                     c.next_fresh += 1;
                     held_skipped += 1;
                 }
+                held_runs.push((off, c.next_fresh));
                 if held_skipped >= POP_HELD_SKIP_LIMIT {
                     break;
                 }
@@ -789,6 +877,7 @@ impl QueueState {
                             if !f.matches(&v.tag, &v.properties) {
                                 c.next_fresh += 1;
                                 c.filtered += 1;
+                                filtered += 1;
                                 scanned += 1;
                                 continue;
                             }
@@ -809,12 +898,14 @@ impl QueueState {
                     break;
                 }
                 c.pending.insert(off, g);
+                passed.push((off, g));
                 c.next_fresh += 1;
                 scanned += 1;
                 continue;
             }
             c.next_fresh += 1;
             scanned += 1;
+            op(ConsumerOp::Lease(off, lease_of(g)));
             c.leases.insert(off, lease_of(g));
             if g != 0 {
                 blocked.insert(g);
@@ -826,6 +917,14 @@ impl QueueState {
                 deadline_ms,
             });
         }
+        if c.next_fresh != scan_from || !passed.is_empty() {
+            op(ConsumerOp::Scan {
+                to: c.next_fresh,
+                filtered,
+                passed,
+                held: held_runs,
+            });
+        }
         c.advance();
         let dead = c
             .dead_pending
@@ -833,7 +932,7 @@ impl QueueState {
             .take(256)
             .map(|(o, d)| (*o, d.clone()))
             .collect();
-        if *c != before {
+        if ch.ops.len() != ops_before {
             ch.consumers.insert(consumer.to_string());
         }
         PopOutcome { leases: out, dead }
@@ -852,6 +951,7 @@ impl QueueState {
             match c.leases.get(&off) {
                 Some(l) if l.lease_id == lease_id => {
                     c.leases.remove(&off);
+                    ch.ops.push((consumer.to_string(), ConsumerOp::Done(off)));
                     changed = true;
                     out.push(Ok(()));
                 }
@@ -860,9 +960,7 @@ impl QueueState {
                 )))),
                 // Already acked (or dead-lettered): idempotent.
                 None if off < c.next_fresh && !c.pending.contains_key(&off) => out.push(Ok(())),
-                None => out.push(Err(ApplyError::InvalidArgument(format!(
-                    "offset {off} is not leased to this group"
-                )))),
+                None => out.push(Err(c.lease_miss(off))),
             }
         }
         if changed {
@@ -898,8 +996,10 @@ impl QueueState {
                 let out = if l.attempt >= policy.max_attempts {
                     let attempts = l.attempt;
                     c.leases.remove(&offset);
-                    c.dead_pending
-                        .insert(offset, DeadLetter { attempts, reason });
+                    let d = DeadLetter { attempts, reason };
+                    ch.ops
+                        .push((consumer.to_string(), ConsumerOp::Dead(offset, d.clone())));
+                    c.dead_pending.insert(offset, d);
                     c.dead_lettered += 1;
                     c.advance();
                     None
@@ -910,6 +1010,8 @@ impl QueueState {
                     l.deadline_ms = now_ms;
                     l.retry_at_ms = at;
                     l.reason = reason;
+                    ch.ops
+                        .push((consumer.to_string(), ConsumerOp::Lease(offset, l.clone())));
                     Some(at)
                 };
                 ch.consumers.insert(consumer.to_string());
@@ -924,7 +1026,10 @@ impl QueueState {
         let c = self.consumer(consumer);
         let mut changed = false;
         for o in offsets {
-            changed |= c.dead_pending.remove(o).is_some();
+            if c.dead_pending.remove(o).is_some() {
+                ch.ops.push((consumer.to_string(), ConsumerOp::Shipped(*o)));
+                changed = true;
+            }
         }
         if changed {
             ch.consumers.insert(consumer.to_string());
@@ -955,6 +1060,8 @@ impl QueueState {
                 l.lease_id = log_index;
                 l.deadline_ms = now_ms.saturating_add(invisible_ms.min(i64::MAX as u64) as i64);
                 l.retry_at_ms = l.deadline_ms;
+                ch.ops
+                    .push((consumer.to_string(), ConsumerOp::Lease(offset, l.clone())));
                 let info = LeaseInfo {
                     offset,
                     attempt: l.attempt,
@@ -966,6 +1073,71 @@ impl QueueState {
             }
             _ => Err(c.lease_miss(offset)),
         }
+    }
+
+    /// Applies consumer ops the queue leader took in its memory (a
+    /// checkpoint) to this replica's state. Offsets retention removed here
+    /// are ignored.
+    pub fn apply_consumer_ops(&mut self, batch: &ConsumerOps, ch: &mut Changes) {
+        let (start, end) = (self.header.start_offset, self.header.next_offset);
+        let held = &self.held;
+        let c = self
+            .consumers
+            .entry(batch.consumer.clone())
+            .or_insert_with(|| ConsumerState::new(start));
+        for op in &batch.ops {
+            match op {
+                ConsumerOp::Policy(p) => c.policy = *p,
+                ConsumerOp::Lease(off, l) => {
+                    if *off >= start {
+                        c.pending.remove(off);
+                        c.leases.insert(*off, l.clone());
+                    }
+                }
+                ConsumerOp::Done(off) => {
+                    c.leases.remove(off);
+                }
+                ConsumerOp::Scan {
+                    to,
+                    filtered,
+                    passed,
+                    held: runs,
+                } => {
+                    c.next_fresh = c.next_fresh.max(*to);
+                    c.filtered += filtered;
+                    for (off, g) in passed {
+                        if *off >= start && !c.leases.contains_key(off) {
+                            c.pending.insert(*off, *g);
+                        }
+                    }
+                    for (from, to) in runs {
+                        for off in (*from).max(start)..*to {
+                            // Released (or its transaction committed) after
+                            // the leader passed over it: the leader's release
+                            // made it pending; do the same here.
+                            if !held.contains_key(&off) && !c.leases.contains_key(&off) {
+                                c.pending.insert(off, 0);
+                            }
+                        }
+                    }
+                }
+                ConsumerOp::Dead(off, d) => {
+                    c.dead_lettered += 1;
+                    if *off >= start {
+                        c.leases.remove(off);
+                        c.pending.remove(off);
+                        c.dead_pending.insert(*off, d.clone());
+                    }
+                }
+                ConsumerOp::Shipped(off) => {
+                    c.dead_pending.remove(off);
+                }
+                ConsumerOp::Reset(offset) => c.reset(*offset, start, end),
+            }
+        }
+        c.next_fresh = c.next_fresh.max(start);
+        c.advance();
+        ch.consumers.insert(batch.consumer.clone());
     }
 
     /// Offset mode: sets the group's committed position (clamped to the
@@ -983,17 +1155,9 @@ impl QueueState {
             )));
         }
         let offset = offset.max(start);
-        let c = self.consumer(consumer);
-        if offset < c.committed {
-            c.leases.clear();
-            c.pending.clear();
-            c.next_fresh = offset;
-        } else {
-            c.leases = c.leases.split_off(&offset);
-            c.pending = c.pending.split_off(&offset);
-            c.next_fresh = c.next_fresh.max(offset);
-        }
-        c.advance();
+        self.consumer(consumer).reset(offset, start, end);
+        ch.ops
+            .push((consumer.to_string(), ConsumerOp::Reset(offset)));
         ch.consumers.insert(consumer.to_string());
         Ok(())
     }
@@ -1436,6 +1600,178 @@ mod tests {
             .collect();
         assert_eq!(late, vec![0, 1, 2]);
         assert!(q.stale_txns(i64::MAX - 1).is_empty());
+    }
+
+    /// A log entry in the replication test below.
+    enum Logged {
+        Append(usize, Vec<i64>),
+        Release(i64),
+        Truncate(u64),
+        Checkpoint(Vec<(String, ConsumerOp)>),
+    }
+
+    /// A replica that applies the leader's commands and checkpoints in log
+    /// order reaches the leader's consumer state, however releases,
+    /// retention, appends and resets land between the ops and the
+    /// checkpoint that carries them.
+    #[test]
+    fn checkpointed_ops_reproduce_the_leaders_consumer_state() {
+        for seed in 1..=60u64 {
+            for (fifo, filtered) in [(false, false), (true, false), (false, true), (true, true)] {
+                replicate(seed, fifo, filtered);
+            }
+        }
+    }
+
+    fn replicate(seed: u64, fifo: bool, filtered: bool) {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let f = Filter::parse_sql("region = 'eu'").unwrap();
+        let filter = filtered.then_some(&f);
+        let view = |o: u64| {
+            let region = if o % 4 == 3 { "us" } else { "eu" };
+            Some(rec("", &format!("m{}", o % 3), &[("region", region)]))
+        };
+        let mut leader = QueueState::default();
+        let mut log = Vec::new();
+        let mut unflushed: Vec<(String, ConsumerOp)> = Vec::new();
+        let mut now = 1_000i64;
+        let mut id = 1u64 << 40;
+        let policy = RetryPolicy::with_defaults(3, 10, 40);
+        for _ in 0..400 {
+            now += rnd(20) as i64;
+            id += 1;
+            let g = if rnd(3) == 0 { "g2" } else { "g1" };
+            let mut ch = Changes::default();
+            let leased: Vec<(u64, u64)> = leader
+                .consumers
+                .get(g)
+                .map(|c| c.leases.iter().map(|(o, l)| (*o, l.lease_id)).collect())
+                .unwrap_or_default();
+            let pick = |r: u64| leased.get(r as usize % leased.len().max(1)).copied();
+            match rnd(20) {
+                0..=6 => {
+                    let p = PopParams {
+                        max: 1 + rnd(8) as u32,
+                        now_ms: now,
+                        invisible_ms: [5, 30, 1000][rnd(3) as usize],
+                        filter,
+                        fifo,
+                        policy,
+                    };
+                    leader.pop(g, p, id, &mut { view }, &mut ch);
+                }
+                7..=10 => {
+                    if let Some((o, l)) = pick(rnd(1000)) {
+                        leader.ack(g, &[(o, l)], &mut ch);
+                    }
+                }
+                11 => {
+                    if let Some((o, l)) = pick(rnd(1000)) {
+                        let _ = leader.nack(g, o, l, "no", now, id, &mut ch);
+                    }
+                }
+                12 => {
+                    if let Some((o, l)) = pick(rnd(1000)) {
+                        let _ = leader.change_invisible(g, o, l, now, 50, id, &mut ch);
+                    }
+                }
+                13 => {
+                    let dead: Vec<u64> = leader
+                        .consumers
+                        .get(g)
+                        .map(|c| c.dead_pending.keys().copied().collect())
+                        .unwrap_or_default();
+                    leader.dead_lettered(g, &dead, &mut ch);
+                }
+                14 => {
+                    let (s, e) = (leader.header.start_offset, leader.header.next_offset);
+                    let _ = leader.commit_offset(g, s + rnd(e - s + 1), &mut ch);
+                }
+                15 | 16 => {
+                    let n = 1 + rnd(6) as usize;
+                    let at: Vec<i64> = (0..n)
+                        .map(|_| if rnd(3) == 0 { now + rnd(60) as i64 } else { 0 })
+                        .collect();
+                    let recs: Vec<_> = (0..n).map(|_| (0, Bytes::from_static(b"x"))).collect();
+                    leader.append("", &recs, &at, None, id, &mut ch);
+                    log.push(Logged::Append(n, at));
+                }
+                17 | 18 => {
+                    leader.release(now, usize::MAX, &mut ch);
+                    log.push(Logged::Release(now));
+                }
+                _ => {
+                    let before = leader.header.start_offset + rnd(4);
+                    leader.truncate(before, 0, &mut ch);
+                    log.push(Logged::Truncate(before));
+                }
+            }
+            unflushed.extend(ch.ops);
+            if rnd(4) == 0 {
+                log.push(Logged::Checkpoint(std::mem::take(&mut unflushed)));
+            }
+        }
+        log.push(Logged::Checkpoint(unflushed));
+
+        let mut replica = QueueState::default();
+        let mut ch = Changes::default();
+        for e in &log {
+            match e {
+                Logged::Append(n, at) => {
+                    let recs: Vec<_> = (0..*n).map(|_| (0, Bytes::from_static(b"x"))).collect();
+                    replica.append("", &recs, at, None, 1, &mut ch);
+                }
+                Logged::Release(t) => {
+                    replica.release(*t, usize::MAX, &mut ch);
+                }
+                Logged::Truncate(b) => {
+                    replica.truncate(*b, 0, &mut ch);
+                }
+                Logged::Checkpoint(ops) => {
+                    for (consumer, op) in ops {
+                        let batch = ConsumerOps {
+                            consumer: consumer.clone(),
+                            ops: vec![op.clone()],
+                        };
+                        replica.apply_consumer_ops(&batch, &mut ch);
+                    }
+                }
+            }
+        }
+        let ctx = format!("seed {seed} fifo {fifo} filtered {filtered}");
+        assert_eq!(replica.header, leader.header, "{ctx}");
+        for (name, l) in &leader.consumers {
+            let Some(r) = replica.consumers.get(name) else {
+                assert!(l.leases.is_empty() && l.pending.is_empty(), "{ctx}: {name}");
+                continue;
+            };
+            assert_eq!(r.leases, l.leases, "{ctx}: {name} leases");
+            assert_eq!(r.pending, l.pending, "{ctx}: {name} pending");
+            assert_eq!(r.dead_pending, l.dead_pending, "{ctx}: {name} dead");
+            assert_eq!(
+                (
+                    r.committed,
+                    r.next_fresh,
+                    r.dead_lettered,
+                    r.filtered,
+                    r.policy
+                ),
+                (
+                    l.committed,
+                    l.next_fresh,
+                    l.dead_lettered,
+                    l.filtered,
+                    l.policy
+                ),
+                "{ctx}: {name} position"
+            );
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::network::{
     KIND_VOTE, MAX_RAFT_MESSAGE,
 };
 use crate::node::{GroupHandle, Node};
-use crate::queue::{RetryPolicy, TxnOpen};
+use crate::queue::{Changes, PopParams, RecordView, RetryPolicy, TxnOpen};
 use crate::storage::CF_RECORDS;
 use crate::types::{AppendPart, Command, Response, META_GROUP};
 
@@ -91,6 +91,55 @@ fn queue_of(h: &GroupHandle, group: u64) -> Result<&Arc<crate::sm::QueueShared>,
 }
 
 impl Service {
+    /// Runs `f` on the queue's state in this leader's memory and records
+    /// the consumer ops it took for the next checkpoint (starting a writer
+    /// if none runs). Returns `f`'s result and the lane's sequence number
+    /// covering everything the state now holds (wait on it to make the
+    /// call durable).
+    fn consumer_change<T>(
+        &self,
+        group: u64,
+        q: &Arc<crate::sm::QueueShared>,
+        f: impl FnOnce(&mut crate::queue::QueueState, &mut Changes) -> T,
+    ) -> (T, u64) {
+        let mut ch = Changes::default();
+        let mut st = q.write();
+        let out = f(&mut st, &mut ch);
+        let changed = !ch.ops.is_empty();
+        let (seq, start) = q.lane.record(ch.ops);
+        if changed {
+            q.touched(&st);
+        }
+        drop(st);
+        if changed {
+            q.changed.notify_waiters();
+        }
+        if start {
+            self.spawn_checkpoint_writer(group, q.clone());
+        }
+        (out, seq)
+    }
+
+    /// Proposes the lane's checkpoints one at a time until it is empty.
+    fn spawn_checkpoint_writer(&self, group: u64, q: Arc<crate::sm::QueueShared>) {
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            while let Some((hi, cp)) = q.lane.take(q.incarnation()) {
+                let r = match node.ensure_leader(group) {
+                    Ok(h) => match node.write(group, &h, Command::Checkpoint(cp)).await {
+                        Ok(Response::Done(Ok(()))) => Ok(()),
+                        Ok(other) => Err(PetrelError::Internal(format!(
+                            "unexpected response {other:?}"
+                        ))),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                q.lane.settle(hi, r);
+            }
+        });
+    }
+
     fn leader(&self, group: u64) -> Result<GroupHandle, PetrelError> {
         if group == META_GROUP {
             return Err(PetrelError::InvalidArgument(
@@ -502,8 +551,7 @@ impl BrokerData for Service {
         validate::group_name(&req.consumer_group)?;
         let filter = match &req.filter {
             Some(f) if !f.expression.trim().is_empty() && f.expression.trim() != "*" => {
-                crate::sm::compile_filter(f.r#type, &f.expression)?;
-                Some((f.r#type, f.expression.clone()))
+                Some(crate::sm::compile_filter(f.r#type, &f.expression)?)
             }
             _ => None,
         };
@@ -515,6 +563,7 @@ impl BrokerData for Service {
         };
         let fifo = self.message_type_of(group) == pb::MessageType::Fifo;
         let h = self.leader(group)?;
+        let term = self.node.consumer_term(group, &h)?;
         let q = queue_of(&h, group)?;
         // Read before the pop: a change that lands while it runs (an
         // append) then still wakes the caller's WaitReady (at worst one
@@ -547,21 +596,33 @@ impl BrokerData for Service {
             n += 1;
         }
         let consumer = req.consumer_group.clone();
-        let cmd = Command::Pop {
-            consumer: req.consumer_group,
+        let p = PopParams {
             max: n.max(1),
             now_ms: now,
             invisible_ms: req.invisible_duration_ms,
-            filter,
+            filter: filter.as_ref(),
             fifo,
             policy,
         };
-        let outcome = match self.node.write(group, &h, cmd).await? {
-            Response::Leased(v) => v,
-            other => {
-                return Err(PetrelError::Internal(format!("unexpected response {other:?}")).into())
-            }
-        };
+        // Leases live in this leader's memory; the next checkpoint carries
+        // them to the replicas (not waited for: a failover before it
+        // redelivers these records, which at-least-once allows).
+        let lease_id = q.next_lease_id(term);
+        let (outcome, _) = self.consumer_change(group, q, |st, ch| {
+            let mut view = |off: u64| {
+                let bytes = match fetched.get(&off) {
+                    Some(Ok(b)) => b.clone(),
+                    _ => self.read_record(group, off).ok()?,
+                };
+                let r = RecordData::decode(&bytes).ok()?;
+                Some(RecordView {
+                    tag: r.tag,
+                    properties: r.properties,
+                    message_group: r.message_group,
+                })
+            };
+            st.pop(&consumer, p, lease_id, &mut view, ch)
+        });
         let topic = self.topic_name_of(group);
         let first = outcome.leases.iter().filter(|l| l.attempt <= 1).count() as u64;
         let again = outcome.leases.len() as u64 - first;
@@ -646,19 +707,27 @@ impl BrokerData for Service {
             }
             reason.truncate(cut);
         }
-        let cmd = Command::Nack {
-            consumer: req.consumer_group,
-            offset: lease.offset,
-            lease_id: lease.lease_id,
-            reason,
-            now_ms: petrel_proto::now_ms(),
-        };
-        match self.node.write(req.group_id, &h, cmd).await? {
-            Response::Nacked(Ok(at)) => Ok(TResponse::new(bpb::BrokerNackResponse {
+        let term = self.node.consumer_term(req.group_id, &h)?;
+        let q = queue_of(&h, req.group_id)?;
+        let new_id = q.next_lease_id(term);
+        let now = petrel_proto::now_ms();
+        let (r, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+            st.nack(
+                &req.consumer_group,
+                lease.offset,
+                lease.lease_id,
+                &reason,
+                now,
+                new_id,
+                ch,
+            )
+        });
+        q.lane.wait(seq).await?;
+        match r {
+            Ok(at) => Ok(TResponse::new(bpb::BrokerNackResponse {
                 redeliver_at_ms: at.unwrap_or(0),
             })),
-            Response::Nacked(Err(e)) => Err(PetrelError::from(e).into()),
-            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+            Err(e) => Err(PetrelError::from(e).into()),
         }
     }
 
@@ -814,18 +883,14 @@ impl BrokerData for Service {
             ("group", req.consumer_group.clone()),
         ];
         let n = req.offsets.len() as u64;
-        let cmd = Command::DeadLettered {
-            consumer: req.consumer_group,
-            offsets: req.offsets,
-        };
-        match self.node.write(req.group_id, &h, cmd).await? {
-            Response::Done(Ok(())) => {
-                metrics::counter!("petrel_broker_dead_letters_total", &labels).increment(n);
-                Ok(TResponse::new(bpb::DeadLetteredResponse {}))
-            }
-            Response::Done(Err(e)) => Err(PetrelError::from(e).into()),
-            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
-        }
+        self.node.consumer_term(req.group_id, &h)?;
+        let q = queue_of(&h, req.group_id)?;
+        let (_, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+            st.dead_lettered(&req.consumer_group, &req.offsets, ch)
+        });
+        q.lane.wait(seq).await?;
+        metrics::counter!("petrel_broker_dead_letters_total", &labels).increment(n);
+        Ok(TResponse::new(bpb::DeadLetteredResponse {}))
     }
 
     async fn ack(&self, req: Request<bpb::BrokerAckRequest>) -> R<bpb::BrokerAckResponse> {
@@ -836,32 +901,31 @@ impl BrokerData for Service {
             ("topic", self.topic_name_of(req.group_id)),
             ("group", req.consumer_group.clone()),
         ];
-        let cmd = Command::Ack {
-            consumer: req.consumer_group,
-            leases: req.leases.iter().map(|l| (l.offset, l.lease_id)).collect(),
-        };
-        match self.node.write(req.group_id, &h, cmd).await? {
-            Response::Acked(v) => {
-                metrics::counter!("petrel_broker_acked_records_total", &labels)
-                    .increment(v.iter().filter(|r| r.is_ok()).count() as u64);
-                Ok(TResponse::new(bpb::BrokerAckResponse {
-                    results: v
-                        .into_iter()
-                        .map(|r| match r {
-                            Ok(()) => pb::Status::default(),
-                            Err(e) => {
-                                let d = PetrelError::from(e).to_detail();
-                                pb::Status {
-                                    code: d.code,
-                                    message: d.message,
-                                }
-                            }
-                        })
-                        .collect(),
-                }))
-            }
-            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
-        }
+        self.node.consumer_term(req.group_id, &h)?;
+        let q = queue_of(&h, req.group_id)?;
+        let leases: Vec<(u64, u64)> = req.leases.iter().map(|l| (l.offset, l.lease_id)).collect();
+        let (v, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+            st.ack(&req.consumer_group, &leases, ch)
+        });
+        // Answered once committed: a failover never undoes an ack.
+        q.lane.wait(seq).await?;
+        metrics::counter!("petrel_broker_acked_records_total", &labels)
+            .increment(v.iter().filter(|r| r.is_ok()).count() as u64);
+        Ok(TResponse::new(bpb::BrokerAckResponse {
+            results: v
+                .into_iter()
+                .map(|r| match r {
+                    Ok(()) => pb::Status::default(),
+                    Err(e) => {
+                        let d = PetrelError::from(e).to_detail();
+                        pb::Status {
+                            code: d.code,
+                            message: d.message,
+                        }
+                    }
+                })
+                .collect(),
+        }))
     }
 
     async fn change_invisible(
@@ -874,20 +938,28 @@ impl BrokerData for Service {
             .lease
             .ok_or_else(|| PetrelError::InvalidArgument("missing lease".into()))?;
         let h = self.leader(req.group_id)?;
-        let cmd = Command::ChangeInvisible {
-            consumer: req.consumer_group,
-            offset: lease.offset,
-            lease_id: lease.lease_id,
-            now_ms: petrel_proto::now_ms(),
-            invisible_ms: req.invisible_duration_ms,
-        };
-        match self.node.write(req.group_id, &h, cmd).await? {
-            Response::Lease(Ok(l)) => Ok(TResponse::new(bpb::BrokerChangeInvisibleResponse {
+        let term = self.node.consumer_term(req.group_id, &h)?;
+        let q = queue_of(&h, req.group_id)?;
+        let new_id = q.next_lease_id(term);
+        let now = petrel_proto::now_ms();
+        let (r, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+            st.change_invisible(
+                &req.consumer_group,
+                lease.offset,
+                lease.lease_id,
+                now,
+                req.invisible_duration_ms,
+                new_id,
+                ch,
+            )
+        });
+        q.lane.wait(seq).await?;
+        match r {
+            Ok(l) => Ok(TResponse::new(bpb::BrokerChangeInvisibleResponse {
                 lease_id: l.lease_id,
                 deadline_ms: l.deadline_ms,
             })),
-            Response::Lease(Err(e)) => Err(PetrelError::from(e).into()),
-            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
+            Err(e) => Err(PetrelError::from(e).into()),
         }
     }
 
@@ -966,15 +1038,15 @@ impl BrokerData for Service {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
         let h = self.leader(req.group_id)?;
-        let cmd = Command::CommitOffset {
-            consumer: req.consumer_group,
-            offset: req.offset,
-        };
-        match self.node.write(req.group_id, &h, cmd).await? {
-            Response::Done(Ok(())) => Ok(TResponse::new(bpb::BrokerCommitOffsetResponse {})),
-            Response::Done(Err(e)) => Err(PetrelError::from(e).into()),
-            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
-        }
+        self.node.consumer_term(req.group_id, &h)?;
+        let q = queue_of(&h, req.group_id)?;
+        // In order with the group's receives and acks (a consumer op).
+        let (r, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+            st.commit_offset(&req.consumer_group, req.offset, ch)
+        });
+        r.map_err(PetrelError::from)?;
+        q.lane.wait(seq).await?;
+        Ok(TResponse::new(bpb::BrokerCommitOffsetResponse {}))
     }
 
     async fn offset_for_time(

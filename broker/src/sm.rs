@@ -47,6 +47,17 @@ pub struct QueueShared {
     /// Bumped by every apply (and load): a receive that found nothing waits
     /// for it to move (`WaitReady`) instead of polling.
     version: AtomicU64,
+    /// Names this copy of the in-memory state. The leader stamps its
+    /// checkpoints with it; applying a checkpoint whose ops this very state
+    /// already holds skips them. A new value whenever the state is loaded
+    /// or replaced (start, snapshot install), so ops are applied, not
+    /// skipped, by any copy that may lack them.
+    incarnation: AtomicU64,
+    /// Lease ids the leader hands out: its term above bit 40, a counter
+    /// below (log indexes, used by older entries, stay below 2^40).
+    lease_ids: AtomicU64,
+    /// Consumer ops waiting for their checkpoint (see `checkpoint.rs`).
+    pub lane: crate::checkpoint::CheckpointLane,
 }
 
 impl QueueShared {
@@ -58,7 +69,35 @@ impl QueueShared {
             next_due_ms: AtomicI64::new(i64::MAX),
             earliest_due,
             version: AtomicU64::new(0),
+            incarnation: AtomicU64::new(rand::random()),
+            lease_ids: AtomicU64::new(0),
+            lane: Default::default(),
         }
+    }
+
+    /// See `incarnation`.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Acquire)
+    }
+
+    fn new_incarnation(&self) {
+        self.incarnation.store(rand::random(), Ordering::Release);
+    }
+
+    /// A lease id unique across leaders: `term` above bit 40.
+    pub fn next_lease_id(&self, term: u64) -> u64 {
+        (term << 40) | (self.lease_ids.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1))
+    }
+
+    pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, QueueState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The leader changed `st` in memory (an ack can free a FIFO message
+    /// group): wake receives waiting on this queue. Call with `st` still
+    /// locked, then `changed.notify_waiters()` once it is released.
+    pub fn touched(&self, st: &QueueState) {
+        self.note_due(st);
     }
 
     /// The queue's change counter (see `version`).
@@ -273,6 +312,7 @@ impl StateMachine {
                     }
                 }
                 let txns = scan_named(&store, group, sm_state::TXN)?;
+                q.new_incarnation();
                 let mut st = q.state.write().unwrap_or_else(|e| e.into_inner());
                 *st = QueueState {
                     header,
@@ -537,6 +577,18 @@ impl StateMachine {
                 index,
                 ch,
             )),
+            Command::Checkpoint(cp) => {
+                let mine = matches!(&self.kind, Kind::Queue(s) if s.incarnation() == cp.origin);
+                for b in &cp.batches {
+                    if mine {
+                        // This state took these ops already; persist it.
+                        ch.consumers.insert(b.consumer.clone());
+                    } else {
+                        q.apply_consumer_ops(b, ch);
+                    }
+                }
+                Response::Done(Ok(()))
+            }
             Command::CommitOffset { consumer, offset } => {
                 Response::Done(q.commit_offset(consumer, *offset, ch))
             }
@@ -766,6 +818,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 },
             ) => {
                 let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
+                shared.new_incarnation();
                 b.delete_range_cf(
                     &self.store.cf(CF_RECORDS),
                     &keys::group_start(g)[..],
@@ -811,6 +864,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     held_removed: Vec::new(),
                     txns: st.txns.keys().cloned().collect(),
                     txns_removed: Vec::new(),
+                    ops: Vec::new(),
                 };
                 ch.records.sort_by_key(|r| r.0);
                 self.persist_queue(&st, ch, &mut b)?;

@@ -155,6 +155,9 @@ pub enum Command {
     /// Appends that arrived together, in one Raft entry: applied in order,
     /// each exactly as its own `Append` would be.
     AppendBatch(Vec<AppendPart>),
+    /// Consumer ops the queue leader took in memory (receives, acks, nacks,
+    /// invisibility changes, dead-letter decisions), batched.
+    Checkpoint(crate::queue::Checkpoint),
 }
 
 /// One request's records inside an [`Command::AppendBatch`]; the fields of
