@@ -7,10 +7,12 @@
 //! entries a busy group writes do not grow with its receives and acks:
 //! while one checkpoint replicates, the next one gathers.
 //!
-//! A receive does not wait for its checkpoint (a failover redelivers what
-//! it leased). An ack, nack or invisibility change waits until every op
-//! recorded up to it is committed, so an acknowledged ack is never undone
-//! by a failover.
+//! Every call waits until every op recorded up to it is committed before
+//! it answers: a receive, so a failover never hands a record a consumer
+//! already holds to another as a first delivery; an ack, nack or
+//! invisibility change, so a failover never undoes it. Waiting costs a
+//! Raft round trip but no Raft entry of its own: calls that arrive while
+//! one checkpoint replicates share the next.
 
 use std::sync::Mutex;
 

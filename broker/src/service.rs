@@ -270,6 +270,87 @@ impl Service {
     }
 
     /// Reads stored bytes of `offset`, verifying the CRC.
+    /// Reads `offsets` (ascending runs are read with one iterator seek
+    /// each, not one lookup per record, which is most of a backlog drain's
+    /// reads), in order, stopping before `max_bytes` (at least one).
+    fn read_records(
+        &self,
+        group: u64,
+        offsets: &[u64],
+        max_bytes: usize,
+    ) -> Vec<(u64, Result<Bytes, PetrelError>)> {
+        let mut out = Vec::with_capacity(offsets.len());
+        let mut bytes = 0usize;
+        let mut i = 0;
+        while i < offsets.len() {
+            let mut run = 1;
+            while i + run < offsets.len() && offsets[i + run] == offsets[i] + run as u64 {
+                run += 1;
+            }
+            let got: Vec<(u64, Result<Bytes, PetrelError>)> = if run < 4 {
+                offsets[i..i + run]
+                    .iter()
+                    .map(|o| (*o, self.read_record(group, *o)))
+                    .collect()
+            } else {
+                self.read_run(group, offsets[i], run)
+            };
+            for (off, r) in got {
+                let size = r.as_ref().map(|b| b.len()).unwrap_or(0);
+                if !out.is_empty() && bytes + size > max_bytes {
+                    return out;
+                }
+                bytes += size;
+                out.push((off, r));
+            }
+            i += run;
+        }
+        out
+    }
+
+    /// `n` consecutive records from `first`, with one iterator.
+    fn read_run(&self, group: u64, first: u64, n: usize) -> Vec<(u64, Result<Bytes, PetrelError>)> {
+        let store = &self.node.store;
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::record_key(group, first + n as u64));
+        let mut it = store.db().raw_iterator_cf_opt(&store.cf(CF_RECORDS), opts);
+        it.seek(keys::record_key(group, first));
+        let mut out = Vec::with_capacity(n);
+        for off in first..first + n as u64 {
+            let here = it
+                .key()
+                .and_then(keys::decode_group_u64)
+                .filter(|(g, o)| *g == group && *o == off);
+            match (here, it.value()) {
+                (Some(_), Some(v)) => {
+                    out.push((off, Self::checked(group, off, v.to_vec())));
+                    it.next();
+                }
+                _ => {
+                    // A gap or an iterator error: fall back to one lookup,
+                    // which reports it precisely.
+                    if let Err(e) = it.status() {
+                        out.push((off, Err(storage_err(group, off, e.to_string()))));
+                        it.seek(keys::record_key(group, off + 1));
+                    } else {
+                        out.push((off, self.read_record(group, off)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn checked(group: u64, offset: u64, v: Vec<u8>) -> Result<Bytes, PetrelError> {
+        if let Err(e) = petrel_proto::record::verify(&v) {
+            tracing::error!(group, offset, error = %e, "corrupt record on read");
+            return Err(PetrelError::Corrupt(format!(
+                "record at group {group} offset {offset} failed its checksum: {e}"
+            )));
+        }
+        Ok(Bytes::from(v))
+    }
+
     fn read_record(&self, group: u64, offset: u64) -> Result<Bytes, PetrelError> {
         let v = self
             .node
@@ -279,13 +360,7 @@ impl Service {
             .ok_or_else(|| {
                 PetrelError::Internal(format!("group {group} offset {offset} is missing"))
             })?;
-        if let Err(e) = petrel_proto::record::verify(&v) {
-            tracing::error!(group, offset, error = %e, "corrupt record on read");
-            return Err(PetrelError::Corrupt(format!(
-                "record at group {group} offset {offset} failed its checksum: {e}"
-            )));
-        }
-        Ok(Bytes::from(v))
+        Self::checked(group, offset, v)
     }
 
     async fn meta_write(
@@ -583,18 +658,11 @@ impl BrokerData for Service {
         let candidates =
             q.read()
                 .pop_candidates(&req.consumer_group, req.max_messages.min(1024), now);
-        let mut fetched: HashMap<u64, Result<Bytes, PetrelError>> = HashMap::new();
-        let (mut n, mut bytes) = (0u32, 0usize);
-        for off in candidates {
-            let rec = self.read_record(group, off);
-            let size = rec.as_ref().map(|b| b.len()).unwrap_or(0);
-            if n > 0 && bytes + size > POP_MAX_BYTES {
-                break;
-            }
-            fetched.insert(off, rec);
-            bytes += size;
-            n += 1;
-        }
+        let mut fetched: HashMap<u64, Result<Bytes, PetrelError>> = self
+            .read_records(group, &candidates, POP_MAX_BYTES)
+            .into_iter()
+            .collect();
+        let n = fetched.len() as u32;
         let consumer = req.consumer_group.clone();
         let p = PopParams {
             max: n.max(1),
@@ -604,11 +672,13 @@ impl BrokerData for Service {
             fifo,
             policy,
         };
-        // Leases live in this leader's memory; the next checkpoint carries
-        // them to the replicas (not waited for: a failover before it
-        // redelivers these records, which at-least-once allows).
+        // Leases are taken in this leader's memory; the next checkpoint
+        // carries them to the replicas, batched with every other receive
+        // and ack of the queue meanwhile. The records are answered once it
+        // commits (their bytes are read meanwhile), so a failover never
+        // hands out again, as a first delivery, a record a consumer has.
         let lease_id = q.next_lease_id(term);
-        let (outcome, _) = self.consumer_change(group, q, |st, ch| {
+        let (outcome, seq) = self.consumer_change(group, q, |st, ch| {
             let mut view = |off: u64| {
                 let bytes = match fetched.get(&off) {
                     Some(Ok(b)) => b.clone(),
@@ -663,6 +733,7 @@ impl BrokerData for Service {
                 encoded,
             });
         }
+        q.lane.wait(seq).await?;
         if records.is_empty() && dead_letters.is_empty() {
             if let Some(e) = corrupt {
                 return Err(e.into());
