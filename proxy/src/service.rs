@@ -544,6 +544,7 @@ impl Inner {
                             }
                         }
                     }
+                    let mut signer = self.receipts.signer(&topic, group);
                     for l in resp.records {
                         let mut rec = match self.to_record(&topic, q.queue, l.offset, &l.encoded) {
                             Ok(r) => r,
@@ -554,17 +555,13 @@ impl Inner {
                         };
                         rec.attempt = l.attempt;
                         rec.invisible_until_ms = l.deadline_ms;
-                        rec.receipt_handle = self.receipts.encode(
-                            &Receipt {
-                                group_id: q.group_id,
-                                queue: q.queue,
-                                offset: l.offset,
-                                lease_id: l.lease_id,
-                                deadline_ms: l.deadline_ms,
-                            },
-                            &topic,
-                            group,
-                        );
+                        rec.receipt_handle = signer.sign(&Receipt {
+                            group_id: q.group_id,
+                            queue: q.queue,
+                            offset: l.offset,
+                            lease_id: l.lease_id,
+                            deadline_ms: l.deadline_ms,
+                        });
                         out.push(rec);
                     }
                 }
@@ -1051,8 +1048,13 @@ impl Petrel for ProxyService {
         }
         let mut results = vec![pb::Status::default(); req.receipt_handles.len()];
         let mut by_group: BTreeMap<u64, Vec<(usize, Receipt)>> = BTreeMap::new();
-        for (i, h) in req.receipt_handles.iter().enumerate() {
-            match s.receipts.decode(h, &req.topic, &req.group) {
+        let decoded = s.receipts.decode_many(
+            req.receipt_handles.iter().map(|h| h.as_str()),
+            &req.topic,
+            &req.group,
+        );
+        for (i, r) in decoded.into_iter().enumerate() {
+            match r {
                 Ok(r) => by_group.entry(r.group_id).or_default().push((i, r)),
                 Err(e) => {
                     let d = e.to_detail();
