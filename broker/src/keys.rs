@@ -88,7 +88,8 @@ pub mod sm_state {
     pub const APPLIED: u8 = 1;
     /// `bincode(QueueHeader)`: start and next offset.
     pub const QUEUE_HEADER: u8 = 2;
-    /// `[group][3][consumer group name]` → bincode(ConsumerState).
+    /// `[group][3][consumer group name]` → bincode(ConsumerState) without
+    /// its leases (see `CONSUMER_LEASE`).
     pub const CONSUMER: u8 = 3;
     /// Retired: `[group][4][producer id]` held the whole de-dup window,
     /// rewritten on every append (replaced by 7 and 8). Never reused.
@@ -102,44 +103,87 @@ pub mod sm_state {
     pub const PRODUCER_SEQ: u8 = 7;
     /// `[group][8][producer id]` → last_seen log index (u64 BE).
     pub const PRODUCER_SEEN: u8 = 8;
+    /// `[group][9][u16 len][consumer group][offset]` → bincode(Lease): one
+    /// key per lease, so a checkpoint writes the leases it changed. The
+    /// group's other state stays under `CONSUMER` (its `leases` empty;
+    /// state written before this key existed keeps them there, and loads).
+    pub const CONSUMER_LEASE: u8 = 9;
 }
 
-/// `[group][PRODUCER_SEQ][u16 len][producer]`: the prefix of one producer's
-/// de-duplication entries (the length keeps one producer's range from
-/// containing another's).
-pub fn producer_seq_prefix(group: u64, producer: &str) -> Vec<u8> {
-    let name = producer.as_bytes();
+/// `[group][kind][u16 len][name]`: the prefix of one name's u64-keyed
+/// entries (the length keeps one name's range from containing another's).
+fn name_u64_prefix(group: u64, kind: u8, name: &str) -> Vec<u8> {
+    let name = name.as_bytes();
     let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
     let mut k = Vec::with_capacity(11 + name.len() + 8);
-    k.extend_from_slice(&state_key(group, sm_state::PRODUCER_SEQ));
+    k.extend_from_slice(&state_key(group, kind));
     k.extend_from_slice(&len.to_be_bytes());
     k.extend_from_slice(&name[..usize::from(len)]);
     k
 }
 
-/// `[group][PRODUCER_SEQ][u16 len][producer][sequence]`
-pub fn producer_seq_key(group: u64, producer: &str, seq: u64) -> Vec<u8> {
-    let mut k = producer_seq_prefix(group, producer);
-    k.extend_from_slice(&seq.to_be_bytes());
+/// `[group][kind][u16 len][name][n]`
+fn name_u64_key(group: u64, kind: u8, name: &str, n: u64) -> Vec<u8> {
+    let mut k = name_u64_prefix(group, kind, name);
+    k.extend_from_slice(&n.to_be_bytes());
     k
 }
 
-/// Exclusive end of one producer's de-duplication entries.
-pub fn producer_seq_end(group: u64, producer: &str) -> Vec<u8> {
-    let mut k = producer_seq_prefix(group, producer);
+/// Exclusive end of one name's entries.
+fn name_u64_end(group: u64, kind: u8, name: &str) -> Vec<u8> {
+    let mut k = name_u64_prefix(group, kind, name);
     k.extend_from_slice(&[0xFF; 9]);
     k
 }
 
-/// Decodes a `producer_seq_key` of `group` into (producer, sequence).
-pub fn decode_producer_seq_key(group: u64, k: &[u8]) -> Option<(String, u64)> {
-    let head = state_key(group, sm_state::PRODUCER_SEQ);
+/// Decodes a `name_u64_key` of `group` and `kind` into (name, n).
+fn decode_name_u64_key(group: u64, kind: u8, k: &[u8]) -> Option<(String, u64)> {
+    let head = state_key(group, kind);
     let rest = k.strip_prefix(&head[..])?;
     let len = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
     let name = rest.get(2..2 + len)?;
-    let seq = rest.get(2 + len..)?;
-    let seq = u64::from_be_bytes(seq.try_into().ok()?);
-    Some((String::from_utf8_lossy(name).into_owned(), seq))
+    let n = rest.get(2 + len..)?;
+    let n = u64::from_be_bytes(n.try_into().ok()?);
+    Some((String::from_utf8_lossy(name).into_owned(), n))
+}
+
+/// `[group][PRODUCER_SEQ][u16 len][producer]`: one producer's
+/// de-duplication entries.
+pub fn producer_seq_prefix(group: u64, producer: &str) -> Vec<u8> {
+    name_u64_prefix(group, sm_state::PRODUCER_SEQ, producer)
+}
+
+/// `[group][PRODUCER_SEQ][u16 len][producer][sequence]`
+pub fn producer_seq_key(group: u64, producer: &str, seq: u64) -> Vec<u8> {
+    name_u64_key(group, sm_state::PRODUCER_SEQ, producer, seq)
+}
+
+/// Exclusive end of one producer's de-duplication entries.
+pub fn producer_seq_end(group: u64, producer: &str) -> Vec<u8> {
+    name_u64_end(group, sm_state::PRODUCER_SEQ, producer)
+}
+
+/// Decodes a `producer_seq_key` of `group` into (producer, sequence).
+pub fn decode_producer_seq_key(group: u64, k: &[u8]) -> Option<(String, u64)> {
+    decode_name_u64_key(group, sm_state::PRODUCER_SEQ, k)
+}
+
+/// `[group][CONSUMER_LEASE][u16 len][consumer group][offset]`
+pub fn consumer_lease_key(group: u64, consumer: &str, offset: u64) -> Vec<u8> {
+    name_u64_key(group, sm_state::CONSUMER_LEASE, consumer, offset)
+}
+
+/// One consumer group's lease keys: `[start, end)`.
+pub fn consumer_lease_range(group: u64, consumer: &str) -> (Vec<u8>, Vec<u8>) {
+    (
+        name_u64_prefix(group, sm_state::CONSUMER_LEASE, consumer),
+        name_u64_end(group, sm_state::CONSUMER_LEASE, consumer),
+    )
+}
+
+/// Decodes a `consumer_lease_key` of `group` into (consumer group, offset).
+pub fn decode_consumer_lease_key(group: u64, k: &[u8]) -> Option<(String, u64)> {
+    decode_name_u64_key(group, sm_state::CONSUMER_LEASE, k)
 }
 
 /// `[group][kind]`

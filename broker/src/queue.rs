@@ -262,6 +262,24 @@ pub struct ConsumerOps {
     pub ops: Vec<ConsumerOp>,
 }
 
+impl ConsumerOps {
+    /// The offsets whose lease these ops set or end (`None`: a reset,
+    /// which may drop any lease).
+    pub fn leases_touched(&self) -> Option<Vec<u64>> {
+        let mut out = Vec::new();
+        for op in &self.ops {
+            match op {
+                ConsumerOp::Lease(o, _) | ConsumerOp::Done(o) | ConsumerOp::Dead(o, _) => {
+                    out.push(*o)
+                }
+                ConsumerOp::Reset(_) => return None,
+                ConsumerOp::Policy(_) | ConsumerOp::Scan { .. } | ConsumerOp::Shipped(_) => {}
+            }
+        }
+        Some(out)
+    }
+}
+
 /// The ops of many receives, acks and nacks, replicated as one Raft entry
 /// (`Command::Checkpoint`). `origin` names the in-memory state that
 /// already holds them (see `QueueShared::incarnation`): that replica skips
@@ -328,7 +346,11 @@ pub struct ProducerWindow {
 pub struct Changes {
     pub records: Vec<(u64, Bytes)>,
     pub header: bool,
+    /// Consumer groups to write whole (every lease).
     pub consumers: HashSet<String>,
+    /// Consumer groups whose state but the leases changed, and the offsets
+    /// whose lease changed (written one key each).
+    pub consumer_leases: HashMap<String, Vec<u64>>,
     /// Producers whose `last_seen` changed (a small value each).
     pub producers: HashSet<String>,
     /// Producers forgotten whole (their keys are range-deleted first).
@@ -347,6 +369,31 @@ pub struct Changes {
     /// Consumer ops taken (recorded only when the leader runs a receive,
     /// ack or nack in memory; applying a command ignores them).
     pub ops: Vec<(String, ConsumerOp)>,
+}
+
+impl Changes {
+    /// What `batch` changed, to persist: its leases, or the whole group
+    /// after a reset.
+    pub fn note_consumer_ops(&mut self, batch: &ConsumerOps) {
+        match batch.leases_touched() {
+            Some(offsets) => self
+                .consumer_leases
+                .entry(batch.consumer.clone())
+                .or_default()
+                .extend(offsets),
+            None => {
+                self.consumers.insert(batch.consumer.clone());
+            }
+        }
+    }
+
+    /// `name`'s state but its leases changed (a release made a record
+    /// pending).
+    fn consumer_head(&mut self, name: &str) {
+        if !self.consumer_leases.contains_key(name) {
+            self.consumer_leases.insert(name.to_string(), Vec::new());
+        }
+    }
 }
 
 /// `held` time of a record in an open (or rolled back) transaction: never
@@ -497,7 +544,7 @@ impl QueueState {
                 if c.next_fresh > off {
                     c.pending.insert(off, 0);
                     c.advance();
-                    ch.consumers.insert(name.clone());
+                    ch.consumer_head(name);
                 }
             }
             n += 1;
@@ -529,7 +576,7 @@ impl QueueState {
                     if c.next_fresh > *off {
                         c.pending.insert(*off, 0);
                         c.advance();
-                        ch.consumers.insert(name.clone());
+                        ch.consumer_head(name);
                     }
                 }
             }
@@ -1137,7 +1184,7 @@ impl QueueState {
         }
         c.next_fresh = c.next_fresh.max(start);
         c.advance();
-        ch.consumers.insert(batch.consumer.clone());
+        ch.note_consumer_ops(batch);
     }
 
     /// Offset mode: sets the group's committed position (clamped to the

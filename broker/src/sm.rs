@@ -21,8 +21,8 @@ use tokio::sync::{watch, Notify};
 use crate::keys::{self, sm_state};
 use crate::meta::ClusterMap;
 use crate::queue::{
-    Changes, ConsumerState, PopParams, ProducerWindow, QueueHeader, QueueState, RecordView, Txn,
-    TXN_HOLD,
+    Changes, ConsumerState, DeadLetter, Lease, PopParams, ProducerWindow, QueueHeader, QueueState,
+    RecordView, RetryPolicy, Txn, TXN_HOLD,
 };
 use crate::storage::{Store, CF_INDEXES, CF_RECORDS, CF_SM_STATE, CF_TIMERS};
 use crate::types::{
@@ -177,6 +177,38 @@ enum SnapshotPayload {
     FlushMark,
 }
 
+/// A consumer group's state without its leases (each has its own key),
+/// laid out as `ConsumerState` so that it decodes as one.
+#[derive(Serialize)]
+struct ConsumerHead<'a> {
+    committed: u64,
+    next_fresh: u64,
+    /// Always empty.
+    leases: BTreeMap<u64, Lease>,
+    pending: &'a BTreeMap<u64, u64>,
+    dead_pending: &'a BTreeMap<u64, DeadLetter>,
+    skipped: u64,
+    dead_lettered: u64,
+    filtered: u64,
+    policy: RetryPolicy,
+}
+
+impl<'a> ConsumerHead<'a> {
+    fn of(c: &'a ConsumerState) -> Self {
+        Self {
+            committed: c.committed,
+            next_fresh: c.next_fresh,
+            leases: BTreeMap::new(),
+            pending: &c.pending,
+            dead_pending: &c.dead_pending,
+            skipped: c.skipped,
+            dead_lettered: c.dead_lettered,
+            filtered: c.filtered,
+            policy: c.policy,
+        }
+    }
+}
+
 fn sm_read_err(e: impl std::error::Error + 'static) -> RaftStorageError {
     StorageIOError::read_state_machine(&e).into()
 }
@@ -288,7 +320,18 @@ impl StateMachine {
                     Some(v) => bincode::deserialize(&v).map_err(sm_read_err)?,
                     None => QueueHeader::default(),
                 };
-                let consumers = scan_named(&store, group, sm_state::CONSUMER)?;
+                let mut consumers: BTreeMap<String, ConsumerState> =
+                    scan_named(&store, group, sm_state::CONSUMER)?
+                        .into_iter()
+                        .collect();
+                let lease_prefix = keys::state_key(group, sm_state::CONSUMER_LEASE);
+                for_each_with_prefix(&store, &lease_prefix, |k, v| {
+                    if let Some((name, off)) = keys::decode_consumer_lease_key(group, k) {
+                        let l: Lease = bincode::deserialize(v).map_err(sm_read_err)?;
+                        consumers.entry(name).or_default().leases.insert(off, l);
+                    }
+                    Ok(())
+                })?;
                 let producers = scan_producers(&store, group)?;
                 let mut held = BTreeMap::new();
                 let mut due = BTreeSet::new();
@@ -400,8 +443,39 @@ impl StateMachine {
         }
         for name in &ch.consumers {
             if let Some(c) = q.consumers.get(name) {
-                let v = bincode::serialize(c).map_err(sm_write_err)?;
-                b.put_cf(&sm, keys::named_state_key(g, sm_state::CONSUMER, name), v);
+                let head = bincode::serialize(&ConsumerHead::of(c)).map_err(sm_write_err)?;
+                b.put_cf(
+                    &sm,
+                    keys::named_state_key(g, sm_state::CONSUMER, name),
+                    head,
+                );
+                let (from, to) = keys::consumer_lease_range(g, name);
+                b.delete_range_cf(&sm, from, to);
+                for (off, l) in &c.leases {
+                    let v = bincode::serialize(l).map_err(sm_write_err)?;
+                    b.put_cf(&sm, keys::consumer_lease_key(g, name, *off), v);
+                }
+            }
+        }
+        for (name, offsets) in &ch.consumer_leases {
+            let Some(c) = q.consumers.get(name) else {
+                continue;
+            };
+            if ch.consumers.contains(name) {
+                continue; // written whole above
+            }
+            let head = bincode::serialize(&ConsumerHead::of(c)).map_err(sm_write_err)?;
+            b.put_cf(
+                &sm,
+                keys::named_state_key(g, sm_state::CONSUMER, name),
+                head,
+            );
+            for off in offsets {
+                let k = keys::consumer_lease_key(g, name, *off);
+                match c.leases.get(off) {
+                    Some(l) => b.put_cf(&sm, k, bincode::serialize(l).map_err(sm_write_err)?),
+                    None => b.delete_cf(&sm, k),
+                }
             }
         }
         // Forgotten producers go first, so one evicted and back within this
@@ -582,7 +656,7 @@ impl StateMachine {
                 for b in &cp.batches {
                     if mine {
                         // This state took these ops already; persist it.
-                        ch.consumers.insert(b.consumer.clone());
+                        ch.note_consumer_ops(b);
                     } else {
                         q.apply_consumer_ops(b, ch);
                     }
@@ -847,6 +921,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     records,
                     header: true,
                     consumers: st.consumers.keys().cloned().collect(),
+                    consumer_leases: HashMap::new(),
                     producers: st.producers.keys().cloned().collect(),
                     removed_producers: Vec::new(),
                     producer_seqs: st
