@@ -5,7 +5,7 @@
 //! in-memory state is updated and persisted under one write lock so that a
 //! reader never sees an offset whose record is not yet readable.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Cursor;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -142,7 +142,16 @@ pub struct StateMachine {
     /// the queue (see `get_current_snapshot`).
     startup_snapshot_served: bool,
     filters: HashMap<(i32, String), Arc<Filter>>,
+    /// Consumer groups whose leases are persisted one key each (see
+    /// `persist_consumer`); the others keep them inside their state.
+    keyed: HashSet<String>,
 }
+
+/// A consumer group holding more leases than this has them persisted one
+/// key each, so a checkpoint writes what it changed; below half of it,
+/// inside the group's state again (one small value beats hundreds of
+/// key writes and tombstones when leases are few and short-lived).
+pub const KEYED_LEASES_ABOVE: usize = 4096;
 
 /// Compiles a subscription filter (`pb::FilterType` as i32).
 pub fn compile_filter(kind: i32, expr: &str) -> Result<Filter, petrel_proto::PetrelError> {
@@ -295,6 +304,7 @@ fn scan_producers(
 impl StateMachine {
     /// Loads the state last flushed for `group`.
     pub fn open(group: u64, store: Store, kind: Kind) -> Result<Self, RaftStorageError> {
+        let mut keyed = HashSet::new();
         let (last_applied, membership) = match store
             .get(CF_SM_STATE, &keys::state_key(group, sm_state::APPLIED))
             .map_err(sm_read_err)?
@@ -328,6 +338,7 @@ impl StateMachine {
                 for_each_with_prefix(&store, &lease_prefix, |k, v| {
                     if let Some((name, off)) = keys::decode_consumer_lease_key(group, k) {
                         let l: Lease = bincode::deserialize(v).map_err(sm_read_err)?;
+                        keyed.insert(name.clone());
                         consumers.entry(name).or_default().leases.insert(off, l);
                     }
                     Ok(())
@@ -376,6 +387,7 @@ impl StateMachine {
             kind,
             startup_snapshot_served: false,
             filters: HashMap::new(),
+            keyed,
         })
     }
 
@@ -404,10 +416,71 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Writes consumer group `name`: whole, or (`touched`) its state but
+    /// the leases plus the leases at `touched`. Leases live inside the
+    /// state while they are few, one key each while they are many (see
+    /// [`KEYED_LEASES_ABOVE`]); `keyed` tracks which form is on disk.
+    fn persist_consumer(
+        &self,
+        keyed: &mut HashSet<String>,
+        name: &str,
+        c: &ConsumerState,
+        touched: Option<&Vec<u64>>,
+        b: &mut WriteBatch,
+    ) -> Result<(), RaftStorageError> {
+        let g = self.group;
+        let sm = self.store.cf(CF_SM_STATE);
+        let head_key = keys::named_state_key(g, sm_state::CONSUMER, name);
+        let was_keyed = keyed.contains(name);
+        let limit = if was_keyed {
+            KEYED_LEASES_ABOVE / 2
+        } else {
+            KEYED_LEASES_ABOVE
+        };
+        if c.leases.len() <= limit {
+            b.put_cf(&sm, head_key, bincode::serialize(c).map_err(sm_write_err)?);
+            if was_keyed {
+                let (from, to) = keys::consumer_lease_range(g, name);
+                b.delete_range_cf(&sm, from, to);
+                keyed.remove(name);
+            }
+            return Ok(());
+        }
+        let head = bincode::serialize(&ConsumerHead::of(c)).map_err(sm_write_err)?;
+        b.put_cf(&sm, head_key, head);
+        let put = |b: &mut WriteBatch, off: u64, l: &Lease| -> Result<(), RaftStorageError> {
+            let v = bincode::serialize(l).map_err(sm_write_err)?;
+            b.put_cf(&sm, keys::consumer_lease_key(g, name, off), v);
+            Ok(())
+        };
+        match touched {
+            Some(offsets) if was_keyed => {
+                for off in offsets {
+                    match c.leases.get(off) {
+                        Some(l) => put(b, *off, l)?,
+                        None => b.delete_cf(&sm, keys::consumer_lease_key(g, name, *off)),
+                    }
+                }
+            }
+            _ => {
+                if was_keyed {
+                    let (from, to) = keys::consumer_lease_range(g, name);
+                    b.delete_range_cf(&sm, from, to);
+                }
+                for (off, l) in &c.leases {
+                    put(b, *off, l)?;
+                }
+                keyed.insert(name.to_string());
+            }
+        }
+        Ok(())
+    }
+
     fn persist_queue(
         &self,
         q: &QueueState,
         ch: Changes,
+        keyed: &mut HashSet<String>,
         b: &mut WriteBatch,
     ) -> Result<(), RaftStorageError> {
         let g = self.group;
@@ -443,39 +516,15 @@ impl StateMachine {
         }
         for name in &ch.consumers {
             if let Some(c) = q.consumers.get(name) {
-                let head = bincode::serialize(&ConsumerHead::of(c)).map_err(sm_write_err)?;
-                b.put_cf(
-                    &sm,
-                    keys::named_state_key(g, sm_state::CONSUMER, name),
-                    head,
-                );
-                let (from, to) = keys::consumer_lease_range(g, name);
-                b.delete_range_cf(&sm, from, to);
-                for (off, l) in &c.leases {
-                    let v = bincode::serialize(l).map_err(sm_write_err)?;
-                    b.put_cf(&sm, keys::consumer_lease_key(g, name, *off), v);
-                }
+                self.persist_consumer(keyed, name, c, None, b)?;
             }
         }
         for (name, offsets) in &ch.consumer_leases {
-            let Some(c) = q.consumers.get(name) else {
-                continue;
-            };
             if ch.consumers.contains(name) {
                 continue; // written whole above
             }
-            let head = bincode::serialize(&ConsumerHead::of(c)).map_err(sm_write_err)?;
-            b.put_cf(
-                &sm,
-                keys::named_state_key(g, sm_state::CONSUMER, name),
-                head,
-            );
-            for off in offsets {
-                let k = keys::consumer_lease_key(g, name, *off);
-                match c.leases.get(off) {
-                    Some(l) => b.put_cf(&sm, k, bincode::serialize(l).map_err(sm_write_err)?),
-                    None => b.delete_cf(&sm, k),
-                }
+            if let Some(c) = q.consumers.get(name) {
+                self.persist_consumer(keyed, name, c, Some(offsets), b)?;
             }
         }
         // Forgotten producers go first, so one evicted and back within this
@@ -807,7 +856,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         None => Response::None,
                     });
                 }
-                self.persist_queue(&st, ch, &mut b)?;
+                let mut keyed = std::mem::take(&mut self.keyed);
+                let r = self.persist_queue(&st, ch, &mut keyed, &mut b);
+                self.keyed = keyed;
+                r?;
                 self.put_applied(&mut b)?;
                 self.store.write_unlogged(b).map_err(sm_write_err)?;
                 shared.note_due(&st);
@@ -849,6 +901,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 kind: self.kind.clone(),
                 startup_snapshot_served: true,
                 filters: HashMap::new(),
+                keyed: HashSet::new(),
             },
         }
     }
@@ -893,6 +946,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             ) => {
                 let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
                 shared.new_incarnation();
+                // The range deletes below drop every lease key too.
+                self.keyed.clear();
                 b.delete_range_cf(
                     &self.store.cf(CF_RECORDS),
                     &keys::group_start(g)[..],
@@ -942,7 +997,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     ops: Vec::new(),
                 };
                 ch.records.sort_by_key(|r| r.0);
-                self.persist_queue(&st, ch, &mut b)?;
+                let mut keyed = std::mem::take(&mut self.keyed);
+                let r = self.persist_queue(&st, ch, &mut keyed, &mut b);
+                self.keyed = keyed;
+                r?;
                 self.put_applied(&mut b)?;
                 self.store.write_unlogged(b).map_err(sm_write_err)?;
                 shared.note_due(&st);

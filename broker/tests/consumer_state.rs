@@ -9,7 +9,7 @@ use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload};
 use petrel_broker::queue::{Checkpoint, ConsumerOp, ConsumerOps, Lease};
-use petrel_broker::sm::{Kind, QueueShared, StateMachine};
+use petrel_broker::sm::{Kind, QueueShared, StateMachine, KEYED_LEASES_ABOVE};
 use petrel_broker::storage::Store;
 use petrel_broker::types::{Command, Entry, LogId};
 use petrel_proto::record::RecordData;
@@ -52,12 +52,8 @@ fn checkpoint(ops: Vec<ConsumerOp>) -> Command {
     })
 }
 
-#[tokio::test]
-async fn checkpointed_leases_and_acks_survive_a_restart_and_a_reset_drops_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let (mut sm, q) = open(&store);
-    let records: Vec<(u64, Bytes)> = (0..10)
+fn append(n: u64) -> Command {
+    let records: Vec<(u64, Bytes)> = (0..n)
         .map(|i| {
             let r = RecordData {
                 producer_id: "p".into(),
@@ -68,12 +64,20 @@ async fn checkpointed_leases_and_acks_survive_a_restart_and_a_reset_drops_them()
             (i, r.encode())
         })
         .collect();
-    let append = Command::Append {
+    Command::Append {
         producer_id: "p".into(),
         records,
         deliver_at: Vec::new(),
         txn: None,
-    };
+    }
+}
+
+#[tokio::test]
+async fn checkpointed_leases_and_acks_survive_a_restart_and_a_reset_drops_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (mut sm, q) = open(&store);
+    let append = append(10);
     let mut ops: Vec<ConsumerOp> = (0..6)
         .map(|o| ConsumerOp::Lease(o, lease(100 + o)))
         .collect();
@@ -114,4 +118,42 @@ async fn checkpointed_leases_and_acks_survive_a_restart_and_a_reset_drops_them()
         "a reset forward drops leases below it"
     );
     assert_eq!((after.committed, after.next_fresh), (8, 8));
+}
+
+/// Many leases are persisted one key each (a checkpoint writes what it
+/// touched); when they fall back to a few, inside the group's state again.
+/// Every form loads back to the same state.
+#[tokio::test]
+async fn many_leases_are_keyed_and_every_form_loads_back() {
+    let n = KEYED_LEASES_ABOVE as u64 + 100;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (mut sm, q) = open(&store);
+    let mut ops: Vec<ConsumerOp> = (0..n).map(|o| ConsumerOp::Lease(o, lease(o))).collect();
+    ops.push(ConsumerOp::Scan {
+        to: n,
+        filtered: 0,
+        passed: Vec::new(),
+        held: Vec::new(),
+    });
+    sm.apply([entry(1, append(n)), entry(2, checkpoint(ops))])
+        .await
+        .unwrap();
+    // Touches a few leases of a keyed group.
+    let done: Vec<ConsumerOp> = (10..20).map(ConsumerOp::Done).collect();
+    sm.apply([entry(3, checkpoint(done))]).await.unwrap();
+    let keyed = q.read().consumers["g"].clone();
+    assert_eq!(keyed.leases.len() as u64, n - 10);
+    drop(sm);
+    let (mut sm, q2) = open(&store);
+    assert_eq!(q2.read().consumers["g"], keyed, "keyed form loads back");
+
+    // Most are acked: back inside the group's state.
+    let done: Vec<ConsumerOp> = (100..n).map(ConsumerOp::Done).collect();
+    sm.apply([entry(4, checkpoint(done))]).await.unwrap();
+    let few = q2.read().consumers["g"].clone();
+    assert_eq!(few.leases.len(), 90);
+    drop(sm);
+    let (_sm, q3) = open(&store);
+    assert_eq!(q3.read().consumers["g"], few, "no stale lease key survives");
 }
