@@ -96,10 +96,14 @@ impl Service {
     /// if none runs). Returns `f`'s result and the lane's sequence number
     /// covering everything the state now holds (wait on it to make the
     /// call durable).
+    ///
+    /// A receive (`wakes` false) cannot make a record deliverable for
+    /// anyone; waiting receives only re-check their lease timers.
     fn consumer_change<T>(
         &self,
         group: u64,
         q: &Arc<crate::sm::QueueShared>,
+        wakes: bool,
         f: impl FnOnce(&mut crate::queue::QueueState, &mut Changes) -> T,
     ) -> (T, u64) {
         let mut ch = Changes::default();
@@ -107,7 +111,7 @@ impl Service {
         let out = f(&mut st, &mut ch);
         let changed = !ch.ops.is_empty();
         let (seq, start) = q.lane.record(ch.ops);
-        if changed {
+        if changed && wakes {
             q.touched(&st);
         }
         drop(st);
@@ -678,7 +682,7 @@ impl BrokerData for Service {
         // commits (their bytes are read meanwhile), so a failover never
         // hands out again, as a first delivery, a record a consumer has.
         let lease_id = q.next_lease_id(term);
-        let (outcome, seq) = self.consumer_change(group, q, |st, ch| {
+        let (outcome, seq) = self.consumer_change(group, q, false, |st, ch| {
             let mut view = |off: u64| {
                 let bytes = match fetched.get(&off) {
                     Some(Ok(b)) => b.clone(),
@@ -782,7 +786,7 @@ impl BrokerData for Service {
         let q = queue_of(&h, req.group_id)?;
         let new_id = q.next_lease_id(term);
         let now = petrel_proto::now_ms();
-        let (r, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
             st.nack(
                 &req.consumer_group,
                 lease.offset,
@@ -956,7 +960,7 @@ impl BrokerData for Service {
         let n = req.offsets.len() as u64;
         self.node.consumer_term(req.group_id, &h)?;
         let q = queue_of(&h, req.group_id)?;
-        let (_, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+        let (_, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
             st.dead_lettered(&req.consumer_group, &req.offsets, ch)
         });
         q.lane.wait(seq).await?;
@@ -975,7 +979,7 @@ impl BrokerData for Service {
         self.node.consumer_term(req.group_id, &h)?;
         let q = queue_of(&h, req.group_id)?;
         let leases: Vec<(u64, u64)> = req.leases.iter().map(|l| (l.offset, l.lease_id)).collect();
-        let (v, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+        let (v, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
             st.ack(&req.consumer_group, &leases, ch)
         });
         // Answered once committed: a failover never undoes an ack.
@@ -1013,7 +1017,7 @@ impl BrokerData for Service {
         let q = queue_of(&h, req.group_id)?;
         let new_id = q.next_lease_id(term);
         let now = petrel_proto::now_ms();
-        let (r, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
             st.change_invisible(
                 &req.consumer_group,
                 lease.offset,
@@ -1112,7 +1116,7 @@ impl BrokerData for Service {
         self.node.consumer_term(req.group_id, &h)?;
         let q = queue_of(&h, req.group_id)?;
         // In order with the group's receives and acks (a consumer op).
-        let (r, seq) = self.consumer_change(req.group_id, q, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
             st.commit_offset(&req.consumer_group, req.offset, ch)
         });
         r.map_err(PetrelError::from)?;

@@ -93,11 +93,13 @@ impl QueueShared {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The leader changed `st` in memory (an ack can free a FIFO message
-    /// group): wake receives waiting on this queue. Call with `st` still
-    /// locked, then `changed.notify_waiters()` once it is released.
+    /// The leader changed `st` in memory in a way that may make a record
+    /// deliverable (an ack can free a FIFO message group, a nack or reset
+    /// brings records back): receives waiting on this queue look again.
+    /// Call with `st` still locked, then `changed.notify_waiters()` once it
+    /// is released.
     pub fn touched(&self, st: &QueueState) {
-        self.note_due(st);
+        self.note_due(st, true);
     }
 
     /// The queue's change counter (see `version`).
@@ -109,14 +111,19 @@ impl QueueShared {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Publishes `st.next_due()` (call with the state just changed).
-    /// The state just changed: publish its due time and bump the version
-    /// (call before `changed.notify_waiters()`).
-    fn note_due(&self, st: &QueueState) {
+    /// The state just changed: publish its due time and, if the change
+    /// may make a record deliverable (`bump`), the version (call before
+    /// `changed.notify_waiters()`). A change that cannot (a receive's
+    /// leases, a checkpoint of ops this leader took) leaves the version
+    /// alone: every waiting receive of the queue would otherwise come back
+    /// through the proxy and pop every queue of its topic for nothing.
+    fn note_due(&self, st: &QueueState, bump: bool) {
         let due = st.next_due().unwrap_or(i64::MAX);
         self.next_due_ms.store(due, Ordering::Release);
         self.earliest_due.fetch_min(due, Ordering::AcqRel);
-        self.version.fetch_add(1, Ordering::AcqRel);
+        if bump {
+            self.version.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Earliest delivery time of a held record, if any.
@@ -376,7 +383,7 @@ impl StateMachine {
                     due,
                     txns: txns.into_iter().collect(),
                 };
-                q.note_due(&st);
+                q.note_due(&st, true);
             }
         }
         Ok(Self {
@@ -850,10 +857,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Kind::Queue(shared) => {
                 let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
                 let mut ch = Changes::default();
+                let mut bump = false;
                 for e in entries {
                     out.push(match self.note_applied(&e) {
-                        Some(cmd) => self.apply_queue(&mut st, cmd, e.log_id.index, &mut ch),
-                        None => Response::None,
+                        Some(cmd) => {
+                            bump |= !matches!(cmd, Command::Checkpoint(_));
+                            self.apply_queue(&mut st, cmd, e.log_id.index, &mut ch)
+                        }
+                        None => {
+                            bump = true;
+                            Response::None
+                        }
                     });
                 }
                 let mut keyed = std::mem::take(&mut self.keyed);
@@ -862,7 +876,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 r?;
                 self.put_applied(&mut b)?;
                 self.store.write_unlogged(b).map_err(sm_write_err)?;
-                shared.note_due(&st);
+                shared.note_due(&st, bump);
                 drop(st);
                 shared.changed.notify_waiters();
             }
@@ -1003,7 +1017,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 r?;
                 self.put_applied(&mut b)?;
                 self.store.write_unlogged(b).map_err(sm_write_err)?;
-                shared.note_due(&st);
+                shared.note_due(&st, true);
                 drop(st);
                 shared.changed.notify_waiters();
             }

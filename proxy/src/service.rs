@@ -472,10 +472,13 @@ impl Inner {
     /// One pass over the topic's queues, leasing up to `max` records.
     /// Also returns, per queue that answered, its version at the pop (for
     /// `wait_ready`).
+    /// Pops the topic's queues in turn (only those in `only`, when given:
+    /// the ones a wake-up named) until `max` records.
     async fn sweep(
         &self,
         t: &bpb::TopicRoute,
         req: &pb::ReceiveRequest,
+        only: Option<&[u64]>,
     ) -> Result<(Vec<pb::Record>, Vec<(u64, u64)>), PetrelError> {
         let mut versions = Vec::with_capacity(t.queues.len());
         let (group, max) = (req.group.as_str(), req.max_messages);
@@ -493,6 +496,9 @@ impl Inner {
                 break;
             }
             let q = &t.queues[(start + i) % n];
+            if only.is_some_and(|o| !o.contains(&q.group_id)) {
+                continue;
+            }
             let want = max - out.len() as u32;
             let preq = bpb::PopRequest {
                 group_id: q.group_id,
@@ -584,18 +590,23 @@ impl Inner {
     /// After a sweep found nothing: waits until one of the queues changed
     /// since its pop (an append, a release, an ack that unblocks a FIFO
     /// group), a lease expires, or `until`. One `WaitReady` per leader,
-    /// all at once; the first answer ends the wait. Returns false when the
-    /// brokers could not be asked (the caller falls back to a short sleep).
-    async fn wait_ready(&self, group: &str, versions: &[(u64, u64)], until: Instant) -> bool {
+    /// all at once; the first answer ends the wait. Returns the queues that
+    /// answer named as ready (empty: look at every queue), or `None` when
+    /// the brokers could not be asked (the caller falls back to a short
+    /// sleep).
+    async fn wait_ready(
+        &self,
+        group: &str,
+        versions: &[(u64, u64)],
+        until: Instant,
+    ) -> Option<Vec<u64>> {
         let wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
         if wait_ms == 0 {
-            return true;
+            return Some(Vec::new());
         }
         let mut by_leader: HashMap<String, Vec<bpb::WaitQueue>> = HashMap::new();
         for (g, v) in versions {
-            let Some((_, addr)) = self.router.leader_addr(*g) else {
-                return false;
-            };
+            let (_, addr) = self.router.leader_addr(*g)?;
             by_leader.entry(addr).or_default().push(bpb::WaitQueue {
                 group_id: *g,
                 consumer_group: group.to_string(),
@@ -609,17 +620,17 @@ impl Inner {
                 Some(Box::pin(async move {
                     let mut r = tonic::Request::new(bpb::WaitReadyRequest { queues, wait_ms });
                     r.set_timeout(Duration::from_millis(wait_ms) + Duration::from_secs(2));
-                    c.wait_ready(r).await.is_ok()
+                    c.wait_ready(r).await.ok().map(|r| r.into_inner().ready)
                 }))
             })
             .collect();
         if calls.is_empty() {
-            return false;
+            return None;
         }
         tokio::select! {
             (answered, _, _) = futures::future::select_all(calls) => answered,
-            _ = tokio::time::sleep_until(until.into()) => true,
-            _ = self.shutdown.cancelled() => true,
+            _ = tokio::time::sleep_until(until.into()) => Some(Vec::new()),
+            _ = self.shutdown.cancelled() => Some(Vec::new()),
         }
     }
 
@@ -978,8 +989,13 @@ impl Petrel for ProxyService {
             let _close = scopeguard(move || open.decrement(1.0));
             let deadline = Instant::now() + wait;
             let mut poll = POLL_MIN;
+            // Each queue's version at its last pop, and the queues the last
+            // wake-up named (only those are popped again: the others have
+            // not changed since they answered empty).
+            let mut known: HashMap<u64, u64> = HashMap::new();
+            let mut only: Option<Vec<u64>> = None;
             loop {
-                let versions = match s.sweep(&t, &req).await {
+                let versions = match s.sweep(&t, &req, only.as_deref()).await {
                     Ok((records, _)) if !records.is_empty() => {
                         // Several stream messages when the records are big,
                         // so no single message nears the gRPC size limit.
@@ -1016,11 +1032,18 @@ impl Petrel for ProxyService {
                 // Every queue answered: wait to be woken by a change
                 // (within a millisecond of the commit), not by a timer.
                 // Otherwise (a queue without a reachable leader) poll.
-                if versions.len() == t.queues.len()
-                    && s.wait_ready(&req.group, &versions, deadline).await
-                {
-                    poll = POLL_MIN;
-                    continue;
+                if only.is_none() {
+                    known.clear();
+                }
+                known.extend(versions);
+                only = None;
+                if known.len() == t.queues.len() {
+                    let versions: Vec<(u64, u64)> = known.iter().map(|(g, v)| (*g, *v)).collect();
+                    if let Some(ready) = s.wait_ready(&req.group, &versions, deadline).await {
+                        poll = POLL_MIN;
+                        only = (!ready.is_empty()).then_some(ready);
+                        continue;
+                    }
                 }
                 if Instant::now() + poll > deadline {
                     return;
