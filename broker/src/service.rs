@@ -125,21 +125,50 @@ impl Service {
     }
 
     /// Proposes the lane's checkpoints one at a time until it is empty.
+    ///
+    /// A checkpoint that fails while this broker still leads the queue is
+    /// proposed again (the same ops; applied twice in a row they change
+    /// nothing more) before anything after it: the leader's memory already
+    /// holds its ops, so a later checkpoint must never commit without it
+    /// (replicas would then miss, say, FIFO records a scan passed over).
+    /// Once the leadership is gone, every op still waiting fails with it.
     fn spawn_checkpoint_writer(&self, group: u64, q: Arc<crate::sm::QueueShared>) {
         let node = self.node.clone();
         tokio::spawn(async move {
             while let Some((hi, cp)) = q.lane.take(q.incarnation()) {
-                let r = match node.ensure_leader(group) {
-                    Ok(h) => match node.write(group, &h, Command::Checkpoint(cp)).await {
-                        Ok(Response::Done(Ok(()))) => Ok(()),
-                        Ok(other) => Err(PetrelError::Internal(format!(
-                            "unexpected response {other:?}"
-                        ))),
+                let mut backoff = std::time::Duration::from_millis(20);
+                loop {
+                    let r = match node.ensure_leader(group) {
+                        Ok(h) => match node.write(group, &h, Command::Checkpoint(cp.clone())).await
+                        {
+                            Ok(Response::Done(Ok(()))) => Ok(()),
+                            Ok(other) => Err(PetrelError::Internal(format!(
+                                "unexpected response {other:?}"
+                            ))),
+                            Err(e) => Err(e),
+                        },
                         Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
-                q.lane.settle(hi, r);
+                    };
+                    match r {
+                        Err(e) if node.ensure_leader(group).is_ok() => {
+                            tracing::warn!(group, error = %e, "checkpoint failed; proposing it again");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                        }
+                        Err(e) => {
+                            // Not the leader any more (or a fatal error):
+                            // this writer ends here, before a new one may
+                            // start on what `abandon` leaves.
+                            q.lane.settle(hi, Err(e.clone()));
+                            q.lane.abandon(e);
+                            return;
+                        }
+                        Ok(()) => {
+                            q.lane.settle(hi, Ok(()));
+                            break;
+                        }
+                    }
+                }
             }
         });
     }
