@@ -302,7 +302,6 @@ impl Service {
             .unwrap_or(pb::MessageType::Normal)
     }
 
-    /// Reads stored bytes of `offset`, verifying the CRC.
     /// Reads `offsets` (ascending runs are read with one iterator seek
     /// each, not one lookup per record, which is most of a backlog drain's
     /// reads), in order, stopping before `max_bytes` (at least one).
@@ -384,6 +383,7 @@ impl Service {
         Ok(Bytes::from(v))
     }
 
+    /// Reads stored bytes of `offset`, verifying the CRC.
     fn read_record(&self, group: u64, offset: u64) -> Result<Bytes, PetrelError> {
         let v = self
             .node
