@@ -270,7 +270,22 @@ impl Producer {
 
     /// Sends one message through the batcher; resolves when it is durable
     /// (or failed). Retries are idempotent, see the module docs.
+    ///
+    /// Sends that run concurrently enter the batcher in whatever order they
+    /// are polled; to keep an order, use [`Producer::enqueue`].
     pub async fn send(&self, message: Message) -> Result<SendReceipt> {
+        self.enqueue(message).await?.await
+    }
+
+    /// Hands one message to the batcher and returns a future of its
+    /// receipt. Messages enqueued one after another (each `enqueue` awaited
+    /// before the next) get their sequences, and with `max_in_flight(1)`
+    /// their offsets in a queue, in that order, while their receipts are
+    /// awaited together.
+    pub async fn enqueue(
+        &self,
+        message: Message,
+    ) -> Result<impl std::future::Future<Output = Result<SendReceipt>>> {
         self.check()?;
         let msg = message.into_pb(0);
         validate::message(&msg, validate::MAX_RECORD_BYTES)?;
@@ -283,8 +298,10 @@ impl Producer {
             })
             .await
             .map_err(|_| Error::Internal("producer batcher stopped".to_string()))?;
-        rx.await
-            .map_err(|_| Error::Internal("producer batcher stopped".to_string()))?
+        Ok(async move {
+            rx.await
+                .map_err(|_| Error::Internal("producer batcher stopped".to_string()))?
+        })
     }
 
     /// Sends these messages as ONE request, bypassing the batcher; results

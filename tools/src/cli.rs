@@ -973,7 +973,10 @@ fn stdin_messages() -> MessageStream {
 }
 
 async fn produce(client: &Client, a: ProduceArgs, json: bool) -> CliResult {
-    let mut builder = client.producer(a.topic.clone());
+    // One request in flight: what arrives meanwhile batches behind it, and
+    // records (stdin lines above all) are stored in the order given. Two
+    // requests in flight may reach a queue's leader in either order.
+    let mut builder = client.producer(a.topic.clone()).max_in_flight(1);
     if let Some(id) = &a.producer_id {
         builder = builder.producer_id(id.clone());
     }
@@ -1013,13 +1016,22 @@ async fn produce(client: &Client, a: ProduceArgs, json: bool) -> CliResult {
         m
     };
     let p = producer.clone();
-    let mut acks = bodies
-        .map(move |m| {
+    // Messages enter the batcher one after another, in input order; their
+    // receipts are awaited `--concurrency` at a time.
+    let acks = bodies
+        .then(move |m| {
             let p = p.clone();
             let m = m.map(&decorate);
-            async move { p.send(m?).await.map_err(CliError::from) }
+            async move {
+                match m {
+                    Ok(m) => p.enqueue(m).await.map_err(CliError::from),
+                    Err(e) => Err(e),
+                }
+            }
         })
+        .map(|queued| async move { queued?.await.map_err(CliError::from) })
         .buffered(a.concurrency as usize);
+    let mut acks = std::pin::pin!(acks);
     while let Some(r) = acks.next().await {
         let r = r?;
         if json {

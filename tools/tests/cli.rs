@@ -232,6 +232,38 @@ fn cli_produces_and_consumes_with_json_output() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(from_stdin.len(), 3);
+    // Lines are stored in the order given (one key: one queue, rising
+    // offsets), however the producer batches them.
+    dev.json(&[
+        "topic",
+        "create",
+        "lines",
+        "--queues",
+        "4",
+        "--replicas",
+        "3",
+    ]);
+    let lines: String = (0..300).map(|i| format!("line {i}\n")).collect();
+    let o = dev.run_stdin(
+        &["--json", "produce", "--topic", "lines", "--key", "k"],
+        Some(&lines),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stored: Vec<(u64, u64)> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["queue"].as_u64().unwrap(), v["offset"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(stored.len(), 300);
+    assert!(
+        stored
+            .windows(2)
+            .all(|w| w[0].0 == w[1].0 && w[0].1 < w[1].1),
+        "stdin lines stored out of order: {stored:?}"
+    );
     let all: HashSet<String> = ids(&produced).into_iter().chain(ids(&from_stdin)).collect();
     assert_eq!(all.len(), N + 3);
     for p in &produced {
