@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use petrel_proto::PetrelError;
 use tokio::sync::Notify;
 
-use crate::queue::{Checkpoint, ConsumerOp, ConsumerOps};
+use crate::queue::{Checkpoint, ConsumerOps};
 
 /// Failed ranges remembered for late waiters (a waiter looks right after
 /// it is woken, so a handful is plenty).
@@ -30,8 +30,9 @@ pub const MAX_OPS_PER_CHECKPOINT: usize = 16_384;
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Ops not yet proposed: (consumer group, op, seq).
-    buf: Vec<(String, ConsumerOp, u64)>,
+    /// Ops not yet proposed, per call: its ops (per consumer group) and
+    /// its sequence number.
+    buf: Vec<(Vec<ConsumerOps>, u64)>,
     /// Sequence number of the last recorded call.
     recorded: u64,
     /// Every call up to this one has an outcome.
@@ -56,23 +57,18 @@ impl CheckpointLane {
     /// Records one call's ops (call with the queue state still locked, so
     /// the lane's order is the order the state changed in). Returns its
     /// sequence number and whether the caller must start a writer.
-    pub fn record(&self, ops: Vec<(String, ConsumerOp)>) -> (u64, bool) {
+    pub fn record(&self, ops: Vec<ConsumerOps>) -> (u64, bool) {
         let mut g = self.lock();
-        if ops.is_empty() {
+        let n: usize = ops.iter().map(|b| b.ops.len()).sum();
+        if n == 0 {
             return (g.recorded, false);
         }
         g.recorded += 1;
         let seq = g.recorded;
-        g.buf.extend(ops.into_iter().map(|(c, op)| (c, op, seq)));
+        g.buf.push((ops, seq));
         let start = !g.writing;
         g.writing = true;
         (seq, start)
-    }
-
-    /// The last recorded call: waiting for it covers everything the state
-    /// holds now.
-    pub fn recorded(&self) -> u64 {
-        self.lock().recorded
     }
 
     /// The writer's next checkpoint (`None`, and the writer stops, when
@@ -83,28 +79,24 @@ impl CheckpointLane {
             g.writing = false;
             return None;
         }
-        let n = g.buf.len().min(MAX_OPS_PER_CHECKPOINT);
-        // Never split one call's ops over two checkpoints.
-        let mut cut = n;
-        if n < g.buf.len() {
-            let last = g.buf[n].2;
-            while cut > 0 && g.buf[cut - 1].2 == last {
-                cut -= 1;
+        // Whole calls (one call's ops never span two checkpoints), at least
+        // one, up to MAX_OPS_PER_CHECKPOINT ops.
+        let (mut calls, mut ops) = (0, 0);
+        for (batches, _) in &g.buf {
+            let n: usize = batches.iter().map(|b| b.ops.len()).sum();
+            if calls > 0 && ops + n > MAX_OPS_PER_CHECKPOINT {
+                break;
             }
-            if cut == 0 {
-                cut = g.buf.iter().take_while(|o| o.2 == last).count();
-            }
+            calls += 1;
+            ops += n;
         }
-        let taken: Vec<_> = g.buf.drain(..cut).collect();
-        let hi = taken.last().map(|o| o.2).unwrap_or(g.settled);
+        let taken: Vec<_> = g.buf.drain(..calls).collect();
+        let hi = taken.last().map(|c| c.1).unwrap_or(g.settled);
         let mut batches: Vec<ConsumerOps> = Vec::new();
-        for (consumer, op, _) in taken {
+        for b in taken.into_iter().flat_map(|(call, _)| call) {
             match batches.last_mut() {
-                Some(b) if b.consumer == consumer => b.ops.push(op),
-                _ => batches.push(ConsumerOps {
-                    consumer,
-                    ops: vec![op],
-                }),
+                Some(last) if last.consumer == b.consumer => last.ops.extend(b.ops),
+                _ => batches.push(b),
             }
         }
         Some((hi, Checkpoint { origin, batches }))
@@ -164,17 +156,26 @@ impl CheckpointLane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::ConsumerOp;
 
     fn op(n: u64) -> ConsumerOp {
         ConsumerOp::Done(n)
     }
 
+    /// One call's ops, all for consumer group `c`.
+    fn call(c: &str, ops: Vec<ConsumerOp>) -> Vec<ConsumerOps> {
+        vec![ConsumerOps {
+            consumer: c.into(),
+            ops,
+        }]
+    }
+
     #[test]
     fn calls_gather_into_one_checkpoint_grouped_by_consumer() {
         let lane = CheckpointLane::default();
-        let (s1, start1) = lane.record(vec![("a".into(), op(1)), ("a".into(), op(2))]);
-        let (s2, start2) = lane.record(vec![("b".into(), op(3))]);
-        let (s3, _) = lane.record(vec![("a".into(), op(4))]);
+        let (s1, start1) = lane.record(call("a", vec![op(1), op(2)]));
+        let (s2, start2) = lane.record(call("b", vec![op(3)]));
+        let (s3, _) = lane.record(call("a", vec![op(4)]));
         assert!(start1 && !start2, "one writer");
         assert_eq!((s1, s2, s3), (1, 2, 3));
         let (hi, cp) = lane.take(9).unwrap();
@@ -187,16 +188,16 @@ mod tests {
             .collect();
         assert_eq!(shape, vec![("a", 2), ("b", 1), ("a", 1)]);
         assert!(lane.take(9).is_none(), "the writer stops when idle");
-        let (_, start) = lane.record(vec![("a".into(), op(5))]);
+        let (_, start) = lane.record(call("a", vec![op(5)]));
         assert!(start, "the next call starts a writer again");
     }
 
     #[tokio::test]
     async fn waiters_get_their_checkpoints_outcome() {
         let lane = CheckpointLane::default();
-        let (s1, _) = lane.record(vec![("a".into(), op(1))]);
+        let (s1, _) = lane.record(call("a", vec![op(1)]));
         let (hi, _) = lane.take(1).unwrap();
-        let (s2, _) = lane.record(vec![("a".into(), op(2))]);
+        let (s2, _) = lane.record(call("a", vec![op(2)]));
         lane.settle(hi, Err(PetrelError::Unavailable("lost".into())));
         let (hi2, _) = lane.take(1).unwrap();
         lane.settle(hi2, Ok(()));
@@ -209,10 +210,11 @@ mod tests {
     #[test]
     fn one_calls_ops_are_never_split() {
         let lane = CheckpointLane::default();
-        let big: Vec<_> = (0..MAX_OPS_PER_CHECKPOINT as u64 + 10)
-            .map(|n| ("a".to_string(), op(n)))
-            .collect();
-        lane.record(vec![("a".into(), op(0))]);
+        let big = call(
+            "a",
+            (0..MAX_OPS_PER_CHECKPOINT as u64 + 10).map(op).collect(),
+        );
+        lane.record(call("a", vec![op(0)]));
         lane.record(big);
         let (hi, cp) = lane.take(1).unwrap();
         assert_eq!(hi, 1);

@@ -366,12 +366,30 @@ pub struct Changes {
     /// Transactions changed (to write) and forgotten (to delete).
     pub txns: HashSet<String>,
     pub txns_removed: Vec<String>,
-    /// Consumer ops taken (recorded only when the leader runs a receive,
-    /// ack or nack in memory; applying a command ignores them).
-    pub ops: Vec<(String, ConsumerOp)>,
+    /// Consumer ops taken, per consumer group in order (recorded only
+    /// when the leader runs a receive, ack or nack in memory; applying a
+    /// command ignores them).
+    pub ops: Vec<ConsumerOps>,
 }
 
 impl Changes {
+    /// Records `op` of consumer group `consumer` (its name is stored once
+    /// per run of ops, not per op).
+    pub fn op(&mut self, consumer: &str, op: ConsumerOp) {
+        match self.ops.last_mut() {
+            Some(b) if b.consumer == consumer => b.ops.push(op),
+            _ => self.ops.push(ConsumerOps {
+                consumer: consumer.to_string(),
+                ops: vec![op],
+            }),
+        }
+    }
+
+    /// Consumer ops recorded so far.
+    pub fn op_count(&self) -> usize {
+        self.ops.iter().map(|b| b.ops.len()).sum()
+    }
+
     /// What `batch` changed, to persist: its leases, or the whole group
     /// after a reset.
     pub fn note_consumer_ops(&mut self, batch: &ConsumerOps) {
@@ -811,8 +829,8 @@ impl QueueState {
             .consumers
             .entry(consumer.to_string())
             .or_insert_with(|| ConsumerState::new(start));
-        let ops_before = ch.ops.len();
-        let mut op = |o: ConsumerOp| ch.ops.push((consumer.to_string(), o));
+        let ops_before = ch.op_count();
+        let mut op = |o: ConsumerOp| ch.op(consumer, o);
         if c.policy != p.policy {
             c.policy = p.policy;
             op(ConsumerOp::Policy(p.policy));
@@ -979,7 +997,7 @@ impl QueueState {
             .take(256)
             .map(|(o, d)| (*o, d.clone()))
             .collect();
-        if ch.ops.len() != ops_before {
+        if ch.op_count() != ops_before {
             ch.consumers.insert(consumer.to_string());
         }
         PopOutcome { leases: out, dead }
@@ -998,7 +1016,7 @@ impl QueueState {
             match c.leases.get(&off) {
                 Some(l) if l.lease_id == lease_id => {
                     c.leases.remove(&off);
-                    ch.ops.push((consumer.to_string(), ConsumerOp::Done(off)));
+                    ch.op(consumer, ConsumerOp::Done(off));
                     changed = true;
                     out.push(Ok(()));
                 }
@@ -1044,8 +1062,7 @@ impl QueueState {
                     let attempts = l.attempt;
                     c.leases.remove(&offset);
                     let d = DeadLetter { attempts, reason };
-                    ch.ops
-                        .push((consumer.to_string(), ConsumerOp::Dead(offset, d.clone())));
+                    ch.op(consumer, ConsumerOp::Dead(offset, d.clone()));
                     c.dead_pending.insert(offset, d);
                     c.dead_lettered += 1;
                     c.advance();
@@ -1057,8 +1074,7 @@ impl QueueState {
                     l.deadline_ms = now_ms;
                     l.retry_at_ms = at;
                     l.reason = reason;
-                    ch.ops
-                        .push((consumer.to_string(), ConsumerOp::Lease(offset, l.clone())));
+                    ch.op(consumer, ConsumerOp::Lease(offset, l.clone()));
                     Some(at)
                 };
                 ch.consumers.insert(consumer.to_string());
@@ -1074,7 +1090,7 @@ impl QueueState {
         let mut changed = false;
         for o in offsets {
             if c.dead_pending.remove(o).is_some() {
-                ch.ops.push((consumer.to_string(), ConsumerOp::Shipped(*o)));
+                ch.op(consumer, ConsumerOp::Shipped(*o));
                 changed = true;
             }
         }
@@ -1107,8 +1123,7 @@ impl QueueState {
                 l.lease_id = log_index;
                 l.deadline_ms = now_ms.saturating_add(invisible_ms.min(i64::MAX as u64) as i64);
                 l.retry_at_ms = l.deadline_ms;
-                ch.ops
-                    .push((consumer.to_string(), ConsumerOp::Lease(offset, l.clone())));
+                ch.op(consumer, ConsumerOp::Lease(offset, l.clone()));
                 let info = LeaseInfo {
                     offset,
                     attempt: l.attempt,
@@ -1203,8 +1218,7 @@ impl QueueState {
         }
         let offset = offset.max(start);
         self.consumer(consumer).reset(offset, start, end);
-        ch.ops
-            .push((consumer.to_string(), ConsumerOp::Reset(offset)));
+        ch.op(consumer, ConsumerOp::Reset(offset));
         ch.consumers.insert(consumer.to_string());
         Ok(())
     }
@@ -1654,7 +1668,7 @@ mod tests {
         Append(usize, Vec<i64>),
         Release(i64),
         Truncate(u64),
-        Checkpoint(Vec<(String, ConsumerOp)>),
+        Checkpoint(Vec<ConsumerOps>),
     }
 
     /// A replica that applies the leader's commands and checkpoints in log
@@ -1686,7 +1700,7 @@ mod tests {
         };
         let mut leader = QueueState::default();
         let mut log = Vec::new();
-        let mut unflushed: Vec<(String, ConsumerOp)> = Vec::new();
+        let mut unflushed: Vec<ConsumerOps> = Vec::new();
         let mut now = 1_000i64;
         let mut id = 1u64 << 40;
         let policy = RetryPolicy::with_defaults(3, 10, 40);
@@ -1780,13 +1794,9 @@ mod tests {
                 Logged::Truncate(b) => {
                     replica.truncate(*b, 0, &mut ch);
                 }
-                Logged::Checkpoint(ops) => {
-                    for (consumer, op) in ops {
-                        let batch = ConsumerOps {
-                            consumer: consumer.clone(),
-                            ops: vec![op.clone()],
-                        };
-                        replica.apply_consumer_ops(&batch, &mut ch);
+                Logged::Checkpoint(batches) => {
+                    for batch in batches {
+                        replica.apply_consumer_ops(batch, &mut ch);
                     }
                 }
             }
