@@ -173,6 +173,17 @@ impl Service {
         });
     }
 
+    /// Queue `group` of this leader, once it may serve consumers from
+    /// memory (see `Node::consumer_term`), and the term to issue leases in.
+    fn consumer_queue(
+        &self,
+        group: u64,
+    ) -> Result<(Arc<crate::sm::QueueShared>, u64), PetrelError> {
+        let h = self.leader(group)?;
+        let term = self.node.consumer_term(group, &h)?;
+        Ok((queue_of(&h, group)?.clone(), term))
+    }
+
     fn leader(&self, group: u64) -> Result<GroupHandle, PetrelError> {
         if group == META_GROUP {
             return Err(PetrelError::InvalidArgument(
@@ -670,9 +681,7 @@ impl BrokerData for Service {
             None => RetryPolicy::default(),
         };
         let fifo = self.message_type_of(group) == pb::MessageType::Fifo;
-        let h = self.leader(group)?;
-        let term = self.node.consumer_term(group, &h)?;
-        let q = queue_of(&h, group)?;
+        let (q, term) = self.consumer_queue(group)?;
         // Read before the pop: a change that lands while it runs (an
         // append) then still wakes the caller's WaitReady (at worst one
         // extra, empty pop, which writes nothing).
@@ -711,7 +720,7 @@ impl BrokerData for Service {
         // commits (their bytes are read meanwhile), so a failover never
         // hands out again, as a first delivery, a record a consumer has.
         let lease_id = q.next_lease_id(term);
-        let (outcome, seq) = self.consumer_change(group, q, false, |st, ch| {
+        let (outcome, seq) = self.consumer_change(group, &q, false, |st, ch| {
             let mut view = |off: u64| {
                 let bytes = match fetched.get(&off) {
                     Some(Ok(b)) => b.clone(),
@@ -802,7 +811,6 @@ impl BrokerData for Service {
         let lease = req
             .lease
             .ok_or_else(|| PetrelError::InvalidArgument("missing lease".into()))?;
-        let h = self.leader(req.group_id)?;
         let mut reason = req.reason;
         if reason.len() > MAX_REASON {
             let mut cut = MAX_REASON;
@@ -811,11 +819,10 @@ impl BrokerData for Service {
             }
             reason.truncate(cut);
         }
-        let term = self.node.consumer_term(req.group_id, &h)?;
-        let q = queue_of(&h, req.group_id)?;
+        let (q, term) = self.consumer_queue(req.group_id)?;
         let new_id = q.next_lease_id(term);
         let now = petrel_proto::now_ms();
-        let (r, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
             st.nack(
                 &req.consumer_group,
                 lease.offset,
@@ -981,15 +988,13 @@ impl BrokerData for Service {
         if req.offsets.len() > 1024 {
             return Err(PetrelError::InvalidArgument("at most 1024 offsets".into()).into());
         }
-        let h = self.leader(req.group_id)?;
         let labels = [
             ("topic", self.topic_name_of(req.group_id)),
             ("group", req.consumer_group.clone()),
         ];
         let n = req.offsets.len() as u64;
-        self.node.consumer_term(req.group_id, &h)?;
-        let q = queue_of(&h, req.group_id)?;
-        let (_, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
+        let (q, _) = self.consumer_queue(req.group_id)?;
+        let (_, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
             st.dead_lettered(&req.consumer_group, &req.offsets, ch)
         });
         q.lane.wait(seq).await?;
@@ -1000,15 +1005,13 @@ impl BrokerData for Service {
     async fn ack(&self, req: Request<bpb::BrokerAckRequest>) -> R<bpb::BrokerAckResponse> {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
-        let h = self.leader(req.group_id)?;
         let labels = [
             ("topic", self.topic_name_of(req.group_id)),
             ("group", req.consumer_group.clone()),
         ];
-        self.node.consumer_term(req.group_id, &h)?;
-        let q = queue_of(&h, req.group_id)?;
+        let (q, _) = self.consumer_queue(req.group_id)?;
         let leases: Vec<(u64, u64)> = req.leases.iter().map(|l| (l.offset, l.lease_id)).collect();
-        let (v, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
+        let (v, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
             st.ack(&req.consumer_group, &leases, ch)
         });
         // Answered once committed: a failover never undoes an ack.
@@ -1041,12 +1044,10 @@ impl BrokerData for Service {
         let lease = req
             .lease
             .ok_or_else(|| PetrelError::InvalidArgument("missing lease".into()))?;
-        let h = self.leader(req.group_id)?;
-        let term = self.node.consumer_term(req.group_id, &h)?;
-        let q = queue_of(&h, req.group_id)?;
+        let (q, term) = self.consumer_queue(req.group_id)?;
         let new_id = q.next_lease_id(term);
         let now = petrel_proto::now_ms();
-        let (r, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
             st.change_invisible(
                 &req.consumer_group,
                 lease.offset,
@@ -1141,11 +1142,9 @@ impl BrokerData for Service {
     ) -> R<bpb::BrokerCommitOffsetResponse> {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
-        let h = self.leader(req.group_id)?;
-        self.node.consumer_term(req.group_id, &h)?;
-        let q = queue_of(&h, req.group_id)?;
+        let (q, _) = self.consumer_queue(req.group_id)?;
         // In order with the group's receives and acks (a consumer op).
-        let (r, seq) = self.consumer_change(req.group_id, q, true, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
             st.commit_offset(&req.consumer_group, req.offset, ch)
         });
         r.map_err(PetrelError::from)?;
