@@ -108,7 +108,8 @@ impl ReceiptKey {
         self.decode_cached(handle, topic, group, &mut None)
     }
 
-    /// Verifies the handles of one ack: one MAC per distinct signed part.
+    /// Verifies the handles of one ack: one MAC per run of handles with the
+    /// same signed part.
     pub fn decode_many<'h>(
         &self,
         handles: impl IntoIterator<Item = &'h str>,
@@ -127,7 +128,7 @@ impl ReceiptKey {
         handle: &str,
         topic: &str,
         group: &str,
-        last: &mut Option<(Vec<u8>, [u8; MAC])>,
+        last: &mut Option<([u8; BODY], [u8; MAC])>,
     ) -> Result<Receipt, PetrelError> {
         let bad =
             |why: &str| PetrelError::InvalidArgument(format!("invalid receipt handle: {why}"));
@@ -142,16 +143,19 @@ impl ReceiptKey {
         }
         // The signed part (version 2: all but the offset) and the MAC
         // expected for it, reused while handles share it.
-        let signed: Vec<u8> = if b[0] == VERSION {
-            [&b[..OFFSET.start], &b[OFFSET.end..BODY]].concat()
-        } else {
-            b[..BODY].to_vec()
+        let body = &b[..BODY];
+        let same_signed = |prev: &[u8; BODY]| {
+            prev[..OFFSET.start] == body[..OFFSET.start]
+                && prev[OFFSET.end..] == body[OFFSET.end..]
+                && (body[0] == VERSION || prev[OFFSET] == body[OFFSET])
         };
         let expect = match last {
-            Some((s, m)) if *s == signed => *m,
+            Some((prev, m)) if same_signed(prev) => *m,
             _ => {
-                let m = self.mac(&b[..BODY], topic, group);
-                *last = Some((signed, m));
+                let m = self.mac(body, topic, group);
+                let mut prev = [0u8; BODY];
+                prev.copy_from_slice(body);
+                *last = Some((prev, m));
                 m
             }
         };
