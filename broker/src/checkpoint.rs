@@ -30,6 +30,10 @@ pub const MAX_OPS_PER_CHECKPOINT: usize = 16_384;
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// The leadership term the ops belong to (see `queue::Serving`).
+    term: u64,
+    /// Sequence number of the term's first call.
+    first: u64,
     /// Ops not yet proposed, per call: its ops (per consumer group) and
     /// its sequence number.
     buf: Vec<(Vec<ConsumerOps>, u64)>,
@@ -54,14 +58,38 @@ impl CheckpointLane {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records one call's ops (call with the queue state still locked, so
-    /// the lane's order is the order the state changed in). Returns its
-    /// sequence number and whether the caller must start a writer.
-    pub fn record(&self, ops: Vec<ConsumerOps>) -> (u64, bool) {
+    /// Records one call's ops, taken while serving `term` (call with the
+    /// queue state still locked, so the lane's order is the order the state
+    /// changed in). Returns its sequence number and whether the caller must
+    /// start a writer (for `term`).
+    ///
+    /// The first call of a new term fails every call of the old one still
+    /// waiting: their ops died with that term's serving state.
+    pub fn record(&self, ops: Vec<ConsumerOps>, term: u64) -> (u64, bool) {
         let mut g = self.lock();
+        if term != g.term {
+            let (lo, hi) = (g.settled + 1, g.recorded);
+            if lo <= hi {
+                let e = PetrelError::Unavailable(format!(
+                    "the queue's leadership term {} ended before these changes were stored",
+                    g.term
+                ));
+                g.failures.push((lo, hi, e));
+                g.settled = hi;
+            }
+            g.buf.clear();
+            g.writing = false;
+            g.term = term;
+            g.first = g.recorded + 1;
+            drop(g);
+            self.settled.notify_waiters();
+            g = self.lock();
+        }
         let n: usize = ops.iter().map(|b| b.ops.len()).sum();
         if n == 0 {
-            return (g.recorded, false);
+            // Waits for what the term recorded before it (nothing, if the
+            // term has recorded nothing yet).
+            return (if g.recorded >= g.first { g.recorded } else { 0 }, false);
         }
         g.recorded += 1;
         let seq = g.recorded;
@@ -71,10 +99,14 @@ impl CheckpointLane {
         (seq, start)
     }
 
-    /// The writer's next checkpoint (`None`, and the writer stops, when
-    /// nothing waits). Returns the last call it covers.
-    pub fn take(&self, origin: u64) -> Option<(u64, Checkpoint)> {
+    /// The next checkpoint of `term`'s writer (`None`, and the writer
+    /// stops, when nothing waits or its term is over). Returns the last
+    /// call it covers.
+    pub fn take(&self, term: u64) -> Option<(u64, Checkpoint)> {
         let mut g = self.lock();
+        if g.term != term {
+            return None;
+        }
         if g.buf.is_empty() {
             g.writing = false;
             return None;
@@ -99,12 +131,16 @@ impl CheckpointLane {
                 _ => batches.push(b),
             }
         }
-        Some((hi, Checkpoint { origin, batches }))
+        Some((hi, Checkpoint { term, batches }))
     }
 
-    /// The checkpoint covering calls up to `hi` is committed (or failed).
-    pub fn settle(&self, hi: u64, outcome: Result<(), PetrelError>) {
+    /// `term`'s checkpoint covering calls up to `hi` is committed (or
+    /// failed). Ignored once the term is over (its calls already failed).
+    pub fn settle(&self, term: u64, hi: u64, outcome: Result<(), PetrelError>) {
         let mut g = self.lock();
+        if g.term != term {
+            return;
+        }
         let lo = g.settled + 1;
         g.settled = g.settled.max(hi);
         if let Err(e) = outcome {
@@ -117,16 +153,19 @@ impl CheckpointLane {
         self.settled.notify_waiters();
     }
 
-    /// The writer stopped early (leadership lost): every op waiting fails
-    /// with `e`.
-    pub fn abandon(&self, e: PetrelError) {
+    /// `term`'s writer stopped early (leadership lost): every op waiting
+    /// fails with `e`.
+    pub fn abandon(&self, term: u64, e: PetrelError) {
         let hi = {
             let mut g = self.lock();
+            if g.term != term {
+                return;
+            }
             g.buf.clear();
             g.writing = false;
             g.recorded
         };
-        self.settle(hi, Err(e));
+        self.settle(term, hi, Err(e));
     }
 
     /// Waits until call `seq` is committed; its checkpoint's error if not.
@@ -173,14 +212,14 @@ mod tests {
     #[test]
     fn calls_gather_into_one_checkpoint_grouped_by_consumer() {
         let lane = CheckpointLane::default();
-        let (s1, start1) = lane.record(call("a", vec![op(1), op(2)]));
-        let (s2, start2) = lane.record(call("b", vec![op(3)]));
-        let (s3, _) = lane.record(call("a", vec![op(4)]));
+        let (s1, start1) = lane.record(call("a", vec![op(1), op(2)]), 9);
+        let (s2, start2) = lane.record(call("b", vec![op(3)]), 9);
+        let (s3, _) = lane.record(call("a", vec![op(4)]), 9);
         assert!(start1 && !start2, "one writer");
         assert_eq!((s1, s2, s3), (1, 2, 3));
         let (hi, cp) = lane.take(9).unwrap();
         assert_eq!(hi, 3);
-        assert_eq!(cp.origin, 9);
+        assert_eq!(cp.term, 9);
         let shape: Vec<_> = cp
             .batches
             .iter()
@@ -188,23 +227,23 @@ mod tests {
             .collect();
         assert_eq!(shape, vec![("a", 2), ("b", 1), ("a", 1)]);
         assert!(lane.take(9).is_none(), "the writer stops when idle");
-        let (_, start) = lane.record(call("a", vec![op(5)]));
+        let (_, start) = lane.record(call("a", vec![op(5)]), 9);
         assert!(start, "the next call starts a writer again");
     }
 
     #[tokio::test]
     async fn waiters_get_their_checkpoints_outcome() {
         let lane = CheckpointLane::default();
-        let (s1, _) = lane.record(call("a", vec![op(1)]));
+        let (s1, _) = lane.record(call("a", vec![op(1)]), 1);
         let (hi, _) = lane.take(1).unwrap();
-        let (s2, _) = lane.record(call("a", vec![op(2)]));
-        lane.settle(hi, Err(PetrelError::Unavailable("lost".into())));
+        let (s2, _) = lane.record(call("a", vec![op(2)]), 1);
+        lane.settle(1, hi, Err(PetrelError::Unavailable("lost".into())));
         let (hi2, _) = lane.take(1).unwrap();
-        lane.settle(hi2, Ok(()));
+        lane.settle(1, hi2, Ok(()));
         assert!(lane.wait(s1).await.is_err());
         assert!(lane.wait(s2).await.is_ok());
         // An empty call waits for whatever was recorded before it.
-        assert_eq!(lane.record(Vec::new()), (s2, false));
+        assert_eq!(lane.record(Vec::new(), 1), (s2, false));
     }
 
     #[test]
@@ -214,13 +253,43 @@ mod tests {
             "a",
             (0..MAX_OPS_PER_CHECKPOINT as u64 + 10).map(op).collect(),
         );
-        lane.record(call("a", vec![op(0)]));
-        lane.record(big);
+        lane.record(call("a", vec![op(0)]), 1);
+        lane.record(big, 1);
         let (hi, cp) = lane.take(1).unwrap();
         assert_eq!(hi, 1);
         assert_eq!(cp.batches[0].ops.len(), 1);
         let (hi, cp) = lane.take(1).unwrap();
         assert_eq!(hi, 2);
         assert_eq!(cp.batches[0].ops.len(), MAX_OPS_PER_CHECKPOINT + 10);
+    }
+
+    #[tokio::test]
+    async fn a_new_term_fails_the_old_terms_calls_and_stops_its_writer() {
+        let lane = CheckpointLane::default();
+        let (s1, start) = lane.record(call("a", vec![op(1)]), 3);
+        assert!(start);
+        let (hi, _) = lane.take(3).unwrap();
+        let (s2, _) = lane.record(call("a", vec![op(2)]), 3);
+        // Leadership lost and won again: the first call of term 5.
+        let (s3, start) = lane.record(call("a", vec![op(3)]), 5);
+        assert!(start, "the new term gets its own writer");
+        assert!(
+            lane.wait(s1).await.is_err(),
+            "in flight when the term ended"
+        );
+        assert!(lane.wait(s2).await.is_err(), "never proposed");
+        // The old writer's late outcome changes nothing, and it stops.
+        lane.settle(3, hi, Ok(()));
+        assert!(lane.wait(s1).await.is_err());
+        assert!(lane.take(3).is_none());
+        let (hi, cp) = lane.take(5).unwrap();
+        assert_eq!((hi, cp.term, cp.batches[0].ops.len()), (s3, 5, 1));
+        lane.settle(5, hi, Ok(()));
+        assert!(lane.wait(s3).await.is_ok());
+        // An empty call of a fresh term waits for nothing of the old one.
+        let lane = CheckpointLane::default();
+        lane.record(call("a", vec![op(1)]), 3);
+        let (s, _) = lane.record(Vec::new(), 4);
+        assert!(lane.wait(s).await.is_ok());
     }
 }

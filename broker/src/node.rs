@@ -581,7 +581,7 @@ impl Node {
                     let st = shared.read();
                     let (start, end) = (st.header.start_offset, st.header.next_offset);
                     for name in &consuming {
-                        let (committed, inflight) = match st.consumers.get(name) {
+                        let (committed, inflight) = match st.served().get(name) {
                             Some(c) => (c.committed.max(start), c.inflight_at(now)),
                             None => (start, 0),
                         };

@@ -112,6 +112,8 @@ pub struct DeadLetter {
 pub const MAX_DEAD_PENDING: usize = 1024;
 /// Passed-over records (FIFO blocked, released delays) a group may hold.
 pub const MAX_PENDING: usize = 4096;
+/// Redelivered records a group remembers the finishing receipt of.
+pub const FINISHED_KEPT: usize = 1024;
 /// Fresh records one pop examines at most (filters may skip many).
 pub const POP_SCAN_LIMIT: u64 = 4096;
 /// Held (delayed / transactional) records one pop passes over at most.
@@ -138,6 +140,11 @@ pub struct ConsumerState {
     /// Records the group's filter passed over.
     pub filtered: u64,
     pub policy: RetryPolicy,
+    /// Records delivered more than once that are done: offset → the lease
+    /// whose ack finished it (0: dead-lettered). A late ack under an
+    /// earlier delivery's receipt then fails instead of reporting success
+    /// for a record another delivery finished (the last `FINISHED_KEPT`).
+    pub finished: BTreeMap<u64, u64>,
 }
 
 impl ConsumerState {
@@ -158,6 +165,31 @@ impl ConsumerState {
             c = c.min(*o);
         }
         self.committed = c;
+    }
+
+    /// `off`'s lease `l` ended (acked, or dead-lettered: `by` 0).
+    fn finish(&mut self, off: u64, l: &Lease, by: u64) {
+        if l.attempt > 1 || by == 0 {
+            self.finished.insert(off, by);
+            if self.finished.len() > FINISHED_KEPT {
+                self.finished.pop_first();
+            }
+        }
+    }
+
+    /// An ack of `off` under `lease_id`, which names no live lease, where
+    /// `off` is done: fine if it is the ack that finished it (a retry).
+    fn ack_done(&self, off: u64, lease_id: u64) -> Result<(), ApplyError> {
+        match self.finished.get(&off) {
+            Some(0) => Err(ApplyError::ReceiptExpired(format!(
+                "offset {off} used up its attempts and went to the dead-letter topic"
+            ))),
+            Some(by) if *by != lease_id => Err(ApplyError::ReceiptExpired(format!(
+                "offset {off} was delivered again after this receipt was issued, and that \
+                 delivery was acked"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Records leased and not yet acked.
@@ -201,6 +233,8 @@ impl ConsumerState {
         if offset < self.committed {
             self.leases.clear();
             self.pending.clear();
+            // Delivered afresh from here.
+            self.finished.retain(|o, _| *o < offset);
             self.next_fresh = offset;
         } else {
             self.leases = self.leases.split_off(&offset);
@@ -281,14 +315,30 @@ impl ConsumerOps {
 }
 
 /// The ops of many receives, acks and nacks, replicated as one Raft entry
-/// (`Command::Checkpoint`). `origin` names the in-memory state that
-/// already holds them (see `QueueShared::incarnation`): that replica skips
-/// them.
+/// (`Command::Checkpoint`). `term` is the leadership term whose serving
+/// state ([`Serving`]) took them: the ops only hold in that term's log, so
+/// an entry of any other term carrying them (a stale writer's late
+/// proposal) is not applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    pub origin: u64,
+    pub term: u64,
     pub batches: Vec<ConsumerOps>,
 }
+
+/// The consumer groups as a queue leader serves them in one term: the
+/// committed groups as they stood when it began serving, plus every op it
+/// took since, committed or not. Never persisted and never a replica's
+/// state: when the term ends it is dropped, so ops whose checkpoint never
+/// committed die with it instead of lingering in a later term's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Serving {
+    pub term: u64,
+    pub consumers: BTreeMap<String, ConsumerState>,
+}
+
+/// A receive, ack or nack of an earlier term than the one now served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleTerm;
 
 /// An append inside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,6 +464,18 @@ impl Changes {
     }
 }
 
+/// A held record at `off` became deliverable (its time came, or its
+/// transaction committed): groups that passed over it get it as pending.
+fn now_deliverable(groups: &mut BTreeMap<String, ConsumerState>, off: u64, ch: &mut Changes) {
+    for (name, c) in groups.iter_mut() {
+        if c.next_fresh > off {
+            c.pending.insert(off, 0);
+            c.advance();
+            ch.consumer_head(name);
+        }
+    }
+}
+
 /// `held` time of a record in an open (or rolled back) transaction: never
 /// released by time.
 pub const TXN_HOLD: i64 = i64::MAX;
@@ -438,7 +500,11 @@ pub struct Txn {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueState {
     pub header: QueueHeader,
+    /// Consumer groups as the committed log leaves them (what replicas
+    /// hold, what is persisted and snapshotted).
     pub consumers: BTreeMap<String, ConsumerState>,
+    /// On the leader, the groups it serves receives and acks from.
+    pub serving: Option<Serving>,
     pub producers: HashMap<String, ProducerWindow>,
     /// Delayed records not yet due: offset → delivery time. Consumer groups
     /// pass over them; `release` hands them back as pending when due.
@@ -558,13 +624,7 @@ impl QueueState {
             self.due.pop_first();
             self.held.remove(&off);
             ch.held_removed.push(off);
-            for (name, c) in self.consumers.iter_mut() {
-                if c.next_fresh > off {
-                    c.pending.insert(off, 0);
-                    c.advance();
-                    ch.consumer_head(name);
-                }
-            }
+            self.each_consumers(ch, |groups, ch| now_deliverable(groups, off, ch));
             n += 1;
         }
         n
@@ -590,13 +650,7 @@ impl QueueState {
                 if self.held.remove(off).is_some() {
                     ch.held_removed.push(*off);
                 }
-                for (name, c) in self.consumers.iter_mut() {
-                    if c.next_fresh > *off {
-                        c.pending.insert(*off, 0);
-                        c.advance();
-                        ch.consumer_head(name);
-                    }
-                }
+                self.each_consumers(ch, |groups, ch| now_deliverable(groups, *off, ch));
             }
         }
         // Forget the oldest ended transactions beyond the bound.
@@ -661,7 +715,7 @@ impl QueueState {
     /// Where `offset` stands in each consumer group: (group, state,
     /// attempt, lease end).
     pub fn delivery_states(&self, offset: u64) -> Vec<(String, &'static str, u32, i64)> {
-        self.consumers
+        self.served()
             .iter()
             .map(|(name, c)| {
                 let (state, attempt, until) = if let Some(l) = c.leases.get(&offset) {
@@ -712,7 +766,7 @@ impl QueueState {
     /// Whether a pop for `consumer` at `now_ms` could return anything (a
     /// cheap check before proposing one).
     pub fn has_deliverable(&self, consumer: &str, now_ms: i64) -> bool {
-        match self.consumers.get(consumer) {
+        match self.served().get(consumer) {
             None => self.header.next_offset > self.header.start_offset,
             Some(c) => {
                 if !c.dead_pending.is_empty()
@@ -735,7 +789,7 @@ impl QueueState {
     pub fn pop_candidates(&self, consumer: &str, max: u32, now_ms: i64) -> Vec<u64> {
         let end = self.header.next_offset;
         let max = max as usize;
-        match self.consumers.get(consumer) {
+        match self.served().get(consumer) {
             None => (self.header.start_offset..end)
                 .filter(|o| !self.held.contains_key(o))
                 .take(max)
@@ -788,22 +842,96 @@ impl QueueState {
                 ch.txns.insert(id.clone());
             }
         }
-        for (name, c) in self.consumers.iter_mut() {
-            if c.committed >= new {
-                continue;
+        self.each_consumers(ch, |groups, ch| {
+            for (name, c) in groups.iter_mut() {
+                if c.committed >= new {
+                    continue;
+                }
+                let unconsumed = c.leases.range(..new).count()
+                    + c.pending.range(..new).count()
+                    + new.saturating_sub(c.next_fresh) as usize;
+                c.skipped += unconsumed as u64;
+                c.next_fresh = c.next_fresh.max(new);
+                c.leases = c.leases.split_off(&new);
+                c.pending = c.pending.split_off(&new);
+                c.dead_pending = c.dead_pending.split_off(&new);
+                c.finished = c.finished.split_off(&new);
+                c.advance();
+                ch.consumers.insert(name.clone());
             }
-            let unconsumed = c.leases.range(..new).count()
-                + c.pending.range(..new).count()
-                + new.saturating_sub(c.next_fresh) as usize;
-            c.skipped += unconsumed as u64;
-            c.next_fresh = c.next_fresh.max(new);
-            c.leases = c.leases.split_off(&new);
-            c.pending = c.pending.split_off(&new);
-            c.dead_pending = c.dead_pending.split_off(&new);
-            c.advance();
-            ch.consumers.insert(name.clone());
-        }
+        });
         new - old
+    }
+
+    /// Runs `f` (a replicated command's effect on the consumer groups) on
+    /// the committed groups, noting what to persist in `ch`, and on the
+    /// groups a leader serves, if any (nothing to persist there).
+    fn each_consumers(
+        &mut self,
+        ch: &mut Changes,
+        mut f: impl FnMut(&mut BTreeMap<String, ConsumerState>, &mut Changes),
+    ) {
+        f(&mut self.consumers, ch);
+        if let Some(s) = &mut self.serving {
+            f(&mut s.consumers, &mut Changes::default());
+        }
+    }
+
+    /// Runs a receive, ack or nack of a leader serving in `term` (`f`, on
+    /// this state with the serving groups in place of the committed ones).
+    /// The first call of a term starts serving from the committed groups;
+    /// a call of an older term than the one served is refused.
+    pub fn serve<T>(&mut self, term: u64, f: impl FnOnce(&mut Self) -> T) -> Result<T, StaleTerm> {
+        let mut serving = match self.serving.take() {
+            Some(s) if s.term == term => s,
+            Some(s) if s.term > term => {
+                self.serving = Some(s);
+                return Err(StaleTerm);
+            }
+            _ => Serving {
+                term,
+                consumers: self.consumers.clone(),
+            },
+        };
+        // Swapped back on drop, so a panic in `f` cannot leave the
+        // serving groups in the committed ones' place.
+        struct Swap<'a> {
+            st: &'a mut QueueState,
+            serving: Option<Serving>,
+        }
+        impl Drop for Swap<'_> {
+            fn drop(&mut self) {
+                if let Some(mut s) = self.serving.take() {
+                    std::mem::swap(&mut self.st.consumers, &mut s.consumers);
+                    self.st.serving = Some(s);
+                }
+            }
+        }
+        std::mem::swap(&mut self.consumers, &mut serving.consumers);
+        let g = Swap {
+            st: self,
+            serving: Some(serving),
+        };
+        let out = f(&mut *g.st);
+        drop(g);
+        Ok(out)
+    }
+
+    /// An entry of `term` was applied: serving state of an earlier term is
+    /// dropped (its uncommitted ops must not outlive the term).
+    pub fn entered_term(&mut self, term: u64) {
+        if self.serving.as_ref().is_some_and(|s| s.term < term) {
+            self.serving = None;
+        }
+    }
+
+    /// The consumer groups as this broker would serve them: the leader's
+    /// serving groups, else the committed ones.
+    pub fn served(&self) -> &BTreeMap<String, ConsumerState> {
+        match &self.serving {
+            Some(s) => &s.consumers,
+            None => &self.consumers,
+        }
     }
 
     /// Leases up to `p.max` records: redeliveries due first (attempt + 1;
@@ -870,7 +998,9 @@ impl QueueState {
                     l.reason.clone()
                 };
                 let attempts = l.attempt;
-                c.leases.remove(&off);
+                if let Some(l) = c.leases.remove(&off) {
+                    c.finish(off, &l, 0);
+                }
                 let d = DeadLetter { attempts, reason };
                 op(ConsumerOp::Dead(off, d.clone()));
                 c.dead_pending.insert(off, d);
@@ -1015,7 +1145,9 @@ impl QueueState {
         for &(off, lease_id) in leases {
             match c.leases.get(&off) {
                 Some(l) if l.lease_id == lease_id => {
-                    c.leases.remove(&off);
+                    if let Some(l) = c.leases.remove(&off) {
+                        c.finish(off, &l, lease_id);
+                    }
                     ch.op(consumer, ConsumerOp::Done(off));
                     changed = true;
                     out.push(Ok(()));
@@ -1023,8 +1155,17 @@ impl QueueState {
                 Some(_) => out.push(Err(ApplyError::ReceiptExpired(format!(
                     "offset {off} was redelivered after this receipt was issued"
                 )))),
-                // Already acked (or dead-lettered): idempotent.
-                None if off < c.next_fresh && !c.pending.contains_key(&off) => out.push(Ok(())),
+                // Done: a retry of the ack that finished it is fine.
+                None if off < c.next_fresh && !c.pending.contains_key(&off) => {
+                    out.push(if c.dead_pending.contains_key(&off) {
+                        Err(ApplyError::ReceiptExpired(format!(
+                            "offset {off} used up its attempts and is going to the \
+                             dead-letter topic"
+                        )))
+                    } else {
+                        c.ack_done(off, lease_id)
+                    })
+                }
                 None => out.push(Err(c.lease_miss(off))),
             }
         }
@@ -1060,7 +1201,9 @@ impl QueueState {
                 };
                 let out = if l.attempt >= policy.max_attempts {
                     let attempts = l.attempt;
-                    c.leases.remove(&offset);
+                    if let Some(l) = c.leases.remove(&offset) {
+                        c.finish(offset, &l, 0);
+                    }
                     let d = DeadLetter { attempts, reason };
                     ch.op(consumer, ConsumerOp::Dead(offset, d.clone()));
                     c.dead_pending.insert(offset, d);
@@ -1157,7 +1300,9 @@ impl QueueState {
                     }
                 }
                 ConsumerOp::Done(off) => {
-                    c.leases.remove(off);
+                    if let Some(l) = c.leases.remove(off) {
+                        c.finish(*off, &l, l.lease_id);
+                    }
                 }
                 ConsumerOp::Scan {
                     to,
@@ -1186,7 +1331,9 @@ impl QueueState {
                 ConsumerOp::Dead(off, d) => {
                     c.dead_lettered += 1;
                     if *off >= start {
-                        c.leases.remove(off);
+                        if let Some(l) = c.leases.remove(off) {
+                            c.finish(*off, &l, 0);
+                        }
                         c.pending.remove(off);
                         c.dead_pending.insert(*off, d.clone());
                     }
@@ -1329,8 +1476,28 @@ mod tests {
         let c = &q.consumers["g"];
         assert_eq!(c.committed, 3);
         assert!(c.leases.is_empty() && c.pending.is_empty());
-        // Acking again is idempotent.
-        assert_eq!(q.ack("g", &[(0, 12)], &mut ch), vec![Ok(())]);
+        // Acking again is idempotent (a retry of the finishing ack), and so
+        // is a record delivered once.
+        assert_eq!(
+            q.ack("g", &[(0, 12), (1, 10)], &mut ch),
+            vec![Ok(()), Ok(())]
+        );
+        // A late ack under the first delivery's receipt, after the second
+        // delivery was acked, fails: that delivery did not finish it.
+        assert!(matches!(
+            q.ack("g", &[(0, 10)], &mut ch)[0],
+            Err(ApplyError::ReceiptExpired(_))
+        ));
+        // A replica that applies the ops knows it too.
+        let mut replica = q_with(3);
+        for b in &ch.ops {
+            replica.apply_consumer_ops(b, &mut Changes::default());
+        }
+        assert_eq!(replica.consumers["g"].finished, q.consumers["g"].finished);
+        assert!(matches!(
+            replica.ack("g", &[(0, 10)], &mut Changes::default())[0],
+            Err(ApplyError::ReceiptExpired(_))
+        ));
     }
 
     #[test]
@@ -1699,6 +1866,9 @@ mod tests {
             Some(rec("", &format!("m{}", o % 3), &[("region", region)]))
         };
         let mut leader = QueueState::default();
+        fn serve<T>(q: &mut QueueState, f: impl FnOnce(&mut QueueState) -> T) -> T {
+            q.serve(1, f).unwrap()
+        }
         let mut log = Vec::new();
         let mut unflushed: Vec<ConsumerOps> = Vec::new();
         let mut now = 1_000i64;
@@ -1710,7 +1880,7 @@ mod tests {
             let g = if rnd(3) == 0 { "g2" } else { "g1" };
             let mut ch = Changes::default();
             let leased: Vec<(u64, u64)> = leader
-                .consumers
+                .served()
                 .get(g)
                 .map(|c| c.leases.iter().map(|(o, l)| (*o, l.lease_id)).collect())
                 .unwrap_or_default();
@@ -1725,34 +1895,37 @@ mod tests {
                         fifo,
                         policy,
                     };
-                    leader.pop(g, p, id, &mut { view }, &mut ch);
+                    serve(&mut leader, |l| l.pop(g, p, id, &mut { view }, &mut ch));
                 }
                 7..=10 => {
                     if let Some((o, l)) = pick(rnd(1000)) {
-                        leader.ack(g, &[(o, l)], &mut ch);
+                        serve(&mut leader, |q| q.ack(g, &[(o, l)], &mut ch));
                     }
                 }
                 11 => {
                     if let Some((o, l)) = pick(rnd(1000)) {
-                        let _ = leader.nack(g, o, l, "no", now, id, &mut ch);
+                        let _ = serve(&mut leader, |q| q.nack(g, o, l, "no", now, id, &mut ch));
                     }
                 }
                 12 => {
                     if let Some((o, l)) = pick(rnd(1000)) {
-                        let _ = leader.change_invisible(g, o, l, now, 50, id, &mut ch);
+                        let _ = serve(&mut leader, |q| {
+                            q.change_invisible(g, o, l, now, 50, id, &mut ch)
+                        });
                     }
                 }
                 13 => {
                     let dead: Vec<u64> = leader
-                        .consumers
+                        .served()
                         .get(g)
                         .map(|c| c.dead_pending.keys().copied().collect())
                         .unwrap_or_default();
-                    leader.dead_lettered(g, &dead, &mut ch);
+                    serve(&mut leader, |q| q.dead_lettered(g, &dead, &mut ch));
                 }
                 14 => {
                     let (s, e) = (leader.header.start_offset, leader.header.next_offset);
-                    let _ = leader.commit_offset(g, s + rnd(e - s + 1), &mut ch);
+                    let to = s + rnd(e - s + 1);
+                    let _ = serve(&mut leader, |q| q.commit_offset(g, to, &mut ch));
                 }
                 15 | 16 => {
                     let n = 1 + rnd(6) as usize;
@@ -1775,8 +1948,18 @@ mod tests {
             }
             unflushed.extend(ch.ops);
             if rnd(4) == 0 {
-                log.push(Logged::Checkpoint(std::mem::take(&mut unflushed)));
+                // Committed: the leader applies it to its committed groups as
+                // a replica does (release, append and truncate above reached
+                // both its committed and its served groups).
+                let batches = std::mem::take(&mut unflushed);
+                for b in &batches {
+                    leader.apply_consumer_ops(b, &mut Changes::default());
+                }
+                log.push(Logged::Checkpoint(batches));
             }
+        }
+        for b in &unflushed {
+            leader.apply_consumer_ops(b, &mut Changes::default());
         }
         log.push(Logged::Checkpoint(unflushed));
 
@@ -1803,7 +1986,11 @@ mod tests {
         }
         let ctx = format!("seed {seed} fifo {fifo} filtered {filtered}");
         assert_eq!(replica.header, leader.header, "{ctx}");
-        for (name, l) in &leader.consumers {
+        assert_eq!(
+            replica.consumers, leader.consumers,
+            "{ctx}: the leader's committed groups are a replica's"
+        );
+        for (name, l) in leader.served() {
             let Some(r) = replica.consumers.get(name) else {
                 assert!(l.leases.is_empty() && l.pending.is_empty(), "{ctx}: {name}");
                 continue;
@@ -1829,6 +2016,44 @@ mod tests {
                 "{ctx}: {name} position"
             );
         }
+    }
+
+    #[test]
+    fn ops_not_committed_die_with_their_term() {
+        let mut q = q_with(4);
+        let mut ch = Changes::default();
+        let leased = q
+            .serve(1, |q| q.pop_plain("g", 2, 0, 1000, 1 << 40, &mut ch))
+            .unwrap();
+        assert_eq!(leased.len(), 2);
+        assert!(
+            q.consumers.get("g").is_none_or(|c| c.leases.is_empty()),
+            "only a committed checkpoint changes the committed groups"
+        );
+        assert_eq!(q.served()["g"].leases.len(), 2);
+        // Replicated commands reach both: retention drops offset 0.
+        q.truncate(1, 0, &mut Changes::default());
+        assert_eq!(
+            q.served()["g"].leases.keys().copied().collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!(q.serve(0, |_| ()), Err(StaleTerm), "an older term's call");
+        // An entry of term 2 is applied: term 1's served state (whose ops
+        // never committed) is gone, and term 2 serves from the committed one.
+        q.entered_term(2);
+        assert!(q.serving.is_none());
+        let again = q
+            .serve(2, |q| {
+                q.pop_plain("g", 3, 0, 1000, 2 << 40, &mut Changes::default())
+            })
+            .unwrap();
+        let offsets: Vec<u64> = again.iter().map(|l| l.offset).collect();
+        assert_eq!(
+            offsets,
+            vec![1, 2, 3],
+            "a first delivery again, nothing lost"
+        );
+        assert!(again.iter().all(|l| l.attempt == 1));
     }
 
     #[test]

@@ -91,11 +91,11 @@ fn queue_of(h: &GroupHandle, group: u64) -> Result<&Arc<crate::sm::QueueShared>,
 }
 
 impl Service {
-    /// Runs `f` on the queue's state in this leader's memory and records
-    /// the consumer ops it took for the next checkpoint (starting a writer
-    /// if none runs). Returns `f`'s result and the lane's sequence number
-    /// covering everything the state now holds (wait on it to make the
-    /// call durable).
+    /// Runs `f` on the consumer groups this leader serves in `term` (see
+    /// `queue::Serving`) and records the consumer ops it took for the next
+    /// checkpoint (starting a writer if none runs). Returns `f`'s result
+    /// and the lane's sequence number covering everything the served state
+    /// now holds (wait on it to make the call durable).
     ///
     /// A receive (`wakes` false) cannot make a record deliverable for
     /// anyone; waiting receives only re-check their lease timers.
@@ -103,14 +103,19 @@ impl Service {
         &self,
         group: u64,
         q: &Arc<crate::sm::QueueShared>,
+        term: u64,
         wakes: bool,
         f: impl FnOnce(&mut crate::queue::QueueState, &mut Changes) -> T,
-    ) -> (T, u64) {
+    ) -> Result<(T, u64), PetrelError> {
         let mut ch = Changes::default();
         let mut st = q.write();
-        let out = f(&mut st, &mut ch);
+        let out = st.serve(term, |st| f(st, &mut ch)).map_err(|_| {
+            PetrelError::Unavailable(format!(
+                "group {group}: leadership moved on while the call was under way; retry"
+            ))
+        })?;
         let changed = !ch.ops.is_empty();
-        let (seq, start) = q.lane.record(ch.ops);
+        let (seq, start) = q.lane.record(ch.ops, term);
         if changed && wakes {
             q.touched(&st);
         }
@@ -119,29 +124,32 @@ impl Service {
             q.changed.notify_waiters();
         }
         if start {
-            self.spawn_checkpoint_writer(group, q.clone());
+            self.spawn_checkpoint_writer(group, q.clone(), term);
         }
-        (out, seq)
+        Ok((out, seq))
     }
 
-    /// Proposes the lane's checkpoints one at a time until it is empty.
+    /// Proposes the lane's checkpoints of `term` one at a time until it is
+    /// empty.
     ///
-    /// A checkpoint that fails while this broker still leads the queue is
-    /// proposed again (the same ops; applied twice in a row they change
-    /// nothing more) before anything after it: the leader's memory already
-    /// holds its ops, so a later checkpoint must never commit without it
-    /// (replicas would then miss, say, FIFO records a scan passed over).
-    /// Once the leadership is gone, every op still waiting fails with it.
-    fn spawn_checkpoint_writer(&self, group: u64, q: Arc<crate::sm::QueueShared>) {
+    /// A checkpoint that fails while this broker still leads the queue in
+    /// `term` is proposed again (the same ops; applied twice in a row they
+    /// change nothing more) before anything after it: the served state
+    /// already holds its ops, so a later checkpoint must never commit
+    /// without it (replicas would then miss, say, FIFO records a scan
+    /// passed over). Once the term is over, every op still waiting fails,
+    /// and the served state that took them is dropped.
+    fn spawn_checkpoint_writer(&self, group: u64, q: Arc<crate::sm::QueueShared>, term: u64) {
         let node = self.node.clone();
         tokio::spawn(async move {
-            while let Some((hi, cp)) = q.lane.take(q.incarnation()) {
+            while let Some((hi, cp)) = q.lane.take(term) {
                 let mut backoff = std::time::Duration::from_millis(20);
                 loop {
                     let r = match node.ensure_leader(group) {
                         Ok(h) => match node.write(group, &h, Command::Checkpoint(cp.clone())).await
                         {
                             Ok(Response::Done(Ok(()))) => Ok(()),
+                            Ok(Response::Done(Err(e))) => Err(PetrelError::from(e)),
                             Ok(other) => Err(PetrelError::Internal(format!(
                                 "unexpected response {other:?}"
                             ))),
@@ -149,22 +157,28 @@ impl Service {
                         },
                         Err(e) => Err(e),
                     };
+                    let still = || {
+                        node.ensure_leader(group)
+                            .ok()
+                            .and_then(|h| node.consumer_term(group, &h).ok())
+                            == Some(term)
+                    };
                     match r {
-                        Err(e) if node.ensure_leader(group).is_ok() => {
+                        Err(e) if still() => {
                             tracing::warn!(group, error = %e, "checkpoint failed; proposing it again");
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
                         }
                         Err(e) => {
-                            // Not the leader any more (or a fatal error):
-                            // this writer ends here, before a new one may
-                            // start on what `abandon` leaves.
-                            q.lane.settle(hi, Err(e.clone()));
-                            q.lane.abandon(e);
+                            // The term is over (or a fatal error): this
+                            // writer ends here, before a new one may start
+                            // on what `abandon` leaves.
+                            q.lane.settle(term, hi, Err(e.clone()));
+                            q.lane.abandon(term, e);
                             return;
                         }
                         Ok(()) => {
-                            q.lane.settle(hi, Ok(()));
+                            q.lane.settle(term, hi, Ok(()));
                             break;
                         }
                     }
@@ -720,7 +734,7 @@ impl BrokerData for Service {
         // commits (their bytes are read meanwhile), so a failover never
         // hands out again, as a first delivery, a record a consumer has.
         let lease_id = q.next_lease_id(term);
-        let (outcome, seq) = self.consumer_change(group, &q, false, |st, ch| {
+        let (outcome, seq) = self.consumer_change(group, &q, term, false, |st, ch| {
             let mut view = |off: u64| {
                 let bytes = match fetched.get(&off) {
                     Some(Ok(b)) => b.clone(),
@@ -734,7 +748,7 @@ impl BrokerData for Service {
                 })
             };
             st.pop(&consumer, p, lease_id, &mut view, ch)
-        });
+        })?;
         let topic = self.topic_name_of(group);
         let first = outcome.leases.iter().filter(|l| l.attempt <= 1).count() as u64;
         let again = outcome.leases.len() as u64 - first;
@@ -822,7 +836,7 @@ impl BrokerData for Service {
         let (q, term) = self.consumer_queue(req.group_id)?;
         let new_id = q.next_lease_id(term);
         let now = petrel_proto::now_ms();
-        let (r, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, &q, term, true, |st, ch| {
             st.nack(
                 &req.consumer_group,
                 lease.offset,
@@ -832,7 +846,7 @@ impl BrokerData for Service {
                 new_id,
                 ch,
             )
-        });
+        })?;
         q.lane.wait(seq).await?;
         match r {
             Ok(at) => Ok(TResponse::new(bpb::BrokerNackResponse {
@@ -993,10 +1007,10 @@ impl BrokerData for Service {
             ("group", req.consumer_group.clone()),
         ];
         let n = req.offsets.len() as u64;
-        let (q, _) = self.consumer_queue(req.group_id)?;
-        let (_, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
+        let (q, term) = self.consumer_queue(req.group_id)?;
+        let (_, seq) = self.consumer_change(req.group_id, &q, term, true, |st, ch| {
             st.dead_lettered(&req.consumer_group, &req.offsets, ch)
-        });
+        })?;
         q.lane.wait(seq).await?;
         metrics::counter!("petrel_broker_dead_letters_total", &labels).increment(n);
         Ok(TResponse::new(bpb::DeadLetteredResponse {}))
@@ -1009,11 +1023,11 @@ impl BrokerData for Service {
             ("topic", self.topic_name_of(req.group_id)),
             ("group", req.consumer_group.clone()),
         ];
-        let (q, _) = self.consumer_queue(req.group_id)?;
+        let (q, term) = self.consumer_queue(req.group_id)?;
         let leases: Vec<(u64, u64)> = req.leases.iter().map(|l| (l.offset, l.lease_id)).collect();
-        let (v, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
+        let (v, seq) = self.consumer_change(req.group_id, &q, term, true, |st, ch| {
             st.ack(&req.consumer_group, &leases, ch)
-        });
+        })?;
         // Answered once committed: a failover never undoes an ack.
         q.lane.wait(seq).await?;
         metrics::counter!("petrel_broker_acked_records_total", &labels)
@@ -1047,7 +1061,7 @@ impl BrokerData for Service {
         let (q, term) = self.consumer_queue(req.group_id)?;
         let new_id = q.next_lease_id(term);
         let now = petrel_proto::now_ms();
-        let (r, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, &q, term, true, |st, ch| {
             st.change_invisible(
                 &req.consumer_group,
                 lease.offset,
@@ -1057,7 +1071,7 @@ impl BrokerData for Service {
                 new_id,
                 ch,
             )
-        });
+        })?;
         q.lane.wait(seq).await?;
         match r {
             Ok(l) => Ok(TResponse::new(bpb::BrokerChangeInvisibleResponse {
@@ -1142,11 +1156,11 @@ impl BrokerData for Service {
     ) -> R<bpb::BrokerCommitOffsetResponse> {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
-        let (q, _) = self.consumer_queue(req.group_id)?;
+        let (q, term) = self.consumer_queue(req.group_id)?;
         // In order with the group's receives and acks (a consumer op).
-        let (r, seq) = self.consumer_change(req.group_id, &q, true, |st, ch| {
+        let (r, seq) = self.consumer_change(req.group_id, &q, term, true, |st, ch| {
             st.commit_offset(&req.consumer_group, req.offset, ch)
-        });
+        })?;
         r.map_err(PetrelError::from)?;
         q.lane.wait(seq).await?;
         Ok(TResponse::new(bpb::BrokerCommitOffsetResponse {}))
@@ -1217,7 +1231,7 @@ impl BrokerData for Service {
                 start_offset: st.header.start_offset,
                 end_offset: st.header.next_offset,
                 consumer_groups: st
-                    .consumers
+                    .served()
                     .iter()
                     .filter(|(n, _)| req.consumer_group.is_empty() || **n == req.consumer_group)
                     .map(|(n, c)| bpb::ConsumerGroupStats {
@@ -1373,7 +1387,7 @@ impl Service {
                     continue;
                 }
                 let st = q.read();
-                if let Some(c) = st.consumers.get(&w.consumer_group) {
+                if let Some(c) = st.served().get(&w.consumer_group) {
                     if let Some(t) = c
                         .leases
                         .values()

@@ -47,12 +47,6 @@ pub struct QueueShared {
     /// Bumped by every apply (and load): a receive that found nothing waits
     /// for it to move (`WaitReady`) instead of polling.
     version: AtomicU64,
-    /// Names this copy of the in-memory state. The leader stamps its
-    /// checkpoints with it; applying a checkpoint whose ops this very state
-    /// already holds skips them. A new value whenever the state is loaded
-    /// or replaced (start, snapshot install), so ops are applied, not
-    /// skipped, by any copy that may lack them.
-    incarnation: AtomicU64,
     /// Lease ids the leader hands out: its term above bit 40, a counter
     /// below (log indexes, used by older entries, stay below 2^40).
     lease_ids: AtomicU64,
@@ -69,19 +63,9 @@ impl QueueShared {
             next_due_ms: AtomicI64::new(i64::MAX),
             earliest_due,
             version: AtomicU64::new(0),
-            incarnation: AtomicU64::new(rand::random()),
             lease_ids: AtomicU64::new(0),
             lane: Default::default(),
         }
-    }
-
-    /// See `incarnation`.
-    pub fn incarnation(&self) -> u64 {
-        self.incarnation.load(Ordering::Acquire)
-    }
-
-    fn new_incarnation(&self) {
-        self.incarnation.store(rand::random(), Ordering::Release);
     }
 
     /// A lease id unique across leaders: `term` above bit 40.
@@ -207,6 +191,7 @@ struct ConsumerHead<'a> {
     dead_lettered: u64,
     filtered: u64,
     policy: RetryPolicy,
+    finished: &'a BTreeMap<u64, u64>,
 }
 
 impl<'a> ConsumerHead<'a> {
@@ -221,6 +206,7 @@ impl<'a> ConsumerHead<'a> {
             dead_lettered: c.dead_lettered,
             filtered: c.filtered,
             policy: c.policy,
+            finished: &c.finished,
         }
     }
 }
@@ -373,11 +359,11 @@ impl StateMachine {
                     }
                 }
                 let txns = scan_named(&store, group, sm_state::TXN)?;
-                q.new_incarnation();
                 let mut st = q.state.write().unwrap_or_else(|e| e.into_inner());
                 *st = QueueState {
                     header,
                     consumers: consumers.into_iter().collect(),
+                    serving: None,
                     producers: producers.into_iter().collect(),
                     held,
                     due,
@@ -613,9 +599,10 @@ impl StateMachine {
         &mut self,
         q: &mut QueueState,
         cmd: &Command,
-        index: u64,
+        log_id: LogId,
         ch: &mut Changes,
     ) -> Response {
+        let index = log_id.index;
         match cmd {
             Command::Append {
                 producer_id,
@@ -708,14 +695,16 @@ impl StateMachine {
                 ch,
             )),
             Command::Checkpoint(cp) => {
-                let mine = matches!(&self.kind, Kind::Queue(s) if s.incarnation() == cp.origin);
+                if cp.term != log_id.leader_id.term {
+                    // Proposed late, in a term whose leader did not take
+                    // these ops: they belong to a state that is gone.
+                    return Response::Done(Err(ApplyError::StaleTerm(format!(
+                        "ops of term {} reached the log in term {}",
+                        cp.term, log_id.leader_id.term
+                    ))));
+                }
                 for b in &cp.batches {
-                    if mine {
-                        // This state took these ops already; persist it.
-                        ch.note_consumer_ops(b);
-                    } else {
-                        q.apply_consumer_ops(b, ch);
-                    }
+                    q.apply_consumer_ops(b, ch);
                 }
                 Response::Done(Ok(()))
             }
@@ -862,7 +851,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     out.push(match self.note_applied(&e) {
                         Some(cmd) => {
                             bump |= !matches!(cmd, Command::Checkpoint(_));
-                            self.apply_queue(&mut st, cmd, e.log_id.index, &mut ch)
+                            st.entered_term(e.log_id.leader_id.term);
+                            self.apply_queue(&mut st, cmd, e.log_id, &mut ch)
                         }
                         None => {
                             bump = true;
@@ -959,7 +949,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 },
             ) => {
                 let mut st = shared.state.write().unwrap_or_else(|e| e.into_inner());
-                shared.new_incarnation();
                 // The range deletes below drop every lease key too.
                 self.keyed.clear();
                 b.delete_range_cf(
@@ -977,6 +966,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 *st = QueueState {
                     header,
                     consumers: consumers.into_iter().collect(),
+                    serving: None,
                     producers: producers.into_iter().collect(),
                     due: held
                         .iter()

@@ -187,6 +187,8 @@ pub enum ApplyError {
     InvalidArgument(String),
     ReceiptExpired(String),
     WrongGroupKind,
+    /// A checkpoint of a leadership term that is over (not applied).
+    StaleTerm(String),
 }
 
 impl From<ApplyError> for petrel_proto::PetrelError {
@@ -197,6 +199,7 @@ impl From<ApplyError> for petrel_proto::PetrelError {
             ApplyError::AlreadyExists(m) => P::AlreadyExists(m),
             ApplyError::InvalidArgument(m) => P::InvalidArgument(m),
             ApplyError::ReceiptExpired(m) => P::ReceiptExpired(m),
+            ApplyError::StaleTerm(m) => P::Unavailable(m),
             ApplyError::WrongGroupKind => {
                 P::Internal("command sent to the wrong kind of group".into())
             }

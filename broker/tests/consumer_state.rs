@@ -1,6 +1,7 @@
 //! A queue's consumer state as the state machine persists it: one key per
 //! lease plus the rest of the group's state, written by checkpoints and
-//! loaded back whole when the broker restarts.
+//! loaded back whole when the broker restarts; and what becomes of a
+//! leader's ops whose term ends before they commit.
 
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
@@ -8,17 +9,21 @@ use std::sync::Arc;
 use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload};
-use petrel_broker::queue::{Checkpoint, ConsumerOp, ConsumerOps, Lease};
+use petrel_broker::queue::{Changes, Checkpoint, ConsumerOp, ConsumerOps, Lease};
 use petrel_broker::sm::{Kind, QueueShared, StateMachine, KEYED_LEASES_ABOVE};
 use petrel_broker::storage::Store;
-use petrel_broker::types::{Command, Entry, LogId};
+use petrel_broker::types::{ApplyError, Command, Entry, LogId, Response};
 use petrel_proto::record::RecordData;
 
 const GROUP: u64 = 7;
 
 fn entry(index: u64, cmd: Command) -> Entry {
+    entry_of_term(1, index, cmd)
+}
+
+fn entry_of_term(term: u64, index: u64, cmd: Command) -> Entry {
     Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
         payload: EntryPayload::Normal(cmd),
     }
 }
@@ -43,8 +48,8 @@ fn lease(id: u64) -> Lease {
 
 fn checkpoint(ops: Vec<ConsumerOp>) -> Command {
     Command::Checkpoint(Checkpoint {
-        // Made by another replica's memory: this one applies the ops.
-        origin: 1,
+        // Taken by the leader of term 1, the term of `entry`'s log ids.
+        term: 1,
         batches: vec![ConsumerOps {
             consumer: "g".into(),
             ops,
@@ -156,4 +161,81 @@ async fn many_leases_are_keyed_and_every_form_loads_back() {
     drop(sm);
     let (_sm, q3) = open(&store);
     assert_eq!(q3.read().consumers["g"], few, "no stale lease key survives");
+}
+
+/// A leader's ops live in its served state until their checkpoint
+/// commits. If its term ends first, they must vanish: the served state is
+/// dropped when an entry of a later term is applied, and the checkpoint,
+/// should it reach the log in a later term (a late proposal), is refused.
+/// Otherwise a lease no consumer was told of, or one from before an ack,
+/// could come back and redeliver an acked record.
+#[tokio::test]
+async fn ops_of_an_ended_term_never_reach_the_committed_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (mut sm, q) = open(&store);
+    sm.apply([entry(1, append(4))]).await.unwrap();
+    let ops = vec![
+        ConsumerOp::Lease(0, lease(1 << 40)),
+        ConsumerOp::Scan {
+            to: 1,
+            filtered: 0,
+            passed: Vec::new(),
+            held: Vec::new(),
+        },
+    ];
+    let batch = ConsumerOps {
+        consumer: "g".into(),
+        ops: ops.clone(),
+    };
+    // The leader of term 1 takes them in memory.
+    q.write()
+        .serve(1, |st| {
+            st.apply_consumer_ops(&batch, &mut Changes::default())
+        })
+        .unwrap();
+    assert_eq!(q.read().served()["g"].leases.len(), 1);
+    assert!(q
+        .read()
+        .consumers
+        .get("g")
+        .is_none_or(|c| c.leases.is_empty()));
+
+    // Their checkpoint lands in term 2's log: refused, nothing changes.
+    let out = sm
+        .apply([entry_of_term(2, 2, checkpoint(ops.clone()))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&out[0], Response::Done(Err(ApplyError::StaleTerm(_)))),
+        "{out:?}"
+    );
+    assert!(q.read().serving.is_none(), "term 1's served state is gone");
+    assert!(q
+        .read()
+        .consumers
+        .get("g")
+        .is_none_or(|c| c.leases.is_empty()));
+    drop(sm);
+    let (_sm, q2) = open(&store);
+    assert!(
+        q2.read()
+            .consumers
+            .get("g")
+            .is_none_or(|c| c.leases.is_empty()),
+        "nor was it persisted"
+    );
+
+    // The same ops in their own term's entry apply.
+    let (mut sm, q3) = open(&store);
+    sm.apply([entry_of_term(2, 3, {
+        let Command::Checkpoint(mut cp) = checkpoint(ops) else {
+            unreachable!()
+        };
+        cp.term = 2;
+        Command::Checkpoint(cp)
+    })])
+    .await
+    .unwrap();
+    assert_eq!(q3.read().consumers["g"].leases.len(), 1);
 }
