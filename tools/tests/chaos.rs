@@ -961,10 +961,29 @@ fn check(
     }
     let reacked: Vec<_> = acks.iter().filter(|(_, n)| **n > 1).collect();
     if !reacked.is_empty() {
+        // How the first one was delivered, to tell a late ack of a
+        // superseded lease from a redelivery after an ack.
+        let first = reacked.iter().map(|(b, _)| **b).min().unwrap_or_default();
+        let how: Vec<String> = consumers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                c.deliveries
+                    .iter()
+                    .filter(|d| d.body == first)
+                    .map(move |d| {
+                        format!(
+                            "consumer {i} got q{}@{} attempt {}",
+                            d.queue, d.offset, d.attempt
+                        )
+                    })
+            })
+            .collect();
         failures.push(format!(
-            "{} record(s) acknowledged successfully more than once (redelivered after an ack), e.g. {}",
+            "{} record(s) acknowledged successfully more than once (redelivered after an ack), e.g. {}; {first}: {}",
             reacked.len(),
-            sample(&reacked)
+            sample(&reacked),
+            how.join(", ")
         ));
     }
 
