@@ -91,6 +91,12 @@ impl LocalCluster {
             Command::new(&proxy_bin)
                 .args(["--listen", &cluster.endpoint()])
                 .args(["--brokers", &brokers])
+                // A throwaway local cluster: no users, a fresh secret.
+                .arg("--allow-anonymous")
+                .args([
+                    "--receipt-secret",
+                    &format!("bench-secret-{}-{base_port}", std::process::id()),
+                ])
                 .env("PETREL_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(log(&cluster.dir, "proxy")?)

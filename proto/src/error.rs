@@ -42,6 +42,13 @@ pub enum PetrelError {
     /// A proxy's rate limit refused the request for now; retryable.
     #[error("rate limited: {0}")]
     RateLimited(String),
+    /// The call carries no valid credentials.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller may not do this; the message names the resource and
+    /// the action.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl PetrelError {
@@ -63,6 +70,8 @@ impl PetrelError {
             Self::WrongMessageType(_) => C::WrongMessageType,
             Self::InvalidFilter(_) => C::InvalidFilter,
             Self::RateLimited(_) => C::RateLimited,
+            Self::Unauthenticated(_) => C::Unauthenticated,
+            Self::PermissionDenied(_) => C::PermissionDenied,
         }
     }
 
@@ -83,6 +92,8 @@ impl PetrelError {
             Self::WrongMessageType(_) => "wrong_message_type",
             Self::InvalidFilter(_) => "invalid_filter",
             Self::RateLimited(_) => "rate_limited",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::PermissionDenied(_) => "permission_denied",
         }
     }
 
@@ -111,7 +122,9 @@ impl PetrelError {
             | Self::Timeout(m)
             | Self::WrongMessageType(m)
             | Self::InvalidFilter(m)
-            | Self::RateLimited(m) => m.clone(),
+            | Self::RateLimited(m)
+            | Self::Unauthenticated(m)
+            | Self::PermissionDenied(m) => m.clone(),
         }
     }
 
@@ -148,6 +161,8 @@ impl PetrelError {
             C::WrongMessageType => Self::WrongMessageType(m),
             C::InvalidFilter => Self::InvalidFilter(m),
             C::RateLimited => Self::RateLimited(m),
+            C::Unauthenticated => Self::Unauthenticated(m),
+            C::PermissionDenied => Self::PermissionDenied(m),
             C::Internal | C::Unspecified => Self::Internal(m),
         }
     }
@@ -168,6 +183,8 @@ impl PetrelError {
             Self::ReceiptExpired(_) => Code::FailedPrecondition,
             Self::Internal(_) => Code::Internal,
             Self::Timeout(_) => Code::DeadlineExceeded,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
         };
         tonic::Status::with_details(
             code,
@@ -199,6 +216,8 @@ impl PetrelError {
             Code::OutOfRange => Self::TooLarge(m),
             Code::FailedPrecondition => Self::ReceiptExpired(m),
             Code::DeadlineExceeded => Self::Timeout(m),
+            Code::Unauthenticated => Self::Unauthenticated(m),
+            Code::PermissionDenied => Self::PermissionDenied(m),
             Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Aborted => {
                 Self::Unavailable(if m.is_empty() {
                     format!("{:?}", s.code())

@@ -17,6 +17,7 @@
 
 #[cfg(feature = "admin")]
 pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod filter;
 pub mod ids;

@@ -6,9 +6,6 @@ use std::time::Duration;
 use clap::Parser;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
-/// Used when no secret is configured: fine for `petrel dev`, not for
-/// production, where every proxy of a cluster must share a real secret.
-pub const DEV_RECEIPT_SECRET: &str = "petrel-dev-receipt-secret-change-me";
 
 /// Petrel proxy: stateless gRPC front end. Terminates the client protocol,
 /// validates requests and routes them to the leader of the right queue.
@@ -30,10 +27,20 @@ pub struct ProxyArgs {
     /// Most messages accepted in one send request.
     #[arg(long, env = "PETREL_MAX_BATCH_MESSAGES", default_value_t = petrel_proto::validate::DEFAULT_MAX_BATCH_MESSAGES)]
     pub max_batch_messages: usize,
-    /// Secret that signs receipt handles; every proxy of a cluster must use
-    /// the same one. Defaults to a fixed development secret (logged as a warning).
+    /// Secret that signs receipt handles (at least 16 bytes); every proxy
+    /// of a cluster must use the same one. Required: there is no default
+    /// (`petrel dev` makes a random one).
     #[arg(long, env = "PETREL_RECEIPT_SECRET", hide_env_values = true)]
     pub receipt_secret: Option<String>,
+    /// Users and permissions file (create it with `petrel user add`): every
+    /// call must then be signed by a user a rule allows. Re-read whenever
+    /// it changes. One of this or --allow-anonymous is required.
+    #[arg(long, env = "PETREL_AUTH_FILE", conflicts_with = "allow_anonymous")]
+    pub auth_file: Option<std::path::PathBuf>,
+    /// Let anyone who reaches the proxy do anything, without credentials
+    /// (development and closed networks only).
+    #[arg(long, env = "PETREL_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
     /// How often the route table is refreshed from the brokers (it is also
     /// refreshed at once on a not-leader reply).
     #[arg(long, env = "PETREL_ROUTE_REFRESH", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -81,6 +88,8 @@ pub struct ProxyConfig {
     pub max_record_bytes: usize,
     pub max_batch_messages: usize,
     pub receipt_secret: String,
+    /// Who may call, and what they may do.
+    pub auth: AuthMode,
     pub route_refresh: Duration,
     pub request_timeout: Duration,
     pub max_wait: Duration,
@@ -100,6 +109,18 @@ pub struct ProxyConfig {
     pub file_static: FileStatic,
     /// Applies a new log filter (set by the binary; `None` in-process).
     pub set_log: Option<LogHook>,
+}
+
+/// How the proxy authenticates calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Every call allowed (`--allow-anonymous`, `petrel dev`).
+    Anonymous,
+    /// Users and rules from this file (its text at start).
+    File {
+        path: std::path::PathBuf,
+        text: String,
+    },
 }
 
 /// Sets the process's log filter; errors name what is wrong with it.
@@ -143,12 +164,15 @@ impl ProxyConfig {
         if let Some(a) = self.admin_listen {
             t.insert("admin_listen".into(), a.to_string().into());
         }
-        let secret = if self.receipt_secret == DEV_RECEIPT_SECRET {
-            "the development default"
-        } else {
-            "set (redacted)"
-        };
-        let mut out = format!("# receipt_secret: {secret}\n");
+        match &self.auth {
+            AuthMode::Anonymous => {
+                t.insert("allow_anonymous".into(), true.into());
+            }
+            AuthMode::File { path, .. } => {
+                t.insert("auth_file".into(), path.display().to_string().into());
+            }
+        }
+        let mut out = "# receipt_secret: set (redacted)\n".to_string();
         if let Some(p) = &self.config_path {
             out.push_str(&format!("# config file: {}\n", p.display()));
         }
@@ -174,6 +198,8 @@ pub struct FileStatic {
     pub max_record_bytes: Option<usize>,
     pub max_batch_messages: Option<usize>,
     pub receipt_secret: Option<String>,
+    pub auth_file: Option<std::path::PathBuf>,
+    pub allow_anonymous: Option<bool>,
     pub route_refresh: Option<String>,
     pub request_timeout: Option<String>,
     pub max_wait: Option<String>,
@@ -336,7 +362,36 @@ impl ProxyArgs {
         let receipt_secret = match self.receipt_secret.clone().or(file.receipt_secret.clone()) {
             Some(s) if s.len() >= 16 => s,
             Some(_) => return Err("--receipt-secret must be at least 16 bytes".into()),
-            None => DEV_RECEIPT_SECRET.to_string(),
+            None => {
+                return Err(
+                    "--receipt-secret (or PETREL_RECEIPT_SECRET, or receipt_secret in the \
+                            config file) is required: at least 16 random bytes, the same on every \
+                            proxy of the cluster (e.g. `openssl rand -base64 32`)"
+                        .into(),
+                )
+            }
+        };
+        let auth_file = self.auth_file.clone().or(file.auth_file.clone());
+        let anonymous = self.allow_anonymous || file.allow_anonymous.unwrap_or(false);
+        let auth = match (auth_file, anonymous) {
+            (Some(_), true) => {
+                return Err("--auth-file and --allow-anonymous exclude each other".into())
+            }
+            (Some(path), false) => {
+                let text = crate::limits::read(&path)?;
+                crate::auth::AuthFile::parse(&text)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                AuthMode::File { path, text }
+            }
+            (None, true) => AuthMode::Anonymous,
+            (None, false) => {
+                return Err(
+                    "refusing to start without users: give --auth-file FILE (make one \
+                            with `petrel user add NAME --auth-file FILE` and `petrel acl add`), \
+                            or --allow-anonymous to let anyone who reaches the proxy do anything"
+                        .into(),
+                )
+            }
         };
         let listen = match file.listen {
             Some(l) if !flag("listen") => l,
@@ -357,6 +412,7 @@ impl ProxyArgs {
             max_record_bytes,
             max_batch_messages,
             receipt_secret,
+            auth,
             route_refresh: dur("route_refresh", self.route_refresh, &file.route_refresh)
                 .max(Duration::from_millis(50)),
             request_timeout: dur(
@@ -378,14 +434,16 @@ impl ProxyArgs {
 }
 
 impl ProxyConfig {
-    /// Defaults for an in-process proxy (tests, `petrel dev`).
+    /// Defaults for an in-process development proxy (`petrel dev`):
+    /// anonymous, with a random receipt secret.
     pub fn new(listen: SocketAddr, brokers: Vec<String>) -> Self {
         Self {
             listen,
             brokers,
             max_record_bytes: petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES,
             max_batch_messages: petrel_proto::validate::DEFAULT_MAX_BATCH_MESSAGES,
-            receipt_secret: DEV_RECEIPT_SECRET.to_string(),
+            receipt_secret: format!("dev-{:032x}", rand::random::<u128>()),
+            auth: AuthMode::Anonymous,
             route_refresh: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(30),
@@ -409,8 +467,18 @@ mod tests {
 
     fn args(cli: &[&str]) -> (ProxyArgs, Explicit) {
         use clap::{CommandFactory, FromArgMatches};
+        // Every case but the ones about them has a secret and anonymous access.
+        let base: &[&str] = if cli.contains(&"--no-defaults") {
+            &[]
+        } else {
+            &["--receipt-secret", "0123456789abcdef", "--allow-anonymous"]
+        };
         let m = ProxyArgs::command()
-            .try_get_matches_from(std::iter::once("petrel-proxy").chain(cli.iter().copied()))
+            .try_get_matches_from(
+                std::iter::once("petrel-proxy")
+                    .chain(base.iter().copied())
+                    .chain(cli.iter().copied().filter(|a| *a != "--no-defaults")),
+            )
             .unwrap();
         (ProxyArgs::from_arg_matches(&m).unwrap(), explicit_in(&m))
     }
@@ -482,5 +550,51 @@ mod tests {
         }
         let (a, e) = args(&[]);
         assert!(a.resolve_with(None, &e).unwrap_err().contains("brokers"));
+    }
+
+    #[test]
+    fn a_receipt_secret_and_an_auth_choice_are_required() {
+        let (a, e) = args(&["--no-defaults", "--brokers", "b:1"]);
+        assert!(a
+            .resolve_with(None, &e)
+            .unwrap_err()
+            .contains("--receipt-secret"));
+        let (a, e) = args(&[
+            "--no-defaults",
+            "--brokers",
+            "b:1",
+            "--receipt-secret",
+            "0123456789abcdef",
+        ]);
+        let m = a.resolve_with(None, &e).unwrap_err();
+        assert!(
+            m.contains("--auth-file") && m.contains("--allow-anonymous"),
+            "{m}"
+        );
+        let (a, e) = args(&["--brokers", "b:1"]);
+        assert_eq!(a.resolve_with(None, &e).unwrap().auth, AuthMode::Anonymous);
+        // From the file too.
+        let (a, e) = args(&["--no-defaults", "--config", "x.toml"]);
+        let c = a
+            .resolve_with(
+                Some("brokers = \"b:1\"\nreceipt_secret = \"0123456789abcdef\"\nallow_anonymous = true\n".into()),
+                &e,
+            )
+            .unwrap();
+        assert_eq!(c.auth, AuthMode::Anonymous);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("users.toml");
+        std::fs::write(&f, "[[users]]\nname = \"a\"\nsigning_key = \"bad\"\n").unwrap();
+        let p = f.to_str().unwrap();
+        let (a, e) = args(&[
+            "--no-defaults",
+            "--brokers",
+            "b:1",
+            "--receipt-secret",
+            "0123456789abcdef",
+            "--auth-file",
+            p,
+        ]);
+        assert!(a.resolve_with(None, &e).unwrap_err().contains("32 bytes"));
     }
 }

@@ -13,6 +13,7 @@
 //!   or producer id + first sequence), so a retried request lands in the
 //!   same queue and is de-duplicated there.
 
+pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod limits;
@@ -40,8 +41,27 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if config.receipt_secret == config::DEV_RECEIPT_SECRET {
-        tracing::warn!("using the development receipt secret; set --receipt-secret in production");
+    let auth = Arc::new(match &config.auth {
+        config::AuthMode::Anonymous => {
+            tracing::warn!(
+                "anonymous access: anyone who reaches this proxy may do anything (use --auth-file in production)"
+            );
+            auth::Auth::anonymous()
+        }
+        config::AuthMode::File { text, .. } => {
+            auth::Auth::from_text(text).map_err(|e| anyhow::anyhow!("auth file: {e}"))?
+        }
+    });
+    if let config::AuthMode::File { path, text } = &config.auth {
+        let (a, stop) = (auth.clone(), shutdown.child_token());
+        tokio::spawn(petrel_proto::admin::watch_config(
+            path.clone(),
+            Some(text.clone()),
+            petrel_proto::admin::CONFIG_POLL,
+            "petrel_proxy_auth",
+            async move { stop.cancelled().await },
+            move |text, _| a.reload(text),
+        ));
     }
     let router = routes::Router::new(config.brokers.clone());
     tokio::spawn(
@@ -104,6 +124,7 @@ pub async fn run(
         streams_stop.clone(),
         draining.clone(),
         limiter,
+        auth,
     );
     // Count accepted connections (and failed accepts), so a full accept
     // backlog or refused connections show up in /metrics.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Action, Auth, Resource};
 use futures::Stream;
 use petrel_proto::pb;
 use petrel_proto::pb::broker as bpb;
@@ -54,6 +55,8 @@ struct Inner {
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// Runtime settings: per-topic rate limits.
     limiter: Arc<crate::limits::Limiter>,
+    /// Who may call, and what they may do.
+    auth: Arc<Auth>,
 }
 
 type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
@@ -111,6 +114,7 @@ impl ProxyService {
         shutdown: CancellationToken,
         draining: Arc<std::sync::atomic::AtomicBool>,
         limiter: Arc<crate::limits::Limiter>,
+        auth: Arc<Auth>,
     ) -> Self {
         let receipts = ReceiptKey::new(&config.receipt_secret);
         Self {
@@ -125,6 +129,7 @@ impl ProxyService {
                 shutdown,
                 draining,
                 limiter,
+                auth,
             }),
         }
     }
@@ -821,6 +826,10 @@ type CheckStream = Pin<Box<dyn Stream<Item = Result<pb::TransactionCheck, Status
 impl Petrel for ProxyService {
     async fn send(&self, req: Request<pb::SendRequest>) -> R<pb::SendResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
+        )?;
         let peer = req.remote_addr();
         let req = req.into_inner();
         validate::producer_id(&req.producer_id)?;
@@ -951,6 +960,13 @@ impl Petrel for ProxyService {
 
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> R<Self::ReceiveStream> {
         let s = self.inner.clone();
+        s.auth.check(
+            &req,
+            &[
+                (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
+                (Resource::Group(&req.get_ref().group), Action::Subscribe),
+            ],
+        )?;
         let req = req.into_inner();
         validate::group_name(&req.group)?;
         if req.max_messages == 0 || req.max_messages > MAX_RECEIVE_MESSAGES {
@@ -1058,6 +1074,13 @@ impl Petrel for ProxyService {
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> R<pb::AckResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[
+                (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
+                (Resource::Group(&req.get_ref().group), Action::Subscribe),
+            ],
+        )?;
         let req = req.into_inner();
         validate::topic_name(&req.topic)?;
         validate::group_name(&req.group)?;
@@ -1139,7 +1162,11 @@ impl Petrel for ProxyService {
 
     async fn get_message(&self, req: Request<pb::GetMessageRequest>) -> R<pb::GetMessageResponse> {
         let s = &self.inner;
+        let who = s.auth.check(&req, &[])?;
+        let peer = req.remote_addr();
         let id: MessageId = req.into_inner().message_id.parse()?;
+        s.auth
+            .permit(&who, peer, Resource::Topic(&id.topic), Action::Describe)?;
         let t = s.topic(&id.topic).await?;
         let group = Inner::group_of(&t, id.queue)?;
         let breq = bpb::LookupRequest {
@@ -1167,6 +1194,10 @@ impl Petrel for ProxyService {
         req: Request<pb::FindMessagesRequest>,
     ) -> R<pb::FindMessagesResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().topic), Action::Describe)],
+        )?;
         let req = req.into_inner();
         if req.key.is_empty() || req.key.len() > validate::MAX_KEY_LEN {
             return Err(PetrelError::InvalidArgument(format!(
@@ -1216,6 +1247,10 @@ impl Petrel for ProxyService {
         req: Request<pb::EndTransactionRequest>,
     ) -> R<pb::EndTransactionResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
+        )?;
         let req = req.into_inner();
         validate::transaction_id(&req.transaction_id)?;
         if req.transaction_id.is_empty() {
@@ -1254,6 +1289,10 @@ impl Petrel for ProxyService {
         req: Request<pb::WatchTransactionsRequest>,
     ) -> R<Self::WatchTransactionsStream> {
         let s = self.inner.clone();
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
+        )?;
         let req = req.into_inner();
         let t = s.topic(&req.topic).await?;
         let mt = t.config.as_ref().map(|c| c.message_type).unwrap_or(0);
@@ -1284,6 +1323,13 @@ impl Petrel for ProxyService {
 
     async fn nack(&self, req: Request<pb::NackRequest>) -> R<pb::NackResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[
+                (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
+                (Resource::Group(&req.get_ref().group), Action::Subscribe),
+            ],
+        )?;
         let req = req.into_inner();
         validate::topic_name(&req.topic)?;
         validate::group_name(&req.group)?;
@@ -1320,6 +1366,13 @@ impl Petrel for ProxyService {
         req: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> R<pb::ChangeInvisibleDurationResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[
+                (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
+                (Resource::Group(&req.get_ref().group), Action::Subscribe),
+            ],
+        )?;
         let req = req.into_inner();
         validate::topic_name(&req.topic)?;
         validate::group_name(&req.group)?;
@@ -1369,6 +1422,10 @@ impl Petrel for ProxyService {
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> R<pb::ReadResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().topic), Action::Subscribe)],
+        )?;
         let req = req.into_inner();
         let t = s.topic(&req.topic).await?;
         let group = Inner::group_of(&t, req.queue)?;
@@ -1404,6 +1461,10 @@ impl Petrel for ProxyService {
         req: Request<pb::OffsetForTimeRequest>,
     ) -> R<pb::OffsetForTimeResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().topic), Action::Subscribe)],
+        )?;
         let req = req.into_inner();
         let t = s.topic(&req.topic).await?;
         let group = Inner::group_of(&t, req.queue)?;
@@ -1429,6 +1490,13 @@ impl Petrel for ProxyService {
         req: Request<pb::CommitOffsetRequest>,
     ) -> R<pb::CommitOffsetResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[
+                (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
+                (Resource::Group(&req.get_ref().group), Action::Subscribe),
+            ],
+        )?;
         let req = req.into_inner();
         validate::group_name(&req.group)?;
         let t = s.topic(&req.topic).await?;
@@ -1453,6 +1521,13 @@ impl Petrel for ProxyService {
 
     async fn get_offset(&self, req: Request<pb::GetOffsetRequest>) -> R<pb::GetOffsetResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[
+                (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
+                (Resource::Group(&req.get_ref().group), Action::Subscribe),
+            ],
+        )?;
         let req = req.into_inner();
         validate::group_name(&req.group)?;
         let t = s.topic(&req.topic).await?;
@@ -1476,6 +1551,14 @@ impl Petrel for ProxyService {
 
     async fn create_topic(&self, req: Request<pb::CreateTopicRequest>) -> R<pb::TopicInfo> {
         let s = &self.inner;
+        let name = req
+            .get_ref()
+            .config
+            .as_ref()
+            .map(|c| c.name.as_str())
+            .unwrap_or("");
+        s.auth
+            .check(&req, &[(Resource::Topic(name), Action::Create)])?;
         let cfg = req
             .into_inner()
             .config
@@ -1492,6 +1575,10 @@ impl Petrel for ProxyService {
 
     async fn update_topic(&self, req: Request<pb::UpdateTopicRequest>) -> R<pb::TopicInfo> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().name), Action::Update)],
+        )?;
         let r = req.into_inner();
         validate::topic_name(&r.name)?;
         let resp = s
@@ -1513,6 +1600,10 @@ impl Petrel for ProxyService {
         req: Request<pb::DeleteTopicRequest>,
     ) -> R<pb::DeleteTopicResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().name), Action::Delete)],
+        )?;
         let name = req.into_inner().name;
         validate::topic_name(&name)?;
         s.meta_write(bpb::meta_write_request::Op::DeleteTopic(name))
@@ -1520,11 +1611,21 @@ impl Petrel for ProxyService {
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
-    async fn list_topics(&self, _req: Request<pb::ListTopicsRequest>) -> R<pb::ListTopicsResponse> {
+    async fn list_topics(&self, req: Request<pb::ListTopicsRequest>) -> R<pb::ListTopicsResponse> {
         let s = &self.inner;
+        let who = s.auth.check(&req, &[])?;
+        let peer = req.remote_addr();
         s.router.refresh_now().await;
         let table = s.router.table();
-        let mut names: Vec<&String> = table.topics.keys().collect();
+        // Only the topics the caller may describe.
+        let mut names: Vec<&String> = table
+            .topics
+            .keys()
+            .filter(|n| {
+                s.auth
+                    .permits(&who, peer, Resource::Topic(n), Action::Describe)
+            })
+            .collect();
         names.sort();
         let mut topics = Vec::with_capacity(names.len());
         for n in names {
@@ -1535,12 +1636,18 @@ impl Petrel for ProxyService {
 
     async fn describe_topic(&self, req: Request<pb::DescribeTopicRequest>) -> R<pb::TopicInfo> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Topic(&req.get_ref().name), Action::Describe)],
+        )?;
         let t = s.topic(&req.into_inner().name).await?;
         Ok(Response::new(s.topic_info(&t).await))
     }
 
-    async fn list_groups(&self, _req: Request<pb::ListGroupsRequest>) -> R<pb::ListGroupsResponse> {
+    async fn list_groups(&self, req: Request<pb::ListGroupsRequest>) -> R<pb::ListGroupsResponse> {
         let s = &self.inner;
+        let who = s.auth.check(&req, &[])?;
+        let peer = req.remote_addr();
         let table = s.router.table();
         let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (name, t) in table.topics.iter() {
@@ -1556,6 +1663,11 @@ impl Petrel for ProxyService {
                 }
             }
         }
+        // Only the groups the caller may describe.
+        groups.retain(|g, _| {
+            s.auth
+                .permits(&who, peer, Resource::Group(g), Action::Describe)
+        });
         Ok(Response::new(pb::ListGroupsResponse {
             groups: groups
                 .into_iter()
@@ -1572,6 +1684,10 @@ impl Petrel for ProxyService {
         req: Request<pb::DescribeGroupRequest>,
     ) -> R<pb::DescribeGroupResponse> {
         let s = &self.inner;
+        s.auth.check(
+            &req,
+            &[(Resource::Group(&req.get_ref().group), Action::Describe)],
+        )?;
         let group = req.into_inner().group;
         validate::group_name(&group)?;
         let table = s.router.table();
@@ -1634,9 +1750,11 @@ impl Petrel for ProxyService {
 
     async fn describe_cluster(
         &self,
-        _req: Request<pb::DescribeClusterRequest>,
+        req: Request<pb::DescribeClusterRequest>,
     ) -> R<pb::ClusterInfo> {
         let s = &self.inner;
+        s.auth
+            .check(&req, &[(Resource::Cluster, Action::Describe)])?;
         s.router.refresh_now().await;
         let t = s.router.table();
         let mut leaders: HashMap<u64, u32> = HashMap::new();
@@ -1688,6 +1806,7 @@ impl Petrel for ProxyService {
         use bpb::meta_write_request::Op as M;
         use pb::admin_cluster_request::Op as A;
         let s = &self.inner;
+        s.auth.check(&req, &[(Resource::Cluster, Action::Admin)])?;
         let op = match req.into_inner().op {
             None => return Err(PetrelError::InvalidArgument("empty admin request".into()).into()),
             Some(A::AddBroker(b)) => M::RegisterBroker(bpb::BrokerAddress {

@@ -18,11 +18,62 @@ use crate::consumer::{PullConsumer, SimpleConsumerBuilder};
 use crate::producer::ProducerBuilder;
 use crate::{pb, Error, Result};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// The gRPC client every call is made with (signed when the client has
+/// credentials).
+pub(crate) type Rpc = pb::petrel_client::PetrelClient<InterceptedService<Channel, Signer>>;
+
+/// Signs each call with the user's key (see `petrel_proto::auth`): the
+/// access key, the date, and a nonce unique to this client instance and
+/// call. Without credentials, calls go unsigned.
+#[derive(Clone)]
+pub(crate) struct Signer {
+    creds: Option<Arc<Credentials>>,
+}
+
+struct Credentials {
+    access_key: String,
+    key: [u8; 32],
+    /// Names this client instance in nonces.
+    instance: u64,
+    calls: AtomicU64,
+}
+
+impl tonic::service::Interceptor for Signer {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        let Some(c) = &self.creds else {
+            return Ok(req);
+        };
+        let date = petrel_proto::now_ms();
+        let nonce = format!(
+            "{:x}-{}",
+            c.instance,
+            c.calls.fetch_add(1, Ordering::Relaxed)
+        );
+        let auth = petrel_proto::auth::authorization(&c.key, &c.access_key, date, &nonce);
+        let md = req.metadata_mut();
+        md.insert(
+            petrel_proto::auth::DATE_HEADER,
+            date.to_string().parse().expect("digits"),
+        );
+        md.insert(
+            petrel_proto::auth::AUTHORIZATION_HEADER,
+            auth.parse().map_err(|_| {
+                tonic::Status::invalid_argument("the access key must be printable ASCII")
+            })?,
+        );
+        Ok(req)
+    }
+}
 
 /// Default total time budget of one call, retries included.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,6 +115,7 @@ pub struct Client {
 
 struct Inner {
     endpoints: Vec<Proxy>,
+    signer: Signer,
     /// Index (mod len) of the endpoint calls go to first.
     current: AtomicUsize,
     request_timeout: Duration,
@@ -110,6 +162,17 @@ pub struct ClientBuilder {
     endpoints: Vec<String>,
     request_timeout: Duration,
     connect_timeout: Duration,
+    credentials: Option<(String, Redacted)>,
+}
+
+/// A secret that `Debug` does not print.
+#[derive(Clone)]
+struct Redacted(String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl ClientBuilder {
@@ -123,6 +186,18 @@ impl ClientBuilder {
     /// Time allowed to connect to one proxy (default 3 s).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
+        self
+    }
+
+    /// Signs every call as user `access_key` (see `petrel user add`). The
+    /// secret never leaves this process: calls carry a signature made
+    /// with a key derived from it.
+    pub fn credentials(
+        mut self,
+        access_key: impl Into<String>,
+        secret_key: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some((access_key.into(), Redacted(secret_key.into())));
         self
     }
 
@@ -162,11 +237,31 @@ impl ClientBuilder {
                 uri,
             });
         }
+        let creds = match self.credentials {
+            Some((ak, _)) if ak.is_empty() || !ak.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(Error::InvalidArgument(format!(
+                    "access key {ak:?} must be non-empty printable ASCII"
+                )))
+            }
+            Some((_, sk)) if sk.0.is_empty() => {
+                return Err(Error::InvalidArgument(
+                    "the secret key is empty".to_string(),
+                ))
+            }
+            Some((ak, sk)) => Some(Arc::new(Credentials {
+                key: petrel_proto::auth::signing_key(&ak, &sk.0),
+                access_key: ak,
+                instance: rand::random(),
+                calls: AtomicU64::new(0),
+            })),
+            None => None,
+        };
         // Spread clients over proxies: start at a random endpoint.
         let start = rand::random::<usize>() % endpoints.len();
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoints,
+                signer: Signer { creds },
                 current: AtomicUsize::new(start),
                 request_timeout: self.request_timeout,
                 runtime,
@@ -230,6 +325,7 @@ impl Client {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            credentials: None,
         }
     }
 
@@ -297,7 +393,7 @@ impl Client {
     /// [`Error::Timeout`] if the last attempt itself was cut short).
     pub(crate) async fn call<T, F, Fut>(&self, extra: Duration, mut f: F) -> Result<T>
     where
-        F: FnMut(pb::petrel_client::PetrelClient<Channel>) -> Fut,
+        F: FnMut(Rpc) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let budget = self.inner.request_timeout.saturating_add(extra);
@@ -307,9 +403,12 @@ impl Client {
         loop {
             let idx = self.inner.current.load(Ordering::Relaxed) % n;
             let proxy = &self.inner.endpoints[idx];
-            let client = pb::petrel_client::PetrelClient::new(proxy.channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(MAX_MESSAGE_SIZE);
+            let client = pb::petrel_client::PetrelClient::with_interceptor(
+                proxy.channel.clone(),
+                self.inner.signer.clone(),
+            )
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
             let remaining = deadline.saturating_duration_since(Instant::now());
             let err = match tokio::time::timeout(remaining, f(client)).await {
                 Ok(Ok(v)) => return Ok(v),

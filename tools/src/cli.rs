@@ -55,6 +55,16 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
+    /// Sign calls as this user (a proxy started with --auth-file requires
+    /// it); needs --secret-key.
+    #[arg(long, global = true, env = "PETREL_ACCESS_KEY")]
+    pub access_key: Option<String>,
+
+    /// The user's secret key (better given as PETREL_SECRET_KEY, which
+    /// stays out of the process list).
+    #[arg(long, global = true, env = "PETREL_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -88,6 +98,12 @@ pub enum Command {
     /// A refreshing view of produce rates per topic and consume rate, lag
     /// and dead letters per consumer group (read through the proxy).
     Top(TopArgs),
+    /// Add, remove and list the users of a proxy's --auth-file.
+    #[command(subcommand)]
+    User(crate::users::UserCmd),
+    /// Add, remove and list the permission rules of a proxy's --auth-file.
+    #[command(subcommand)]
+    Acl(crate::users::AclCmd),
 }
 
 #[derive(Debug, clap::Args)]
@@ -442,7 +458,7 @@ impl CliError {
     }
 }
 
-type CliResult<T = ()> = Result<T, CliError>;
+pub(crate) type CliResult<T = ()> = Result<T, CliError>;
 
 /// Installs the log subscriber on stderr: `RUST_LOG` if set, else `info` for
 /// `petrel dev` and `warn` otherwise. Safe to call once more (later calls do
@@ -486,9 +502,12 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn execute(cli: Cli) -> CliResult {
     let json = cli.json;
-    if let Command::Dev(args) = cli.command {
-        return crate::dev::run(args, json).await.map_err(CliError::Other);
-    }
+    let command = match cli.command {
+        Command::Dev(args) => return crate::dev::run(args, json).await.map_err(CliError::Other),
+        Command::User(cmd) => return crate::users::user(cmd, json),
+        Command::Acl(cmd) => return crate::users::acl(cmd, json),
+        c => c,
+    };
     let endpoints: Vec<String> = cli
         .endpoint
         .iter()
@@ -498,11 +517,24 @@ async fn execute(cli: Cli) -> CliResult {
     if endpoints.is_empty() {
         return Err(CliError::Usage("--endpoint is empty".to_string()));
     }
-    let client = Client::builder(endpoints)
-        .request_timeout(cli.timeout)
-        .build()?;
-    match cli.command {
-        Command::Dev(_) => Ok(()),
+    let mut builder = Client::builder(endpoints).request_timeout(cli.timeout);
+    match (cli.access_key, cli.secret_key) {
+        (Some(ak), Some(sk)) => builder = builder.credentials(ak, sk),
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(CliError::Usage(
+                "--access-key needs --secret-key (or PETREL_SECRET_KEY)".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(CliError::Usage(
+                "--secret-key needs --access-key (or PETREL_ACCESS_KEY)".into(),
+            ))
+        }
+    }
+    let client = builder.build()?;
+    match command {
+        Command::Dev(_) | Command::User(_) | Command::Acl(_) => Ok(()),
         Command::Topic(cmd) => topic(&client, cmd, json).await,
         Command::Produce(args) => produce(&client, args, json).await,
         Command::Consume(args) => consume(&client, args, json).await,

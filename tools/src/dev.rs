@@ -248,6 +248,7 @@ pub async fn run(args: DevArgs, json: bool) -> anyhow::Result<()> {
                 "endpoint": endpoint,
                 "brokers": cluster.broker_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "data_dir": args.data_dir.display().to_string(),
+                "auth": "anonymous",
             })
         );
     } else {
@@ -260,6 +261,7 @@ pub async fn run(args: DevArgs, json: bool) -> anyhow::Result<()> {
                 broker_dir(&args.data_dir, i as u64 + 1).display()
             );
         }
+        println!("  access: anonymous (no users, anyone on this machine may do anything; production proxies take --auth-file)");
         println!("try:  petrel --endpoint {endpoint} topic create demo --queues 4 --replicas 3");
         println!("Press Ctrl-C to stop (data is kept; run again to restart on it).");
     }

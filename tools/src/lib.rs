@@ -16,3 +16,4 @@
 pub mod cli;
 pub mod dev;
 mod output;
+pub mod users;

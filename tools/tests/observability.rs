@@ -427,7 +427,9 @@ async fn sighup_reloads_rate_limits_without_reconnects_and_rejects_a_bad_file() 
         .arg(format!("127.0.0.1:{admin}"));
     // --print-config shows the effective settings, file included.
     let printed = std::process::Command::new(common::bin("petrel-proxy"))
-        .args(["--brokers", "127.0.0.1:1", "--print-config", "--config"])
+        .args(["--brokers", "127.0.0.1:1", "--allow-anonymous"])
+        .args(["--receipt-secret", common::TEST_RECEIPT_SECRET])
+        .args(["--print-config", "--config"])
         .arg(&conf)
         .output()
         .unwrap();

@@ -212,7 +212,12 @@ pub fn join_broker_command(
     cmd
 }
 
-/// Starts `petrel-proxy` on `port`, seeded with `brokers` (HOST:PORT,...).
+/// The receipt secret of test proxies.
+pub const TEST_RECEIPT_SECRET: &str = "petrel-test-receipt-secret";
+
+/// Starts `petrel-proxy` on `port`, seeded with `brokers` (HOST:PORT,...),
+/// anonymous (`PETREL_ALLOW_ANONYMOUS`; a test that wants users passes
+/// `--auth-file` and removes that variable).
 pub fn spawn_proxy(port: u16, brokers: &str) -> Child {
     proxy_command(port, brokers).spawn().unwrap()
 }
@@ -225,7 +230,12 @@ pub fn proxy_command(port: u16, brokers: &str) -> std::process::Command {
         &format!("127.0.0.1:{port}"),
         "--brokers",
         brokers,
+        // Every proxy of a test cluster shares it (a receipt from one is
+        // acked through another).
+        "--receipt-secret",
+        TEST_RECEIPT_SECRET,
     ])
+    .env("PETREL_ALLOW_ANONYMOUS", "true")
     .env("PETREL_LOG", "warn")
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
