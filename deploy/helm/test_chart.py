@@ -28,11 +28,16 @@ K8S_VERSION = "1.30.0"
 # Kinds outside the core schemas (CRDs); checked for shape only.
 CRD_KINDS = {"ServiceMonitor"}
 
+USERS = {"existingSecret": "petrel-users"}
+
 VALUE_SETS = {
-    "defaults": {},
-    "autoscaling-off": {"proxy": {"autoscaling": {"enabled": False}, "replicas": 3}},
+    # The defaults plus the one thing they require: who may call.
+    "defaults": {"proxy": {"auth": USERS}},
+    "autoscaling-off": {"proxy": {"autoscaling": {"enabled": False}, "replicas": 3, "auth": {"allowAnonymous": True}}},
     "custom-metric": {
         "proxy": {
+            "auth": USERS,
+            "existingReceiptSecret": "petrel-receipt",
             "autoscaling": {
                 "enabled": True,
                 "customMetric": {
@@ -46,6 +51,7 @@ VALUE_SETS = {
     "five-brokers": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
         "proxy": {
+            "auth": USERS,
             "receiptSecret": "a-long-enough-secret-value",
             "logLevel": "info,petrel_proxy=debug",
             "rateLimits": {
@@ -68,6 +74,7 @@ BAD_VALUES = {
     "bad topic in rate limits": {"proxy": {"rateLimits": {"topics": {"a b": 1}}}},
     "unknown rate key": {"proxy": {"rateLimits": {"perTopic": 1}}},
     "tiny transaction check": {"broker": {"transactionCheckMs": 5}},
+    "unknown auth key": {"proxy": {"auth": {"users": []}}},
 }
 
 failures = []
@@ -107,7 +114,8 @@ def check_config_files(bin_dir, name, values, cm, deploy, sts):
     with tempfile.TemporaryDirectory() as d:
         for key, cmd in (
             ("broker.toml", ["petrel-broker", "--id", "1", "--data-dir", d]),
-            ("proxy.toml", ["petrel-proxy", "--brokers", "127.0.0.1:1"]),
+            ("proxy.toml", ["petrel-proxy", "--brokers", "127.0.0.1:1", "--allow-anonymous",
+                            "--receipt-secret", "chart-test-receipt-secret"]),
         ):
             check(key in cm["data"], f"{name}: ConfigMap has {key}")
             if key not in cm["data"]:
@@ -155,6 +163,33 @@ def check_config_files(bin_dir, name, values, cm, deploy, sts):
         )
 
 
+def check_auth(name, values, deploy, kinds):
+    """Auth is what the values ask for: the users file mounted from its
+    Secret where --auth-file points, or --allow-anonymous; the receipt
+    secret from the chart's Secret or the existing one."""
+    proxy = values.get("proxy", {})
+    auth = proxy.get("auth", {})
+    pod = deploy["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    args = " ".join(c.get("args", []))
+    if auth.get("allowAnonymous"):
+        check("--allow-anonymous" in args and "--auth-file" not in args, f"{name}: anonymous proxy")
+    else:
+        check("--auth-file /etc/petrel-auth/users.toml" in args, f"{name}: proxy --auth-file")
+        vols = {v["name"]: v for v in pod.get("volumes", [])}
+        check(vols.get("auth", {}).get("secret", {}).get("secretName") == auth["existingSecret"],
+              f"{name}: users file from Secret {auth['existingSecret']}")
+        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+        check(mounts.get("auth") == "/etc/petrel-auth", f"{name}: users file mounted")
+    env = {e["name"]: e for e in c.get("env", [])}
+    ref = env["PETREL_RECEIPT_SECRET"]["valueFrom"]["secretKeyRef"]["name"]
+    secrets = [s["metadata"]["name"] for s in kinds.get("Secret", [])]
+    if proxy.get("existingReceiptSecret"):
+        check(ref == proxy["existingReceiptSecret"] and not secrets, f"{name}: existing receipt Secret used, none made")
+    else:
+        check(ref in secrets, f"{name}: receipt Secret made and used")
+
+
 def main(bin_dir):
     known = {b: help_flags(bin_dir, b) for b in ("petrel-broker", "petrel-proxy")}
     with helm.Chart.load(CHART) as chart:
@@ -191,6 +226,7 @@ def main(bin_dir):
                     check(False, f"{name}: {path} ({d['kind']}) invalid: {e}")
             deploy = kinds["Deployment"][0]
             sts = kinds["StatefulSet"][0]
+            check_auth(name, values, deploy, kinds)
             check(sts["spec"]["replicas"] == values.get("broker", {}).get("replicas", 3), f"{name}: broker replicas")
             hpa = kinds.get("HorizontalPodAutoscaler", [])
             if values.get("proxy", {}).get("autoscaling", {}).get("enabled", True):
@@ -240,6 +276,13 @@ def main(bin_dir):
                     check("preStop" in c.get("lifecycle", {}) or b == "petrel-proxy", f"{name}: broker preStop")
                 check(pod["terminationGracePeriodSeconds"] > 0, f"{name}: termination grace")
             print(f"  {len(docs)} manifests rendered and validated")
+        # Secure by default: without an auth choice the chart does not render.
+        try:
+            chart.render({}, name="petrel", namespace="mq", is_install=True)
+            check(False, "chart renders without proxy.auth")
+        except helm.HelmError as e:
+            check("proxy.auth" in str(e), f"render error names proxy.auth: {e}")
+            print("no auth choice: refused with a message")
         for name, values in BAD_VALUES.items():
             try:
                 chart.validate_schema(values)
