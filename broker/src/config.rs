@@ -47,8 +47,10 @@ pub struct BrokerArgs {
     #[arg(long, env = "PETREL_JOIN")]
     pub join: Option<String>,
     /// Accept the InjectFault RPC (drop Raft traffic to chosen brokers).
-    /// For partition tests only; never enable in production.
-    #[arg(long, env = "PETREL_FAULT_INJECTION")]
+    /// For partition tests only: refused unless the broker was built with
+    /// the `fault-injection` cargo feature, which only the test suite
+    /// enables.
+    #[arg(long, env = "PETREL_FAULT_INJECTION", hide = !cfg!(feature = "fault-injection"))]
     pub fault_injection: bool,
     /// TOML file with any of these settings (keys as the flags, with `_`).
     /// It is re-read on SIGHUP and when it changes: `log`,
@@ -402,6 +404,13 @@ impl BrokerArgs {
         if max_record_bytes == 0 || max_record_bytes > petrel_proto::validate::MAX_RECORD_BYTES {
             return Err(ConfigError::Invalid(
                 "--max-record-bytes must be 1..=63MiB".into(),
+            ));
+        }
+        if self.fault_injection && !cfg!(feature = "fault-injection") {
+            return Err(ConfigError::Invalid(
+                "--fault-injection: this broker was built without fault injection (the \
+                 `fault-injection` cargo feature, for the test suite only)"
+                    .into(),
             ));
         }
         let log = self.log.or(file.log).unwrap_or_else(|| DEFAULT_LOG.into());

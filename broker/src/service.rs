@@ -1261,9 +1261,10 @@ impl BrokerData for Service {
         &self,
         req: Request<bpb::InjectFaultRequest>,
     ) -> R<bpb::InjectFaultResponse> {
-        if !self.node.config.fault_injection {
+        if !cfg!(feature = "fault-injection") || !self.node.config.fault_injection {
             return Err(PetrelError::InvalidArgument(
-                "fault injection is disabled (start the broker with --fault-injection)".into(),
+                "fault injection is disabled (a test build started with --fault-injection only)"
+                    .into(),
             )
             .into());
         }
