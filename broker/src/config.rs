@@ -87,6 +87,19 @@ pub struct BrokerArgs {
     /// address, e.g. 0.0.0.0:9400 [default: off].
     #[arg(long, env = "PETREL_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Serve TLS with this certificate chain (PEM); with --tls-key and
+    /// --tls-ca. Every connection to this broker must then present a
+    /// certificate of the cluster CA (other brokers, proxies), and this
+    /// broker dials its peers with this certificate. Files are re-read
+    /// when they change.
+    #[arg(long, env = "PETREL_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "PETREL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): peers' certificates are checked against it.
+    #[arg(long, env = "PETREL_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// Print the effective configuration (flags, environment and file) as
     /// TOML, in the `--config` file's keys, and exit.
     #[arg(long)]
@@ -135,6 +148,8 @@ pub struct BrokerConfig {
     pub log: String,
     pub transaction_check_ms: u64,
     pub admin_listen: Option<SocketAddr>,
+    /// Mutual TLS on the broker port and to peers (cluster CA).
+    pub tls: Option<petrel_proto::tls::TlsFiles>,
 }
 
 impl BrokerConfig {
@@ -439,6 +454,19 @@ impl BrokerArgs {
                 .unwrap_or(DEFAULT_TRANSACTION_CHECK_MS)
                 .clamp(100, 3_600_000),
             admin_listen: self.admin_listen.or(file.admin_listen),
+            tls: match (self.tls_cert, self.tls_key, self.tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => Some(petrel_proto::tls::TlsFiles {
+                    cert,
+                    key,
+                    ca: Some(ca),
+                }),
+                (None, None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "--tls-cert, --tls-key and --tls-ca go together".into(),
+                    ))
+                }
+            },
         })
     }
 }

@@ -59,7 +59,11 @@ type Pending = (
 /// Lazily connected channels to peer brokers, keyed by broker id.
 #[derive(Clone, Default)]
 pub struct PeerPool {
-    channels: Arc<DashMap<u64, (String, Channel)>>,
+    /// Per peer: its address, the TLS generation it was dialed with, and
+    /// the channel.
+    channels: Arc<DashMap<u64, (String, u64, Channel)>>,
+    /// Mutual TLS to peers (the broker's certificate, the cluster CA).
+    tls: Option<Arc<petrel_proto::tls::ClientTls>>,
     /// When each peer last answered a Raft RPC (any group).
     last_ok: Arc<DashMap<u64, Instant>>,
     /// When each peer last sent us a Raft RPC (any group).
@@ -149,8 +153,11 @@ impl PeerPool {
         }
     }
 
-    pub fn with_self_id(id: u64) -> Self {
-        let p = Self::default();
+    pub fn with_self_id(id: u64, tls: Option<Arc<petrel_proto::tls::ClientTls>>) -> Self {
+        let p = Self {
+            tls,
+            ..Self::default()
+        };
         p.self_id.store(id, std::sync::atomic::Ordering::Relaxed);
         p
     }
@@ -165,18 +172,22 @@ impl PeerPool {
 
     /// The shared channel to `id` at `addr` (re-created if the address changed).
     pub fn channel(&self, id: u64, addr: &str) -> Result<Channel, PetrelError> {
+        let tls = self.tls.as_ref().map(|t| t.current());
+        let gen = tls.as_ref().map_or(0, |t| t.0);
         if let Some(e) = self.channels.get(&id) {
-            if e.0 == addr {
-                return Ok(e.1.clone());
+            if e.0 == addr && e.1 == gen {
+                return Ok(e.2.clone());
             }
         }
-        let uri = if addr.starts_with("http") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
+        let uri = petrel_proto::tls::uri(addr, tls.is_some());
+        let bad = |e: &dyn std::fmt::Display| {
+            PetrelError::InvalidArgument(format!("bad peer address {addr:?}: {e}"))
         };
-        let ch = Endpoint::from_shared(uri)
-            .map_err(|e| PetrelError::InvalidArgument(format!("bad peer address {addr:?}: {e}")))?
+        let mut ep = Endpoint::from_shared(uri).map_err(|e| bad(&e))?;
+        if let Some((_, cfg)) = tls {
+            ep = ep.tls_config(cfg).map_err(|e| bad(&e))?;
+        }
+        let ch = ep
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .initial_stream_window_size(petrel_proto::transport::STREAM_WINDOW)
@@ -184,7 +195,8 @@ impl PeerPool {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .connect_lazy();
-        self.channels.insert(id, (addr.to_string(), ch.clone()));
+        self.channels
+            .insert(id, (addr.to_string(), gen, ch.clone()));
         Ok(ch)
     }
 }

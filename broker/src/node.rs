@@ -141,11 +141,17 @@ impl Node {
             .validate()?,
         );
         let (map_tx, map_rx) = watch::channel(Arc::new(ClusterMap::default()));
+        let tls = match &config.tls {
+            Some(f) => {
+                Some(petrel_proto::tls::ClientTls::load(f.clone()).map_err(anyhow::Error::msg)?)
+            }
+            None => None,
+        };
         let node = Arc::new(Self {
             id: config.id,
             runtime: crate::config::Runtime::new(&config),
             store: store.clone(),
-            pool: PeerPool::with_self_id(config.id),
+            pool: PeerPool::with_self_id(config.id, tls),
             groups: DashMap::new(),
             map_rx,
             raft_config,

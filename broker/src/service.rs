@@ -46,6 +46,15 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use tokio_stream::StreamExt as _;
+    if let Some(files) = node.config.tls.clone() {
+        // Only holders of a cluster certificate (brokers, proxies) get in:
+        // no one else can speak Raft or write the map.
+        let tls =
+            petrel_proto::tls::ServerTls::load(files, petrel_proto::tls::ClientAuth::Required)
+                .map_err(anyhow::Error::msg)?;
+        let incoming = tls.incoming(listener, "petrel_broker");
+        return serve_on(node, incoming, shutdown).await;
+    }
     // tonic's `tcp_nodelay` does not reach streams passed in: set it here
     // (see `petrel_proto::transport`).
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
@@ -54,6 +63,24 @@ pub async fn serve(
         }
         c
     });
+    serve_on(node, incoming, shutdown).await
+}
+
+async fn serve_on<S, IO, E>(
+    node: Arc<Node>,
+    incoming: S,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()>
+where
+    S: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let svc = Service { node };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -23,6 +23,8 @@ pub mod filter;
 pub mod ids;
 pub mod receipt;
 pub mod record;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 pub mod validate;
 

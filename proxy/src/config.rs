@@ -41,6 +41,29 @@ pub struct ProxyArgs {
     /// (development and closed networks only).
     #[arg(long, env = "PETREL_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
+    /// Serve clients over TLS with this certificate chain (PEM; with
+    /// --tls-key). Clients then use https:// endpoints. Re-read when it
+    /// changes.
+    #[arg(long, env = "PETREL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "PETREL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Verify client certificates against this CA (PEM) when clients
+    /// present one (needs --tls-cert).
+    #[arg(long, env = "PETREL_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Dial brokers over mutual TLS: this proxy's cluster certificate (PEM;
+    /// with --cluster-key and --cluster-ca), as brokers started with
+    /// --tls-cert require.
+    #[arg(long, env = "PETREL_CLUSTER_CERT", requires_all = ["cluster_key", "cluster_ca"])]
+    pub cluster_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cluster-cert.
+    #[arg(long, env = "PETREL_CLUSTER_KEY", requires = "cluster_cert")]
+    pub cluster_key: Option<std::path::PathBuf>,
+    /// The cluster CA (PEM) brokers' certificates are checked against.
+    #[arg(long, env = "PETREL_CLUSTER_CA", requires = "cluster_cert")]
+    pub cluster_ca: Option<std::path::PathBuf>,
     /// How often the route table is refreshed from the brokers (it is also
     /// refreshed at once on a not-leader reply).
     #[arg(long, env = "PETREL_ROUTE_REFRESH", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -90,6 +113,10 @@ pub struct ProxyConfig {
     pub receipt_secret: String,
     /// Who may call, and what they may do.
     pub auth: AuthMode,
+    /// TLS for clients (certificate, key, optional client CA).
+    pub tls: Option<petrel_proto::tls::TlsFiles>,
+    /// Mutual TLS to brokers.
+    pub cluster_tls: Option<petrel_proto::tls::TlsFiles>,
     pub route_refresh: Duration,
     pub request_timeout: Duration,
     pub max_wait: Duration,
@@ -413,6 +440,22 @@ impl ProxyArgs {
             max_batch_messages,
             receipt_secret,
             auth,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(petrel_proto::tls::TlsFiles {
+                    cert,
+                    key,
+                    ca: self.tls_client_ca,
+                }),
+                _ => None,
+            },
+            cluster_tls: match (self.cluster_cert, self.cluster_key, self.cluster_ca) {
+                (Some(cert), Some(key), Some(ca)) => Some(petrel_proto::tls::TlsFiles {
+                    cert,
+                    key,
+                    ca: Some(ca),
+                }),
+                _ => None,
+            },
             route_refresh: dur("route_refresh", self.route_refresh, &file.route_refresh)
                 .max(Duration::from_millis(50)),
             request_timeout: dur(
@@ -444,6 +487,8 @@ impl ProxyConfig {
             max_batch_messages: petrel_proto::validate::DEFAULT_MAX_BATCH_MESSAGES,
             receipt_secret: format!("dev-{:032x}", rand::random::<u128>()),
             auth: AuthMode::Anonymous,
+            tls: None,
+            cluster_tls: None,
             route_refresh: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(30),

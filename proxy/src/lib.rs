@@ -63,7 +63,21 @@ pub async fn run(
             move |text, _| a.reload(text),
         ));
     }
-    let router = routes::Router::new(config.brokers.clone());
+    let cluster_tls = match &config.cluster_tls {
+        Some(f) => Some(
+            petrel_proto::tls::ClientTls::load(f.clone())
+                .map_err(|e| anyhow::anyhow!("cluster TLS: {e}"))?,
+        ),
+        None => None,
+    };
+    let client_tls = match &config.tls {
+        Some(f) => Some(
+            petrel_proto::tls::ServerTls::load(f.clone(), petrel_proto::tls::ClientAuth::Optional)
+                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?,
+        ),
+        None => None,
+    };
+    let router = routes::Router::new(config.brokers.clone(), cluster_tls);
     tokio::spawn(
         router
             .clone()
@@ -128,18 +142,74 @@ pub async fn run(
     );
     // Count accepted connections (and failed accepts), so a full accept
     // backlog or refused connections show up in /metrics.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
-        match &c {
-            Ok(s) => {
-                // tonic's `tcp_nodelay` does not reach streams passed in
-                // (see `petrel_proto::transport`).
-                let _ = s.set_nodelay(true);
-                metrics::counter!("petrel_proxy_connections_accepted_total").increment(1)
-            }
+    fn count<T, E>(c: &Result<T, E>) {
+        match c {
+            Ok(_) => metrics::counter!("petrel_proxy_connections_accepted_total").increment(1),
             Err(_) => metrics::counter!("petrel_proxy_accept_errors_total").increment(1),
         }
-        c
-    });
+    }
+    let drain = Drain {
+        shutdown,
+        draining,
+        streams_stop,
+        drain_delay,
+        grace,
+    };
+    match client_tls {
+        Some(tls) => {
+            let incoming = tls.incoming(listener, "petrel_proxy").map(move |c| {
+                count(&c);
+                c
+            });
+            serve_until(svc, incoming, drain).await
+        }
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |c| {
+                count(&c);
+                if let Ok(s) = &c {
+                    // tonic's `tcp_nodelay` does not reach streams passed in
+                    // (see `petrel_proto::transport`).
+                    let _ = s.set_nodelay(true);
+                }
+                c
+            });
+            serve_until(svc, incoming, drain).await
+        }
+    }
+}
+
+/// What a drain needs (see [`run`]).
+struct Drain {
+    shutdown: CancellationToken,
+    draining: Arc<AtomicBool>,
+    streams_stop: CancellationToken,
+    drain_delay: std::time::Duration,
+    grace: std::time::Duration,
+}
+
+/// Serves `svc` on `incoming` until shutdown, then drains (see [`run`]).
+async fn serve_until<S, IO, E>(
+    svc: service::ProxyService,
+    incoming: S,
+    d: Drain,
+) -> anyhow::Result<()>
+where
+    S: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Drain {
+        shutdown,
+        draining,
+        streams_stop,
+        drain_delay,
+        grace,
+    } = d;
     let server_stop = CancellationToken::new();
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)

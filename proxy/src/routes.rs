@@ -56,23 +56,34 @@ impl RouteTable {
 /// Shared channels to brokers, by address.
 #[derive(Clone, Default)]
 pub struct Channels {
-    by_addr: Arc<DashMap<String, Channel>>,
+    /// Per broker address: the TLS generation it was dialed with, and the
+    /// channel.
+    by_addr: Arc<DashMap<String, (u64, Channel)>>,
+    /// Mutual TLS to brokers (the proxy's cluster certificate and CA).
+    tls: Option<Arc<petrel_proto::tls::ClientTls>>,
 }
 
 impl Channels {
     pub fn client(&self, addr: &str) -> Result<BrokerDataClient<Channel>, PetrelError> {
-        let ch = match self.by_addr.get(addr) {
-            Some(c) => c.clone(),
+        let tls = self.tls.as_ref().map(|t| t.current());
+        let gen = tls.as_ref().map_or(0, |t| t.0);
+        let cached = self
+            .by_addr
+            .get(addr)
+            .filter(|c| c.0 == gen)
+            .map(|c| c.1.clone());
+        let ch = match cached {
+            Some(c) => c,
             None => {
-                let uri = if addr.starts_with("http") {
-                    addr.to_string()
-                } else {
-                    format!("http://{addr}")
+                let bad = |e: &dyn std::fmt::Display| {
+                    PetrelError::Internal(format!("bad broker address {addr:?}: {e}"))
                 };
-                let ch = Endpoint::from_shared(uri)
-                    .map_err(|e| {
-                        PetrelError::Internal(format!("bad broker address {addr:?}: {e}"))
-                    })?
+                let mut ep = Endpoint::from_shared(petrel_proto::tls::uri(addr, tls.is_some()))
+                    .map_err(|e| bad(&e))?;
+                if let Some((_, cfg)) = tls {
+                    ep = ep.tls_config(cfg).map_err(|e| bad(&e))?;
+                }
+                let ch = ep
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
                     .initial_stream_window_size(petrel_proto::transport::STREAM_WINDOW)
@@ -80,7 +91,7 @@ impl Channels {
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_while_idle(true)
                     .connect_lazy();
-                self.by_addr.insert(addr.to_string(), ch.clone());
+                self.by_addr.insert(addr.to_string(), (gen, ch.clone()));
                 ch
             }
         };
@@ -99,11 +110,14 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(seeds: Vec<String>) -> Arc<Self> {
+    pub fn new(seeds: Vec<String>, tls: Option<Arc<petrel_proto::tls::ClientTls>>) -> Arc<Self> {
         Arc::new(Self {
             seeds,
             table: RwLock::new(Arc::new(RouteTable::default())),
-            channels: Channels::default(),
+            channels: Channels {
+                tls,
+                ..Channels::default()
+            },
             wake: Notify::new(),
             refreshed: Notify::new(),
         })

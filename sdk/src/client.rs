@@ -163,6 +163,10 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     connect_timeout: Duration,
     credentials: Option<(String, Redacted)>,
+    /// PEM of the CA that signed the proxies' certificates (https).
+    ca_certificate: Option<Vec<u8>>,
+    /// PEM certificate and key presented to proxies that ask (mTLS).
+    identity: Option<(Vec<u8>, Redacted)>,
 }
 
 /// A secret that `Debug` does not print.
@@ -186,6 +190,20 @@ impl ClientBuilder {
     /// Time allowed to connect to one proxy (default 3 s).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
+        self
+    }
+
+    /// Trusts proxies whose certificate this CA (PEM) signed; needed for
+    /// `https://` endpoints.
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_certificate = Some(pem.into());
+        self
+    }
+
+    /// Presents this certificate and key (PEM) to proxies over TLS.
+    pub fn identity(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        let key = String::from_utf8_lossy(&key_pem.into()).into_owned();
+        self.identity = Some((cert_pem.into(), Redacted(key)));
         self
     }
 
@@ -223,8 +241,28 @@ impl ClientBuilder {
         })?;
         let mut endpoints = Vec::with_capacity(uris.len());
         for uri in uris {
-            let ep = Endpoint::from_shared(uri.clone())
-                .map_err(|e| Error::InvalidArgument(format!("endpoint {uri:?}: {e}")))?
+            let mut ep = Endpoint::from_shared(uri.clone())
+                .map_err(|e| Error::InvalidArgument(format!("endpoint {uri:?}: {e}")))?;
+            if uri.starts_with("https://") {
+                let Some(ca) = &self.ca_certificate else {
+                    return Err(Error::InvalidArgument(format!(
+                        "endpoint {uri:?} is https: give the CA that signed the proxies' \
+                         certificates (ca_certificate, or the CLI's --ca-cert)"
+                    )));
+                };
+                let mut tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca.clone()));
+                if let Some((cert, key)) = &self.identity {
+                    tls = tls.identity(tonic::transport::Identity::from_pem(
+                        cert.clone(),
+                        key.0.clone(),
+                    ));
+                }
+                ep = ep
+                    .tls_config(tls)
+                    .map_err(|e| Error::InvalidArgument(format!("endpoint {uri:?}: {e}")))?;
+            }
+            let ep = ep
                 .connect_timeout(self.connect_timeout)
                 .tcp_nodelay(true)
                 .initial_stream_window_size(petrel_proto::transport::STREAM_WINDOW)
@@ -326,6 +364,8 @@ impl Client {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             credentials: None,
+            ca_certificate: None,
+            identity: None,
         }
     }
 

@@ -65,6 +65,30 @@ pub struct Cli {
     #[arg(long, global = true, env = "PETREL_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
 
+    /// The CA (PEM file) that signed the proxies' certificates, for
+    /// https:// endpoints.
+    #[arg(long, global = true, env = "PETREL_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+
+    /// A client certificate (PEM file) to present over TLS; with
+    /// --client-key.
+    #[arg(
+        long,
+        global = true,
+        env = "PETREL_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM file) of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "PETREL_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -531,6 +555,15 @@ async fn execute(cli: Cli) -> CliResult {
                 "--secret-key needs --access-key (or PETREL_ACCESS_KEY)".into(),
             ))
         }
+    }
+    let pem = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| CliError::Usage(format!("reading {}: {e}", p.display())))
+    };
+    if let Some(ca) = &cli.ca_cert {
+        builder = builder.ca_certificate(pem(ca)?);
+    }
+    if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+        builder = builder.identity(pem(cert)?, pem(key)?);
     }
     let client = builder.build()?;
     match command {

@@ -1,0 +1,308 @@
+//! TLS for Petrel's servers and cluster links (rustls through tonic), with
+//! certificates re-read from their files when they change.
+//!
+//! ```text
+//!  TcpListener ──accept──▶ handshake with the current ServerConfig ──▶ tonic
+//!                              ▲ (files re-read when their mtime moves)
+//!  channel cache ──ClientTls::current()──▶ (generation, ClientTlsConfig)
+//!                 a new generation: new channels dial with the new files
+//! ```
+//!
+//! - A broker serves only peers with a certificate of the cluster CA
+//!   ([`ClientAuth::Required`]): a client without one cannot speak Raft or
+//!   write the cluster map.
+//! - A proxy serves clients over TLS and may verify client certificates
+//!   ([`ClientAuth::Optional`]): one may stand in for a signed access key.
+//! - A reload never touches an open connection; a bad file is logged and
+//!   the running certificates stay.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+
+/// Files are looked at (mtime) at most this often.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A handshake that takes longer is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A certificate chain and key (PEM), and the CA (PEM) peers are checked
+/// against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn paths(&self) -> Vec<&Path> {
+        let mut v = vec![self.cert.as_path(), self.key.as_path()];
+        v.extend(self.ca.as_deref());
+        v
+    }
+
+    fn mtimes(&self) -> Vec<Option<SystemTime>> {
+        self.paths()
+            .iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+}
+
+/// Whether a server asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Verified against the CA when presented; optional.
+    Optional,
+    /// Required, and verified against the CA.
+    Required,
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))
+}
+
+fn certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read(p)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate", p.display()));
+    }
+    Ok(certs)
+}
+
+fn key(p: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = read(p)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("{}: {e}", p.display()))?
+        .ok_or_else(|| format!("{}: no PEM private key", p.display()))
+}
+
+fn roots(p: &Path) -> Result<RootCertStore, String> {
+    let mut r = RootCertStore::empty();
+    for c in certs(p)? {
+        r.add(c).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(r)
+}
+
+fn server_config(files: &TlsFiles, auth: ClientAuth) -> Result<ServerConfig, String> {
+    let b = ServerConfig::builder();
+    let b = match &files.ca {
+        None if auth == ClientAuth::Required => {
+            return Err("a CA is needed to verify client certificates".into())
+        }
+        None => b.with_no_client_auth(),
+        Some(ca) => {
+            let v = WebPkiClientVerifier::builder(Arc::new(roots(ca)?));
+            let v = match auth {
+                ClientAuth::Optional => v.allow_unauthenticated(),
+                ClientAuth::Required => v,
+            };
+            b.with_client_cert_verifier(v.build().map_err(|e| e.to_string())?)
+        }
+    };
+    let mut cfg = b
+        .with_single_cert(certs(&files.cert)?, key(&files.key)?)
+        .map_err(|e| format!("{}: {e}", files.key.display()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Something reloaded from files when they change.
+struct Reloading<T> {
+    files: TlsFiles,
+    current: RwLock<(Vec<Option<SystemTime>>, T)>,
+    checked: Mutex<Instant>,
+}
+
+impl<T: Clone> Reloading<T> {
+    fn new(
+        files: TlsFiles,
+        build: impl Fn(&TlsFiles) -> Result<T, String>,
+    ) -> Result<Self, String> {
+        let v = build(&files)?;
+        Ok(Reloading {
+            current: RwLock::new((files.mtimes(), v)),
+            files,
+            checked: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The current value; re-built first if a file changed (looked at
+    /// once a second at most). `true` when this call reloaded.
+    fn get(&self, what: &str, build: impl Fn(&TlsFiles) -> Result<T, String>) -> (T, bool) {
+        let due = {
+            let mut c = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+            let due = c.elapsed() >= CHECK_EVERY;
+            if due {
+                *c = Instant::now();
+            }
+            due
+        };
+        if due {
+            let m = self.files.mtimes();
+            let changed = self.current.read().unwrap_or_else(|e| e.into_inner()).0 != m;
+            if changed {
+                let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+                // Either way, do not retry until the files move again.
+                cur.0 = m;
+                match build(&self.files) {
+                    Ok(v) => {
+                        cur.1 = v;
+                        tracing::info!("{what}: certificates reloaded");
+                        metrics::counter!("petrel_tls_reloads_total", "what" => what.to_string())
+                            .increment(1);
+                        return (cur.1.clone(), true);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "{what}: new certificates rejected; keeping the running ones");
+                        metrics::counter!("petrel_tls_reload_errors_total", "what" => what.to_string())
+                            .increment(1);
+                    }
+                }
+            }
+        }
+        (
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .clone(),
+            false,
+        )
+    }
+}
+
+/// A server's TLS: certificates re-read when they change.
+pub struct ServerTls {
+    auth: ClientAuth,
+    inner: Reloading<Arc<ServerConfig>>,
+}
+
+impl ServerTls {
+    pub fn load(files: TlsFiles, auth: ClientAuth) -> Result<Arc<ServerTls>, String> {
+        Ok(Arc::new(ServerTls {
+            auth,
+            inner: Reloading::new(files, |f| server_config(f, auth).map(Arc::new))?,
+        }))
+    }
+
+    fn config(&self) -> Arc<ServerConfig> {
+        let auth = self.auth;
+        self.inner
+            .get("server", |f| server_config(f, auth).map(Arc::new))
+            .0
+    }
+
+    /// Accepts connections on `listener` and yields those whose TLS
+    /// handshake succeeds (TCP_NODELAY set, see `transport`), until the
+    /// stream is dropped. Failed handshakes are counted in
+    /// `{prefix}_tls_handshake_errors_total`.
+    pub fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+        prefix: &'static str,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        metrics::counter!(format!("{prefix}_tls_handshake_errors_total")).increment(0);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = tx.closed() => return,
+                    a = listener.accept() => a,
+                };
+                let tcp = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off a bit.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.config());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            let _ = tx.send(Ok(s)).await;
+                        }
+                        Ok(Err(e)) => {
+                            metrics::counter!(format!("{prefix}_tls_handshake_errors_total"))
+                                .increment(1);
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!(format!("{prefix}_tls_handshake_errors_total"))
+                                .increment(1);
+                        }
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+fn client_config(files: &TlsFiles) -> Result<tonic::transport::ClientTlsConfig, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut c =
+        ClientTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    // Checked here, so a bad file fails at start, not at the first dial.
+    certs(&files.cert)?;
+    key(&files.key)?;
+    if let Some(ca) = &files.ca {
+        roots(ca)?;
+        c = c.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    Ok(c)
+}
+
+/// A cluster link's client TLS (a proxy or broker dialing brokers): its
+/// certificate and the cluster CA, re-read when they change.
+pub struct ClientTls {
+    inner: Reloading<tonic::transport::ClientTlsConfig>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl ClientTls {
+    pub fn load(files: TlsFiles) -> Result<Arc<ClientTls>, String> {
+        Ok(Arc::new(ClientTls {
+            inner: Reloading::new(files, client_config)?,
+            generation: Default::default(),
+        }))
+    }
+
+    /// The current settings and their generation: a channel made with an
+    /// older generation should be made again (its open connections keep
+    /// working meanwhile).
+    pub fn current(&self) -> (u64, tonic::transport::ClientTlsConfig) {
+        use std::sync::atomic::Ordering;
+        let (c, reloaded) = self.inner.get("client", client_config);
+        if reloaded {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        (self.generation.load(Ordering::Acquire), c)
+    }
+}
+
+/// The URI to dial `addr` (HOST:PORT, or a URI) at: `https` with TLS.
+pub fn uri(addr: &str, tls: bool) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
