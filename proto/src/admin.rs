@@ -185,6 +185,15 @@ impl CallMetrics {
         }
         let prefix = self.prefix;
         self.inflight.decrement(1.0);
+        // A path no service implements gets one label, so callers cannot
+        // make a new series per made-up method name.
+        if self
+            .failed
+            .as_ref()
+            .is_some_and(|s| s.code() == tonic::Code::Unimplemented)
+        {
+            self.rpc = "unknown".to_string();
+        }
         metrics::histogram!(format!("{prefix}_rpc_duration_seconds"), "rpc" => self.rpc.clone())
             .record(self.start.elapsed().as_secs_f64());
         if let Some(s) = self.failed.take() {

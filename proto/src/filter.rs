@@ -87,6 +87,9 @@ pub const MAX_TAGS: usize = 64;
 pub const MAX_TAG_CHARS: usize = 128;
 /// Longest SQL expression, in bytes.
 pub const MAX_SQL_LEN: usize = 4096;
+/// Longest tag expression, in bytes: [`MAX_TAGS`] tags of
+/// [`MAX_TAG_CHARS`] characters (up to 4 bytes each) and their separators.
+pub const MAX_TAG_EXPR_LEN: usize = MAX_TAGS * (MAX_TAG_CHARS * 4 + 4);
 /// Deepest nesting of parentheses and `NOT`s in an SQL expression.
 pub const MAX_SQL_DEPTH: usize = 64;
 
@@ -144,6 +147,16 @@ impl FilterError {
 impl Filter {
     /// Compiles a tag expression (`*`, empty, or `TagA || TagB`).
     pub fn parse_tag(expr: &str) -> Result<Filter, FilterError> {
+        // Refused before it is split: what no valid expression can reach.
+        if expr.len() > MAX_TAG_EXPR_LEN {
+            return Err(FilterError::tag(
+                MAX_TAG_EXPR_LEN,
+                format!(
+                    "expression is {} bytes, longer than the {MAX_TAG_EXPR_LEN}-byte limit",
+                    expr.len()
+                ),
+            ));
+        }
         parse_tags(expr)
     }
 

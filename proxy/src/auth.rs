@@ -807,4 +807,26 @@ mod tests {
         // Bits the window slid over are clear again.
         assert!(w.accept(10 + 5 * WINDOW_BITS - 1).is_ok());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, failure_persistence: None, ..Default::default() })]
+
+        /// Whatever a users file or a proxy config file says: accepted, or
+        /// refused with a reason; never a panic.
+        #[test]
+        fn any_file_text_is_accepted_or_refused_with_a_reason(
+            text in proptest::prelude::prop_oneof![
+                "[ -~\n]{0,200}",
+                "\\[\\[(users|rules)\\]\\]\n(name|id|user|resource|actions|effect|source|signing_key) = (\"[a-z*:.]{0,8}\"|[0-9]{1,3}|\\[\"[a-z*]{0,6}\"\\])\n{1,3}",
+                "(log|listen|brokers|max_wait|\\[rate_limits\\]|receipt_secret|auth_file) = (\"[ -~]{0,12}\"|[0-9]{1,4}|true)\n",
+            ]
+        ) {
+            if let Err(e) = AuthFile::parse(&text) {
+                proptest::prop_assert!(!e.is_empty());
+            }
+            if let Err(e) = crate::config::parse_file(&text) {
+                proptest::prop_assert!(!e.is_empty());
+            }
+        }
+    }
 }
