@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+pub const DEFAULT_MAX_RECEIVES_PER_CLIENT: u32 = 1000;
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Petrel proxy: stateless gRPC front end. Terminates the client protocol,
 /// validates requests and routes them to the leader of the right queue.
@@ -75,6 +77,16 @@ pub struct ProxyArgs {
     /// Longest long-poll wait a receive may ask for.
     #[arg(long, env = "PETREL_MAX_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
+    /// Receives (long-polls) one client may have open at once on this
+    /// proxy; more get `rate_limited`. A client is its user, or its
+    /// address when anonymous.
+    #[arg(long, env = "PETREL_MAX_RECEIVES_PER_CLIENT", default_value_t = DEFAULT_MAX_RECEIVES_PER_CLIENT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_receives_per_client: u32,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(long, env = "PETREL_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
     /// Log filter, e.g. `info` or `petrel_proxy=debug` [default: the config
     /// file's `log`, else info]. Given here, it wins over the file.
     #[arg(long, env = "PETREL_LOG")]
@@ -120,6 +132,8 @@ pub struct ProxyConfig {
     pub route_refresh: Duration,
     pub request_timeout: Duration,
     pub max_wait: Duration,
+    pub max_receives_per_client: u32,
+    pub max_streams_per_connection: u32,
     pub log: String,
     pub admin_listen: Option<SocketAddr>,
     pub drain_delay: Duration,
@@ -465,6 +479,8 @@ impl ProxyArgs {
             )
             .max(Duration::from_millis(100)),
             max_wait: dur("max_wait", self.max_wait, &file.max_wait),
+            max_receives_per_client: self.max_receives_per_client,
+            max_streams_per_connection: self.max_streams_per_connection,
             log,
             admin_listen,
             drain_delay: dur("drain_delay", self.drain_delay, &file.drain_delay),
@@ -492,6 +508,8 @@ impl ProxyConfig {
             route_refresh: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(30),
+            max_receives_per_client: DEFAULT_MAX_RECEIVES_PER_CLIENT,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             log: "info".into(),
             admin_listen: None,
             drain_delay: Duration::ZERO,

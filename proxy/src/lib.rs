@@ -113,6 +113,7 @@ pub async fn run(
     metrics::counter!("petrel_proxy_accept_errors_total").increment(0);
     metrics::counter!("petrel_proxy_connections_accepted_total").increment(0);
     let (drain_delay, grace) = (config.drain_delay, config.shutdown_grace);
+    let max_streams = config.max_streams_per_connection;
     let limiter = Arc::new(limits::Limiter::new(config.runtime.clone()));
     if let Some(path) = config.config_path.clone() {
         let (l, hook, flag_log, started) = (
@@ -154,6 +155,7 @@ pub async fn run(
         streams_stop,
         drain_delay,
         grace,
+        max_streams,
     };
     match client_tls {
         Some(tls) => {
@@ -178,6 +180,11 @@ pub async fn run(
     }
 }
 
+/// Largest header block (metadata) a call may carry.
+const MAX_HEADER_BYTES: u32 = 16 << 10;
+/// HTTP/2 keepalive ping interval and timeout on client connections.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// What a drain needs (see [`run`]).
 struct Drain {
     shutdown: CancellationToken,
@@ -185,6 +192,7 @@ struct Drain {
     streams_stop: CancellationToken,
     drain_delay: std::time::Duration,
     grace: std::time::Duration,
+    max_streams: u32,
 }
 
 /// Serves `svc` on `incoming` until shutdown, then drains (see [`run`]).
@@ -209,10 +217,17 @@ where
         streams_stop,
         drain_delay,
         grace,
+        max_streams,
     } = d;
     let server_stop = CancellationToken::new();
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Bounds one connection's share: open calls, header bytes, and a
+        // dead peer is noticed by keepalive pings.
+        .max_concurrent_streams(max_streams)
+        .http2_max_header_list_size(MAX_HEADER_BYTES)
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
         .initial_stream_window_size(Some(petrel_proto::transport::STREAM_WINDOW))
         .initial_connection_window_size(Some(petrel_proto::transport::CONNECTION_WINDOW))
         .layer(petrel_proto::admin::RpcMetricsLayer {

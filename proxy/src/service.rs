@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Action, Auth, Resource};
+use crate::auth::{Action, Auth, Principal, Resource};
 use futures::Stream;
 use petrel_proto::pb;
 use petrel_proto::pb::broker as bpb;
@@ -57,6 +57,8 @@ struct Inner {
     limiter: Arc<crate::limits::Limiter>,
     /// Who may call, and what they may do.
     auth: Arc<Auth>,
+    /// Receives open per client (user, or address when anonymous).
+    open_receives: dashmap::DashMap<String, u32>,
 }
 
 type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
@@ -130,12 +132,40 @@ impl ProxyService {
                 draining,
                 limiter,
                 auth,
+                open_receives: Default::default(),
             }),
         }
     }
 }
 
 impl Inner {
+    /// Takes one of `client`'s receive slots, given back when the returned
+    /// guard drops; `rate_limited` when all are taken.
+    fn receive_slot(s: &Arc<Inner>, client: String) -> Result<impl Drop + Send, PetrelError> {
+        let max = s.config.max_receives_per_client;
+        {
+            let mut n = s.open_receives.entry(client.clone()).or_insert(0);
+            if *n >= max {
+                drop(n);
+                metrics::counter!("petrel_proxy_limit_refusals_total", "limit" => "receives_per_client")
+                    .increment(1);
+                return Err(PetrelError::RateLimited(format!(
+                    "{client} already has {max} receives open on this proxy (--max-receives-per-client)"
+                )));
+            }
+            *n += 1;
+        }
+        let s = s.clone();
+        Ok(scopeguard(move || {
+            if let dashmap::Entry::Occupied(mut e) = s.open_receives.entry(client) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }))
+    }
+
     /// Hands each transaction due for a check to one checker of its topic
     /// connected to this proxy (round robin), every `TXN_CHECK_POLL`.
     async fn check_transactions(self: Arc<Self>) {
@@ -960,13 +990,21 @@ impl Petrel for ProxyService {
 
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> R<Self::ReceiveStream> {
         let s = self.inner.clone();
-        s.auth.check(
+        let who = s.auth.check(
             &req,
             &[
                 (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
                 (Resource::Group(&req.get_ref().group), Action::Subscribe),
             ],
         )?;
+        let client = match &who {
+            Principal::User(u) => format!("user:{u}"),
+            Principal::Anonymous => match req.remote_addr() {
+                Some(a) => format!("ip:{}", a.ip()),
+                None => "ip:unknown".to_string(),
+            },
+        };
+        let slot = Inner::receive_slot(&s, client)?;
         let req = req.into_inner();
         validate::group_name(&req.group)?;
         if req.max_messages == 0 || req.max_messages > MAX_RECEIVE_MESSAGES {
@@ -1000,6 +1038,7 @@ impl Petrel for ProxyService {
         let wait = Duration::from_millis(req.wait_ms).min(s.config.max_wait);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let _slot = slot;
             let open = metrics::gauge!("petrel_proxy_open_streams");
             open.increment(1.0);
             let _close = scopeguard(move || open.decrement(1.0));

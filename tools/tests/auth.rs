@@ -332,3 +332,99 @@ fn a_proxy_without_a_receipt_secret_or_an_auth_choice_refuses_to_start() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// One client cannot hold more receives open than the proxy allows
+/// (`--max-receives-per-client`): the next gets `rate_limited`, while
+/// another client is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_open_receives_are_capped_and_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.toml");
+    let file = users.to_str().unwrap();
+    let alice_secret = add_user(file, "alice");
+    let bob_secret = add_user(file, "bob");
+    petrel(&[
+        "acl",
+        "add",
+        "--auth-file",
+        file,
+        "--user",
+        "*",
+        "--resource",
+        "*",
+        "--actions",
+        "*",
+    ]);
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    let mut procs = Procs::default();
+    for (i, port) in ports.iter().enumerate() {
+        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
+    }
+    let port = free_port();
+    let mut pc = proxy_command(port, &common::broker_list(&ports));
+    pc.env_remove("PETREL_ALLOW_ANONYMOUS")
+        .arg("--auth-file")
+        .arg(&users)
+        .args(["--max-receives-per-client", "4"]);
+    procs.push(pc.spawn().unwrap());
+    let alice = client(port, Some(("alice", &alice_secret)));
+    let bob = client(port, Some(("bob", &bob_secret)));
+    wait_ready(&bob.admin(), 3, READY).await;
+    bob.admin()
+        .create_topic(TopicSpec::new("capped").queues(2).replicas(3))
+        .await
+        .unwrap();
+
+    // Alice parks four long-polls on the empty topic.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let c = alice
+            .simple_consumer("capped", "a")
+            .wait(Duration::from_secs(6))
+            .build();
+        holders.push(tokio::spawn(async move { c.receive(1).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fifth = Client::builder([format!("127.0.0.1:{port}")])
+        .credentials("alice", alice_secret.clone())
+        .request_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let r = fifth
+        .simple_consumer("capped", "a")
+        .wait(Duration::from_millis(100))
+        .build()
+        .receive(1)
+        .await;
+    assert!(
+        matches!(&r, Err(Error::RateLimited(m)) if m.contains("user:alice")),
+        "{r:?}"
+    );
+    // Bob is not affected.
+    bob.producer("capped")
+        .build()
+        .send(Message::new("for bob"))
+        .await
+        .unwrap();
+    let got = bob
+        .simple_consumer("capped", "b")
+        .wait(Duration::from_secs(3))
+        .build()
+        .receive(1)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    // Alice's slots come back when her long-polls end.
+    for h in holders {
+        h.await.unwrap().unwrap();
+    }
+    fifth
+        .simple_consumer("capped", "a")
+        .wait(Duration::from_millis(100))
+        .build()
+        .receive(1)
+        .await
+        .unwrap();
+    drop(procs);
+}
