@@ -26,15 +26,23 @@ import yaml
 CHART = Path(__file__).resolve().parent / "petrel"
 K8S_VERSION = "1.30.0"
 # Kinds outside the core schemas (CRDs); checked for shape only.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "Certificate"}
 
 USERS = {"existingSecret": "petrel-users"}
+TLS_SECRETS = {"clusterSecret": "petrel-cluster-tls", "proxySecret": "petrel-proxy-tls"}
 
 VALUE_SETS = {
-    # The defaults plus the one thing they require: who may call.
-    "defaults": {"proxy": {"auth": USERS}},
-    "autoscaling-off": {"proxy": {"autoscaling": {"enabled": False}, "replicas": 3, "auth": {"allowAnonymous": True}}},
+    # The defaults plus the two things they require: who may call, and the
+    # certificates.
+    "defaults": {"proxy": {"auth": USERS}, "tls": TLS_SECRETS},
+    "autoscaling-off": {
+        "proxy": {"autoscaling": {"enabled": False}, "replicas": 3, "auth": {"allowAnonymous": True}},
+        "tls": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+    },
     "custom-metric": {
+        "tls": {"certManager": {"enabled": True, "issuerName": "petrel-ca", "issuerKind": "ClusterIssuer",
+                                "proxyDnsNames": ["mq.example.com"]}},
         "proxy": {
             "auth": USERS,
             "existingReceiptSecret": "petrel-receipt",
@@ -61,6 +69,7 @@ VALUE_SETS = {
             },
         },
         "broker": {"replicas": 5, "antiAffinity": "hard", "storage": {"size": "50Gi"}, "maxRecordBytes": 1048576},
+        "tls": TLS_SECRETS,
     },
 }
 
@@ -75,6 +84,8 @@ BAD_VALUES = {
     "unknown rate key": {"proxy": {"rateLimits": {"perTopic": 1}}},
     "tiny transaction check": {"broker": {"transactionCheckMs": 5}},
     "unknown auth key": {"proxy": {"auth": {"users": []}}},
+    "unknown tls key": {"tls": {"secret": "x"}},
+    "bad issuer kind": {"tls": {"certManager": {"issuerKind": "Vault"}}},
 }
 
 failures = []
@@ -190,6 +201,46 @@ def check_auth(name, values, deploy, kinds):
         check(ref in secrets, f"{name}: receipt Secret made and used")
 
 
+def check_tls(name, values, deploy, sts, kinds):
+    """TLS flags and Secret mounts match the values; cert-manager
+    Certificates make the Secrets mounted; the NetworkPolicy admits only
+    brokers and proxies to the broker port; the client Service has no
+    admin port."""
+    tls = values.get("tls", {})
+    on = tls.get("enabled", True)
+    cm = tls.get("certManager", {}).get("enabled", False)
+    bargs = " ".join(sts["spec"]["template"]["spec"]["containers"][0]["args"])
+    pargs = " ".join(deploy["spec"]["template"]["spec"]["containers"][0]["args"])
+    check(("--tls-cert" in bargs and "--tls-ca" in bargs) == on, f"{name}: broker TLS flags = {on}")
+    check(("--cluster-cert" in pargs and "--tls-cert" in pargs) == on, f"{name}: proxy TLS flags = {on}")
+    secrets = lambda w: {v["secret"]["secretName"] for v in w["spec"]["template"]["spec"].get("volumes", []) if "secret" in v}
+    certs = {c["spec"]["secretName"]: c for c in kinds.get("Certificate", [])}
+    check(bool(certs) == (on and cm), f"{name}: cert-manager Certificates only when asked")
+    if on:
+        cluster = tls.get("clusterSecret") or next((k for k in certs if k.endswith("-cluster-tls")), None)
+        proxy = tls.get("proxySecret") or next((k for k in certs if k.endswith("-proxy-tls")), None)
+        check(cluster in secrets(sts), f"{name}: brokers mount the cluster certificate {cluster}")
+        check({cluster, proxy} <= secrets(deploy), f"{name}: proxies mount {cluster} and {proxy}")
+        if cm:
+            usages = certs[cluster]["spec"]["usages"]
+            check("client auth" in usages and "server auth" in usages, f"{name}: cluster cert for both ends")
+            check(any(n.startswith("*.") for n in certs[cluster]["spec"]["dnsNames"]), f"{name}: broker wildcard name")
+            check("mq.example.com" in certs[proxy]["spec"]["dnsNames"], f"{name}: extra proxy name")
+    pols = kinds.get("NetworkPolicy", [])
+    if values.get("networkPolicy", {}).get("enabled", True):
+        check(len(pols) == 1, f"{name}: broker NetworkPolicy")
+        rules = pols[0]["spec"]["ingress"]
+        broker_port = values.get("broker", {}).get("port", 7411)
+        guarded = [r for r in rules if any(p["port"] == broker_port for p in r.get("ports", []))]
+        comps = sorted(f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for r in guarded for f in r.get("from", []))
+        check(comps == ["broker", "proxy"], f"{name}: broker port only from brokers and proxies ({comps})")
+    else:
+        check(not pols, f"{name}: no NetworkPolicy when disabled")
+    client = [s for s in kinds["Service"] if s["metadata"]["name"] == deploy["metadata"]["name"]]
+    check(len(client) == 1 and all(p["name"] != "admin" for p in client[0]["spec"]["ports"]),
+          f"{name}: the client Service carries no admin port")
+
+
 def main(bin_dir):
     known = {b: help_flags(bin_dir, b) for b in ("petrel-broker", "petrel-proxy")}
     with helm.Chart.load(CHART) as chart:
@@ -218,7 +269,8 @@ def main(bin_dir):
             for path, d in docs:
                 kinds.setdefault(d["kind"], []).append(d)
                 if d["kind"] in CRD_KINDS:
-                    check(d.get("apiVersion", "").startswith("monitoring.coreos.com/"), f"{path}: CRD api")
+                    api = {"ServiceMonitor": "monitoring.coreos.com/", "Certificate": "cert-manager.io/"}[d["kind"]]
+                    check(d.get("apiVersion", "").startswith(api), f"{path}: CRD api")
                     continue
                 try:
                     kubernetes_validate.validate(d, K8S_VERSION, strict=True)
@@ -227,6 +279,7 @@ def main(bin_dir):
             deploy = kinds["Deployment"][0]
             sts = kinds["StatefulSet"][0]
             check_auth(name, values, deploy, kinds)
+            check_tls(name, values, deploy, sts, kinds)
             check(sts["spec"]["replicas"] == values.get("broker", {}).get("replicas", 3), f"{name}: broker replicas")
             hpa = kinds.get("HorizontalPodAutoscaler", [])
             if values.get("proxy", {}).get("autoscaling", {}).get("enabled", True):
@@ -276,13 +329,15 @@ def main(bin_dir):
                     check("preStop" in c.get("lifecycle", {}) or b == "petrel-proxy", f"{name}: broker preStop")
                 check(pod["terminationGracePeriodSeconds"] > 0, f"{name}: termination grace")
             print(f"  {len(docs)} manifests rendered and validated")
-        # Secure by default: without an auth choice the chart does not render.
-        try:
-            chart.render({}, name="petrel", namespace="mq", is_install=True)
-            check(False, "chart renders without proxy.auth")
-        except helm.HelmError as e:
-            check("proxy.auth" in str(e), f"render error names proxy.auth: {e}")
-            print("no auth choice: refused with a message")
+        # Secure by default: without an auth choice, or without
+        # certificates, the chart does not render.
+        for vals, what in (({"tls": TLS_SECRETS}, "proxy.auth"), ({"proxy": {"auth": USERS}}, "tls")):
+            try:
+                chart.render(vals, name="petrel", namespace="mq", is_install=True)
+                check(False, f"chart renders without {what}")
+            except helm.HelmError as e:
+                check(what in str(e), f"render error names {what}: {e}")
+                print(f"no {what} choice: refused with a message")
         for name, values in BAD_VALUES.items():
             try:
                 chart.validate_schema(values)

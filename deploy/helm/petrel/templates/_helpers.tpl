@@ -52,3 +52,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- join "," $list -}}
 {{- end -}}
+
+{{/* TLS Secrets: given, or made by cert-manager; fails without either. */}}
+{{- define "petrel.tlsOn" -}}
+{{- if .Values.tls.enabled -}}
+{{- if not (or .Values.tls.certManager.enabled (and .Values.tls.clusterSecret .Values.tls.proxySecret)) -}}
+{{- fail "tls: set tls.clusterSecret and tls.proxySecret (Secrets with tls.crt, tls.key, ca.crt), or tls.certManager.enabled with an issuer, or tls.enabled=false on a trusted network" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+{{- define "petrel.clusterTlsSecret" -}}
+{{- .Values.tls.clusterSecret | default (printf "%s-cluster-tls" (include "petrel.fullname" .)) -}}
+{{- end -}}
+{{- define "petrel.proxyTlsSecret" -}}
+{{- .Values.tls.proxySecret | default (printf "%s-proxy-tls" (include "petrel.fullname" .)) -}}
+{{- end -}}
