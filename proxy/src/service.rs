@@ -62,6 +62,8 @@ struct Inner {
 }
 
 type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
+/// Producer ids Petrel's own sends use (dead letters); clients may not.
+const SYSTEM_PRODUCER_PREFIX: &str = "petrel-";
 /// How often the proxy asks brokers for transactions due for a check.
 const TXN_CHECK_POLL: Duration = Duration::from_secs(1);
 
@@ -856,13 +858,19 @@ type CheckStream = Pin<Box<dyn Stream<Item = Result<pb::TransactionCheck, Status
 impl Petrel for ProxyService {
     async fn send(&self, req: Request<pb::SendRequest>) -> R<pb::SendResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let who = s.auth.check(
             &req,
             &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
         )?;
         let peer = req.remote_addr();
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         validate::producer_id(&req.producer_id)?;
+        if req.producer_id.starts_with(SYSTEM_PRODUCER_PREFIX) {
+            return Err(PetrelError::InvalidArgument(format!(
+                "producer ids starting with {SYSTEM_PRODUCER_PREFIX:?} are reserved for Petrel itself"
+            ))
+            .into());
+        }
         if req.messages.is_empty() {
             return Err(PetrelError::InvalidArgument("send request has no messages".into()).into());
         }
@@ -890,6 +898,15 @@ impl Petrel for ProxyService {
             peer.map(|a| a.ip()),
             req.messages.len() as u64,
         )?;
+        // A user's producer ids are its own: de-duplication windows (and
+        // the stored producer id) are keyed by `USER:ID`, so no client can
+        // poison another's sequences.
+        if let Principal::User(u) = &who {
+            if !req.producer_id.is_empty() {
+                req.producer_id = format!("{u}:{}", req.producer_id);
+                validate::producer_id(&req.producer_id)?;
+            }
+        }
         let n = t.queues.len() as u64;
         if n == 0 {
             return Err(PetrelError::Unavailable("topic has no queues".into()).into());

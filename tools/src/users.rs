@@ -133,8 +133,17 @@ pub fn user(cmd: UserCmd, json: bool) -> CliResult {
                     return Err(CliError::Usage("--secret must be at least 16 bytes".into()))
                 }
                 Some(s) => s,
-                None => base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .encode(rand::random::<[u8; 32]>()),
+                // Letters and digits only (~238 bits): never starts with
+                // `-` (which a command line would take for a flag) and
+                // needs no quoting.
+                None => {
+                    use rand::Rng as _;
+                    rand::thread_rng()
+                        .sample_iter(rand::distributions::Alphanumeric)
+                        .take(40)
+                        .map(char::from)
+                        .collect()
+                }
             };
             f.users.push(UserEntry {
                 name: name.clone(),

@@ -213,6 +213,35 @@ async fn users_and_rules_decide_who_may_do_what() {
     ] {
         assert!(matches!(r, Err(Error::PermissionDenied(_))), "{r:?}");
     }
+    // Producer ids belong to their user: the same id and sequence from
+    // two users are two records, not a duplicate; `petrel-` is reserved.
+    let a = alice
+        .producer("orders.eu")
+        .producer_id("shared")
+        .build()
+        .send(Message::new("alice's").with_key("k"))
+        .await
+        .unwrap();
+    let b = admin
+        .producer("orders.eu")
+        .producer_id("shared")
+        .build()
+        .send(Message::new("admin's").with_key("k"))
+        .await
+        .unwrap();
+    assert_ne!(
+        a.message_id, b.message_id,
+        "one user's sends de-duplicated another's"
+    );
+    let looked = admin.admin().get_message(&a.message_id).await.unwrap();
+    assert_eq!(looked.record.unwrap().producer_id, "alice:shared");
+    let r = alice
+        .producer("orders.eu")
+        .producer_id("petrel-dlq-1")
+        .build()
+        .send(Message::new("x"))
+        .await;
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
     // Lists show only what the caller may describe.
     let names: Vec<String> = alice
         .admin()
