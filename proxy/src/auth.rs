@@ -513,9 +513,17 @@ impl Auth {
             return Ok(Principal::Anonymous);
         };
         let peer = req.remote_addr();
-        let user = self
-            .authenticate(&policy, req.metadata())
-            .inspect_err(|e| self.refused(peer, None, e, "unauthenticated", None))?;
+        let user = match (
+            req.metadata().get(sig::AUTHORIZATION_HEADER),
+            req.peer_certs(),
+        ) {
+            // A verified client certificate stands in for a signed key.
+            (None, Some(certs)) if !certs.is_empty() => {
+                self.certificate_user(&policy, certs[0].as_ref())
+            }
+            _ => self.authenticate(&policy, req.metadata()),
+        }
+        .inspect_err(|e| self.refused(peer, None, e, "unauthenticated", None))?;
         for (res, action) in needs {
             self.permit_with(&policy, &user, peer.map(|a| a.ip()), *res, *action)?;
         }
@@ -618,6 +626,27 @@ impl Auth {
         let user: Arc<str> = Arc::from(name.as_str());
         self.accept_nonce(&user, client, n).map_err(bad)?;
         Ok(user)
+    }
+
+    /// The user a client certificate names (its subject's common name),
+    /// which must be in the users file. The certificate was verified
+    /// against `--tls-client-ca` in the handshake.
+    fn certificate_user(&self, p: &Policy, der: &[u8]) -> Result<Arc<str>, PetrelError> {
+        let bad = |m: String| PetrelError::Unauthenticated(m);
+        let (_, x) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| bad(format!("unreadable client certificate: {e}")))?;
+        let cn = x
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .ok_or_else(|| bad("the client certificate names no common name".into()))?;
+        match p.users.get_key_value(cn) {
+            Some((name, _)) => Ok(Arc::from(name.as_str())),
+            None => Err(bad(format!(
+                "the client certificate names {cn:?}, which is not a user"
+            ))),
+        }
     }
 
     fn accept_nonce(&self, user: &Arc<str>, client: u64, n: u64) -> Result<(), &'static str> {

@@ -196,6 +196,85 @@ async fn every_link_speaks_tls_and_strangers_are_refused() {
         "a cluster certificate gets in"
     );
 
+    // A second proxy with users: a client certificate of the client CA
+    // stands in for a signed access key, naming its user.
+    let users = d.join("users.toml");
+    let file = users.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(common::bin("petrel"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["user", "add", "carol", "--auth-file", file]);
+    run(&[
+        "acl",
+        "add",
+        "--auth-file",
+        file,
+        "--user",
+        "carol",
+        "--resource",
+        "cluster",
+        "--actions",
+        "describe",
+    ]);
+    let port2 = free_port();
+    let mut cmd = proxy_command(port2, &common::broker_list(&ports));
+    cmd.env_remove("PETREL_ALLOW_ANONYMOUS")
+        .arg("--auth-file")
+        .arg(&users)
+        .arg("--cluster-cert")
+        .arg(d.join("proxy-cluster.pem"))
+        .arg("--cluster-key")
+        .arg(d.join("proxy-cluster.key"))
+        .arg("--cluster-ca")
+        .arg(&cluster_ca_file)
+        .arg("--tls-cert")
+        .arg(put(d, "proxy2.pem", &sc))
+        .arg("--tls-key")
+        .arg(put(d, "proxy2.key", &sk))
+        .arg("--tls-client-ca")
+        .arg(put(d, "client-ca.pem", &client_ca.pem()));
+    procs.push(cmd.spawn().unwrap());
+    let with_cert = |cn: &str| {
+        let (c, k) = client_ca.leaf(cn);
+        Client::builder([format!("https://127.0.0.1:{port2}")])
+            .ca_certificate(client_ca.pem().into_bytes())
+            .identity(c.into_bytes(), k.into_bytes())
+            .request_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let carol = with_cert("carol");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match carol.admin().describe_cluster().await {
+            Ok(_) => break,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("carol's certificate was not accepted: {e}"),
+        }
+    }
+    // She may describe the cluster, not list topics.
+    let r = carol.admin().list_topics().await;
+    assert!(matches!(r, Ok(ref l) if l.topics.is_empty()), "{r:?}");
+    let r = carol.admin().delete_topic("secure").await;
+    assert!(
+        matches!(r, Err(petrel_sdk::Error::PermissionDenied(_))),
+        "{r:?}"
+    );
+    // A certificate naming no user, or none at all: unauthenticated.
+    for c in [with_cert("mallory"), tls_client(port2, &client_ca.pem())] {
+        let r = c.admin().describe_cluster().await;
+        assert!(
+            matches!(r, Err(petrel_sdk::Error::Unauthenticated(_))),
+            "{r:?}"
+        );
+    }
+
     // New certificates on disk: new connections get them, no restart.
     std::thread::sleep(Duration::from_millis(1100)); // a new mtime
     let (nc, nk) = other_ca.leaf("proxy.renewed");
@@ -217,6 +296,6 @@ async fn every_link_speaks_tls_and_strangers_are_refused() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(procs.check_running(procs.0.len() - 1).is_ok());
+    assert!(procs.check_running(3).is_ok(), "the first proxy still runs");
     drop(procs);
 }
