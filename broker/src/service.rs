@@ -32,8 +32,10 @@ use crate::types::{AppendPart, Command, Response, META_GROUP};
 /// How long a Raft message for a group this broker does not (yet) host
 /// waits for the group to be started.
 const UNKNOWN_GROUP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
-/// Most record bytes one pop returns.
+/// Most record bytes one pop returns (records and dead letters).
 pub const POP_MAX_BYTES: usize = 16 << 20;
+/// Most record bytes one find-by-key answer carries.
+pub const FIND_MAX_BYTES: usize = 16 << 20;
 /// Largest gRPC message a proxy may send to a broker.
 pub const MAX_DATA_MESSAGE: usize = 64 << 20;
 /// Longest nack reason kept (longer ones are cut).
@@ -804,11 +806,20 @@ impl BrokerData for Service {
         let delivered_bytes: usize = records.iter().map(|r| r.encoded.len()).sum();
         metrics::counter!("petrel_broker_delivered_bytes_total", &labels)
             .increment(delivered_bytes as u64);
-        let mut dead_letters = Vec::with_capacity(outcome.dead.len());
+        // Dead letters share the answer's byte budget with the records (at
+        // least one goes when no record does), so no pop answer nears the
+        // message limit however many big dead letters wait: the rest stay
+        // pending and leave with the next pops.
+        let mut budget = POP_MAX_BYTES.saturating_sub(delivered_bytes);
+        let mut dead_letters = Vec::new();
         for (offset, d) in outcome.dead {
             // A dead letter whose bytes cannot be read is still reported
             // (empty), so the group does not hold it forever.
             let encoded = self.read_record(group, offset).unwrap_or_default();
+            if encoded.len() > budget && !(records.is_empty() && dead_letters.is_empty()) {
+                break;
+            }
+            budget = budget.saturating_sub(encoded.len());
             dead_letters.push(bpb::DeadLetter {
                 offset,
                 attempts: d.attempts,
@@ -931,6 +942,7 @@ impl BrokerData for Service {
         let prefix = keys::key_index_prefix(req.group_id, &req.key);
         let cf = self.node.store.cf(crate::storage::CF_INDEXES);
         let mut records = Vec::new();
+        let mut bytes = 0usize;
         for kv in self
             .node
             .store
@@ -947,11 +959,14 @@ impl BrokerData for Service {
             if off < start {
                 continue;
             }
+            let encoded = self.read_record(req.group_id, off)?;
+            bytes += encoded.len();
             records.push(bpb::StoredRecord {
                 offset: off,
-                encoded: self.read_record(req.group_id, off)?,
+                encoded,
             });
-            if records.len() >= max {
+            // Bounded in bytes too (at least one record).
+            if records.len() >= max || bytes >= FIND_MAX_BYTES {
                 break;
             }
         }

@@ -62,6 +62,8 @@ struct Inner {
 }
 
 type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
+/// Most bytes of records one FindMessages answer carries.
+const FIND_MAX_BYTES: usize = 16 << 20;
 /// Producer ids Petrel's own sends use (dead letters); clients may not.
 const SYSTEM_PRODUCER_PREFIX: &str = "petrel-";
 /// How often the proxy asks brokers for transactions due for a check.
@@ -1295,6 +1297,18 @@ impl Petrel for ProxyService {
         }
         records.sort_by_key(|r| (r.store_timestamp_ms, r.queue, r.offset));
         records.truncate(max as usize);
+        // Every queue answered up to its byte bound; the merged answer
+        // keeps to one bound too (at least one record), oldest first.
+        let mut bytes = 0usize;
+        let keep = records
+            .iter()
+            .take_while(|r| {
+                let first = bytes == 0;
+                bytes += r.body.len() + r.key.len() + 256;
+                first || bytes <= FIND_MAX_BYTES
+            })
+            .count();
+        records.truncate(keep);
         Ok(Response::new(pb::FindMessagesResponse { records }))
     }
 

@@ -492,3 +492,70 @@ async fn consumers_see_exactly_the_committed_transactions() {
     assert_eq!(seen, vec!["a0", "a1", "a2", "c0", "c1", "c2"]);
     cluster.stop().await;
 }
+
+/// Dead letters travel with a pop's records; many big ones must not make
+/// one response larger than the message limit (which would fail every pop
+/// and stick the group). 30 records of 3 MiB (90 MiB) are all nacked on
+/// their only attempt: every one reaches the dead-letter topic, over
+/// several receives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_big_dead_letters_leave_over_several_receives() {
+    let (_dir, _cluster, client) = cluster().await;
+    client
+        .admin()
+        .create_topic(TopicSpec::new("big").queues(1))
+        .await
+        .unwrap();
+    let producer = client.producer("big").build();
+    const N: usize = 30;
+    for i in 0..N {
+        let mut body = vec![b'x'; 3 << 20];
+        body[..8].copy_from_slice(format!("{i:08}").as_bytes());
+        producer.send(Message::new(body)).await.unwrap();
+    }
+    let c = client
+        .simple_consumer("big", "g")
+        .retry_policy(RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(100),
+        })
+        .wait(Duration::from_millis(300))
+        .build();
+    let dlq = client
+        .simple_consumer("g.dlq", "audit")
+        .wait(Duration::from_millis(300))
+        .build();
+    // Take all of them first (a receive returns at most 16 MiB), then nack
+    // them all: 90 MiB of dead letters wait for the next receive.
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held.len() < N {
+        assert!(Instant::now() < deadline, "received {} of {N}", held.len());
+        held.extend(c.receive(32).await.unwrap());
+    }
+    for m in &held {
+        c.nack(m, "too big to handle").await.unwrap();
+    }
+    let mut dead = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while dead.len() < N {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} dead letters stored",
+            dead.len()
+        );
+        // Receiving is what ships the group's dead letters.
+        assert!(c.receive(32).await.unwrap().is_empty());
+        match dlq.receive(32).await {
+            Ok(v) => {
+                for m in v {
+                    dead.insert(m.body[..8].to_vec());
+                    dlq.ack(&m).await.unwrap();
+                }
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(e) => panic!("reading the dead-letter topic: {e}"),
+        }
+    }
+}
