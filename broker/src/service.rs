@@ -1010,26 +1010,39 @@ impl BrokerData for Service {
             return Ok(TResponse::new(bpb::StaleTransactionsResponse::default()));
         }
         stale.truncate(256);
-        // Record the checks first, so each is handed out once per interval.
-        let cmd = Command::TxnChecked {
-            ids: stale.iter().map(|(id, _)| id.clone()).collect(),
-            now_ms: now,
-            interval_ms: self.node.runtime.transaction_check_ms(),
-        };
-        self.node.write(group, &h, cmd).await?;
+        // Each check carries the transaction's first record: as many as fit
+        // one answer's byte budget (at least one); the rest are handed out
+        // by the next call.
         let mut transactions = Vec::with_capacity(stale.len());
+        let mut bytes = 0usize;
         for (id, t) in stale {
             let first = t.offsets.first().copied();
+            let first_encoded = first
+                .and_then(|o| self.read_record(group, o).ok())
+                .unwrap_or_default();
+            bytes += first_encoded.len() + id.len() + 64;
+            if bytes > POP_MAX_BYTES && !transactions.is_empty() {
+                break;
+            }
             transactions.push(bpb::StaleTransaction {
                 transaction_id: id,
                 opened_ms: t.opened_ms,
                 check: t.checks + 1,
                 first_offset: first.unwrap_or(0),
-                first_encoded: first
-                    .and_then(|o| self.read_record(group, o).ok())
-                    .unwrap_or_default(),
+                first_encoded,
             });
         }
+        // Record the checks before handing them out, so each is handed out
+        // once per interval.
+        let cmd = Command::TxnChecked {
+            ids: transactions
+                .iter()
+                .map(|t| t.transaction_id.clone())
+                .collect(),
+            now_ms: now,
+            interval_ms: self.node.runtime.transaction_check_ms(),
+        };
+        self.node.write(group, &h, cmd).await?;
         Ok(TResponse::new(bpb::StaleTransactionsResponse {
             transactions,
         }))
