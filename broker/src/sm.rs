@@ -848,10 +848,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut ch = Changes::default();
                 let mut bump = false;
                 for e in entries {
+                    // Any entry of a later term (a new leader's blank one
+                    // first) ends the served state of an earlier term.
+                    st.entered_term(e.log_id.leader_id.term);
                     out.push(match self.note_applied(&e) {
                         Some(cmd) => {
                             bump |= !matches!(cmd, Command::Checkpoint(_));
-                            st.entered_term(e.log_id.leader_id.term);
                             self.apply_queue(&mut st, cmd, e.log_id, &mut ch)
                         }
                         None => {
