@@ -172,20 +172,19 @@ impl PeerPool {
 
     /// The shared channel to `id` at `addr` (re-created if the address changed).
     pub fn channel(&self, id: u64, addr: &str) -> Result<Channel, PetrelError> {
-        let tls = self.tls.as_ref().map(|t| t.current());
-        let gen = tls.as_ref().map_or(0, |t| t.0);
+        let gen = self.tls.as_ref().map_or(0, |t| t.generation());
         if let Some(e) = self.channels.get(&id) {
             if e.0 == addr && e.1 == gen {
                 return Ok(e.2.clone());
             }
         }
-        let uri = petrel_proto::tls::uri(addr, tls.is_some());
+        let uri = petrel_proto::tls::uri(addr, self.tls.is_some());
         let bad = |e: &dyn std::fmt::Display| {
             PetrelError::InvalidArgument(format!("bad peer address {addr:?}: {e}"))
         };
         let mut ep = Endpoint::from_shared(uri).map_err(|e| bad(&e))?;
-        if let Some((_, cfg)) = tls {
-            ep = ep.tls_config(cfg).map_err(|e| bad(&e))?;
+        if let Some(t) = &self.tls {
+            ep = ep.tls_config(t.config()).map_err(|e| bad(&e))?;
         }
         let ch = ep
             .connect_timeout(Duration::from_secs(2))

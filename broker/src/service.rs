@@ -75,12 +75,7 @@ async fn serve_on<S, IO, E>(
 ) -> anyhow::Result<()>
 where
     S: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    IO: petrel_proto::tls::ServerIo,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let svc = Service { node };

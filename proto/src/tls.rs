@@ -17,7 +17,8 @@
 //!   the running certificates stay.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -121,7 +122,9 @@ fn server_config(files: &TlsFiles, auth: ClientAuth) -> Result<ServerConfig, Str
 struct Reloading<T> {
     files: TlsFiles,
     current: RwLock<(Vec<Option<SystemTime>>, T)>,
-    checked: Mutex<Instant>,
+    /// Milliseconds since `epoch` of the last look at the files.
+    checked_ms: AtomicU64,
+    epoch: Instant,
 }
 
 impl<T: Clone> Reloading<T> {
@@ -133,52 +136,54 @@ impl<T: Clone> Reloading<T> {
         Ok(Reloading {
             current: RwLock::new((files.mtimes(), v)),
             files,
-            checked: Mutex::new(Instant::now()),
+            checked_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
     }
 
-    /// The current value; re-built first if a file changed (looked at
-    /// once a second at most). `true` when this call reloaded.
-    fn get(&self, what: &str, build: impl Fn(&TlsFiles) -> Result<T, String>) -> (T, bool) {
-        let due = {
-            let mut c = self.checked.lock().unwrap_or_else(|e| e.into_inner());
-            let due = c.elapsed() >= CHECK_EVERY;
-            if due {
-                *c = Instant::now();
+    /// Re-builds the value if a file changed (looked at once a second at
+    /// most, without a lock in between); `true` when this call reloaded.
+    fn refresh(&self, what: &str, build: impl Fn(&TlsFiles) -> Result<T, String>) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.checked_ms.load(Ordering::Relaxed);
+        if now < last + CHECK_EVERY.as_millis() as u64
+            || self
+                .checked_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let m = self.files.mtimes();
+        if self.current.read().unwrap_or_else(|e| e.into_inner()).0 == m {
+            return false;
+        }
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        // Either way, do not retry until the files move again.
+        cur.0 = m;
+        match build(&self.files) {
+            Ok(v) => {
+                cur.1 = v;
+                tracing::info!("{what}: certificates reloaded");
+                metrics::counter!("petrel_tls_reloads_total", "what" => what.to_string())
+                    .increment(1);
+                true
             }
-            due
-        };
-        if due {
-            let m = self.files.mtimes();
-            let changed = self.current.read().unwrap_or_else(|e| e.into_inner()).0 != m;
-            if changed {
-                let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
-                // Either way, do not retry until the files move again.
-                cur.0 = m;
-                match build(&self.files) {
-                    Ok(v) => {
-                        cur.1 = v;
-                        tracing::info!("{what}: certificates reloaded");
-                        metrics::counter!("petrel_tls_reloads_total", "what" => what.to_string())
-                            .increment(1);
-                        return (cur.1.clone(), true);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "{what}: new certificates rejected; keeping the running ones");
-                        metrics::counter!("petrel_tls_reload_errors_total", "what" => what.to_string())
-                            .increment(1);
-                    }
-                }
+            Err(e) => {
+                tracing::error!(error = %e, "{what}: new certificates rejected; keeping the running ones");
+                metrics::counter!("petrel_tls_reload_errors_total", "what" => what.to_string())
+                    .increment(1);
+                false
             }
         }
-        (
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .1
-                .clone(),
-            false,
-        )
+    }
+
+    fn value(&self) -> T {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 }
 
@@ -199,8 +204,8 @@ impl ServerTls {
     fn config(&self) -> Arc<ServerConfig> {
         let auth = self.auth;
         self.inner
-            .get("server", |f| server_config(f, auth).map(Arc::new))
-            .0
+            .refresh("server", |f| server_config(f, auth).map(Arc::new));
+        self.inner.value()
     }
 
     /// Accepts connections on `listener` and yields those whose TLS
@@ -272,7 +277,7 @@ fn client_config(files: &TlsFiles) -> Result<tonic::transport::ClientTlsConfig, 
 /// certificate and the cluster CA, re-read when they change.
 pub struct ClientTls {
     inner: Reloading<tonic::transport::ClientTlsConfig>,
-    generation: std::sync::atomic::AtomicU64,
+    generation: AtomicU64,
 }
 
 impl ClientTls {
@@ -283,17 +288,42 @@ impl ClientTls {
         }))
     }
 
-    /// The current settings and their generation: a channel made with an
-    /// older generation should be made again (its open connections keep
-    /// working meanwhile).
-    pub fn current(&self) -> (u64, tonic::transport::ClientTlsConfig) {
-        use std::sync::atomic::Ordering;
-        let (c, reloaded) = self.inner.get("client", client_config);
-        if reloaded {
+    /// The settings' generation (cheap: no copy, no lock): a channel made
+    /// with an older one should be made again with [`ClientTls::config`]
+    /// (its open connections keep working meanwhile).
+    pub fn generation(&self) -> u64 {
+        if self.inner.refresh("client", client_config) {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
-        (self.generation.load(Ordering::Acquire), c)
+        self.generation.load(Ordering::Acquire)
     }
+
+    /// The current settings, to make a channel with.
+    pub fn config(&self) -> tonic::transport::ClientTlsConfig {
+        self.inner.value()
+    }
+}
+
+/// A connection tonic can serve: a plain TCP stream or a TLS one (what
+/// the broker's and the proxy's serve loops take).
+pub trait ServerIo:
+    tokio::io::AsyncRead
+    + tokio::io::AsyncWrite
+    + tonic::transport::server::Connected
+    + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<T> ServerIo for T where
+    T: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static
+{
 }
 
 /// The URI to dial `addr` (HOST:PORT, or a URI) at: `https` with TLS.

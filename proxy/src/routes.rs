@@ -65,8 +65,7 @@ pub struct Channels {
 
 impl Channels {
     pub fn client(&self, addr: &str) -> Result<BrokerDataClient<Channel>, PetrelError> {
-        let tls = self.tls.as_ref().map(|t| t.current());
-        let gen = tls.as_ref().map_or(0, |t| t.0);
+        let gen = self.tls.as_ref().map_or(0, |t| t.generation());
         let cached = self
             .by_addr
             .get(addr)
@@ -78,10 +77,11 @@ impl Channels {
                 let bad = |e: &dyn std::fmt::Display| {
                     PetrelError::Internal(format!("bad broker address {addr:?}: {e}"))
                 };
-                let mut ep = Endpoint::from_shared(petrel_proto::tls::uri(addr, tls.is_some()))
-                    .map_err(|e| bad(&e))?;
-                if let Some((_, cfg)) = tls {
-                    ep = ep.tls_config(cfg).map_err(|e| bad(&e))?;
+                let mut ep =
+                    Endpoint::from_shared(petrel_proto::tls::uri(addr, self.tls.is_some()))
+                        .map_err(|e| bad(&e))?;
+                if let Some(t) = &self.tls {
+                    ep = ep.tls_config(t.config()).map_err(|e| bad(&e))?;
                 }
                 let ch = ep
                     .connect_timeout(Duration::from_secs(2))
