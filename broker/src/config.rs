@@ -83,6 +83,12 @@ pub struct BrokerArgs {
     /// back [default: 5000].
     #[arg(long, env = "PETREL_TRANSACTION_CHECK_MS")]
     pub transaction_check_ms: Option<u64>,
+    /// Most consumer groups one queue of a topic keeps state for: a
+    /// receive or offset commit by a group new to a full queue gets
+    /// `limit_exceeded` (delete unused groups with `petrel group delete`)
+    /// [default: 10000].
+    #[arg(long, env = "PETREL_MAX_CONSUMER_GROUPS")]
+    pub max_consumer_groups: Option<usize>,
     /// Serve the admin HTTP endpoint (/metrics, /healthz, /readyz) on this
     /// address, e.g. 0.0.0.0:9400 [default: off].
     #[arg(long, env = "PETREL_ADMIN_LISTEN")]
@@ -121,6 +127,7 @@ struct FileConfig {
     max_record_bytes: Option<usize>,
     log: Option<String>,
     transaction_check_ms: Option<u64>,
+    max_consumer_groups: Option<usize>,
     admin_listen: Option<SocketAddr>,
 }
 
@@ -128,6 +135,8 @@ struct FileConfig {
 pub const DEFAULT_TRANSACTION_CHECK_MS: u64 = 5000;
 /// Unanswered checks after which an open transaction is rolled back.
 pub const TRANSACTION_MAX_CHECKS: u32 = 5;
+/// Default cap on consumer groups per queue.
+pub const DEFAULT_MAX_CONSUMER_GROUPS: usize = 10_000;
 
 /// Validated, effective configuration.
 #[derive(Debug, Clone)]
@@ -147,6 +156,8 @@ pub struct BrokerConfig {
     pub max_record_bytes: usize,
     pub log: String,
     pub transaction_check_ms: u64,
+    /// Most consumer groups per queue.
+    pub max_consumer_groups: usize,
     pub admin_listen: Option<SocketAddr>,
     /// Mutual TLS on the broker port and to peers (cluster CA).
     pub tls: Option<petrel_proto::tls::TlsFiles>,
@@ -187,6 +198,10 @@ impl BrokerConfig {
         t.insert(
             "transaction_check_ms".into(),
             (self.transaction_check_ms as i64).into(),
+        );
+        t.insert(
+            "max_consumer_groups".into(),
+            (self.max_consumer_groups as i64).into(),
         );
         if let Some(a) = self.admin_listen {
             t.insert("admin_listen".into(), a.to_string().into());
@@ -453,6 +468,11 @@ impl BrokerArgs {
                 .or(file.transaction_check_ms)
                 .unwrap_or(DEFAULT_TRANSACTION_CHECK_MS)
                 .clamp(100, 3_600_000),
+            max_consumer_groups: self
+                .max_consumer_groups
+                .or(file.max_consumer_groups)
+                .unwrap_or(DEFAULT_MAX_CONSUMER_GROUPS)
+                .max(1),
             admin_listen: self.admin_listen.or(file.admin_listen),
             tls: match (self.tls_cert, self.tls_key, self.tls_ca) {
                 (Some(cert), Some(key), Some(ca)) => Some(petrel_proto::tls::TlsFiles {

@@ -287,6 +287,9 @@ pub enum ConsumerOp {
     Shipped(u64),
     /// An operator set the group's position (offset mode).
     Reset(u64),
+    /// An operator deleted the group: its position, leases and dead letters
+    /// not yet stored are gone; a later receive starts it afresh.
+    Deleted,
 }
 
 /// One group's consumer ops, in order.
@@ -306,7 +309,7 @@ impl ConsumerOps {
                 ConsumerOp::Lease(o, _) | ConsumerOp::Done(o) | ConsumerOp::Dead(o, _) => {
                     out.push(*o)
                 }
-                ConsumerOp::Reset(_) => return None,
+                ConsumerOp::Reset(_) | ConsumerOp::Deleted => return None,
                 ConsumerOp::Policy(_) | ConsumerOp::Scan { .. } | ConsumerOp::Shipped(_) => {}
             }
         }
@@ -1285,12 +1288,23 @@ impl QueueState {
     /// are ignored.
     pub fn apply_consumer_ops(&mut self, batch: &ConsumerOps, ch: &mut Changes) {
         let (start, end) = (self.header.start_offset, self.header.next_offset);
+        // A delete drops the group; ops after it (a receive that came
+        // later) start it afresh.
+        let mut ops = &batch.ops[..];
+        if let Some(i) = ops.iter().rposition(|o| *o == ConsumerOp::Deleted) {
+            self.consumers.remove(&batch.consumer);
+            ops = &ops[i + 1..];
+            if ops.is_empty() {
+                ch.note_consumer_ops(batch);
+                return;
+            }
+        }
         let held = &self.held;
         let c = self
             .consumers
             .entry(batch.consumer.clone())
             .or_insert_with(|| ConsumerState::new(start));
-        for op in &batch.ops {
+        for op in ops {
             match op {
                 ConsumerOp::Policy(p) => c.policy = *p,
                 ConsumerOp::Lease(off, l) => {
@@ -1342,6 +1356,7 @@ impl QueueState {
                     c.dead_pending.remove(off);
                 }
                 ConsumerOp::Reset(offset) => c.reset(*offset, start, end),
+                ConsumerOp::Deleted => unreachable!("ops after the last delete"),
             }
         }
         c.next_fresh = c.next_fresh.max(start);
@@ -1368,6 +1383,24 @@ impl QueueState {
         ch.op(consumer, ConsumerOp::Reset(offset));
         ch.consumers.insert(consumer.to_string());
         Ok(())
+    }
+
+    /// Deletes consumer group `consumer` from this queue: its position,
+    /// leases and dead letters not yet stored. Whether it was here.
+    pub fn delete_consumer(&mut self, consumer: &str, ch: &mut Changes) -> bool {
+        if self.consumers.remove(consumer).is_none() {
+            return false;
+        }
+        ch.op(consumer, ConsumerOp::Deleted);
+        ch.consumers.insert(consumer.to_string());
+        true
+    }
+
+    /// Whether a receive or offset commit by `consumer` would add a group
+    /// beyond `max` on this queue (a group already here always may).
+    pub fn over_group_cap(&self, consumer: &str, max: usize) -> bool {
+        let groups = self.served();
+        !groups.contains_key(consumer) && groups.len() >= max
     }
 }
 
@@ -1551,6 +1584,40 @@ mod tests {
             .change_invisible("g", 0, 12345, 60, 10, 11, &mut ch)
             .is_err());
         assert!(q.ack("g", &[(0, 8)], &mut ch)[0].is_ok());
+    }
+
+    #[test]
+    fn a_deleted_group_is_gone_and_starts_afresh_and_the_cap_counts_groups() {
+        let mut q = QueueState::default();
+        let mut ch = Changes::default();
+        let recs: Vec<_> = (0..4).map(|_| (0, Bytes::from_static(b"x"))).collect();
+        q.append("", &recs, &[0; 4], None, 1, &mut ch);
+        let got = q.pop_plain("g", 2, 0, 1000, 2, &mut ch);
+        assert_eq!(got.len(), 2);
+        assert!(q.over_group_cap("h", 1), "g fills a cap of one");
+        assert!(!q.over_group_cap("g", 1), "a group already here may go on");
+        let mut ch = Changes::default();
+        assert!(q.delete_consumer("g", &mut ch));
+        assert_eq!(ch.ops[0].ops, vec![ConsumerOp::Deleted]);
+        assert!(ch.consumers.contains("g"), "persist deletes its keys");
+        assert!(!q.delete_consumer("g", &mut Changes::default()));
+        assert!(!q.over_group_cap("h", 1));
+        // Recreated, it starts from the queue's start: leases were dropped.
+        let again = q.pop_plain("g", 4, 0, 1000, 3, &mut Changes::default());
+        assert_eq!(
+            again.iter().map(|l| l.offset).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        // A replica applying [receive, delete, receive] ends as the leader.
+        let mut r = QueueState::default();
+        r.append("", &recs, &[0; 4], None, 1, &mut Changes::default());
+        let batch = ConsumerOps {
+            consumer: "g".into(),
+            ops: vec![ConsumerOp::Done(0), ConsumerOp::Deleted],
+        };
+        let mut ch = Changes::default();
+        r.apply_consumer_ops(&batch, &mut ch);
+        assert!(!r.consumers.contains_key("g") && ch.consumers.contains("g"));
     }
 
     #[test]
@@ -1885,7 +1952,7 @@ mod tests {
                 .map(|c| c.leases.iter().map(|(o, l)| (*o, l.lease_id)).collect())
                 .unwrap_or_default();
             let pick = |r: u64| leased.get(r as usize % leased.len().max(1)).copied();
-            match rnd(20) {
+            match rnd(21) {
                 0..=6 => {
                     let p = PopParams {
                         max: 1 + rnd(8) as u32,
@@ -1926,6 +1993,9 @@ mod tests {
                     let (s, e) = (leader.header.start_offset, leader.header.next_offset);
                     let to = s + rnd(e - s + 1);
                     let _ = serve(&mut leader, |q| q.commit_offset(g, to, &mut ch));
+                }
+                20 => {
+                    serve(&mut leader, |q| q.delete_consumer(g, &mut ch));
                 }
                 15 | 16 => {
                     let n = 1 + rnd(6) as usize;

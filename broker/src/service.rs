@@ -153,6 +153,27 @@ impl Service {
         Ok((out, seq))
     }
 
+    /// `limit_exceeded` when `consumer` would be a group beyond the cap on
+    /// queue `group` (checked by the calls that create group state).
+    fn check_group_cap(
+        &self,
+        group: u64,
+        q: &crate::sm::QueueShared,
+        consumer: &str,
+    ) -> Result<(), PetrelError> {
+        let max = self.node.config.max_consumer_groups;
+        if !q.read().over_group_cap(consumer, max) {
+            return Ok(());
+        }
+        metrics::counter!("petrel_broker_limit_refusals_total", "limit" => "consumer_groups")
+            .increment(1);
+        Err(PetrelError::LimitExceeded(format!(
+            "topic {:?} queue group {group} already has {max} consumer groups \
+             (--max-consumer-groups); delete unused ones with `petrel group delete`",
+            self.topic_name_of(group)
+        )))
+    }
+
     /// Proposes the lane's checkpoints of `term` one at a time until it is
     /// empty.
     ///
@@ -731,6 +752,7 @@ impl BrokerData for Service {
                 ..Default::default()
             }));
         }
+        self.check_group_cap(group, &q, &req.consumer_group)?;
         // Size the pop by bytes so one response stays well under the
         // message limit however large the records are (at least one). The
         // records read here (immutable per offset) are reused below, so each
@@ -1207,6 +1229,7 @@ impl BrokerData for Service {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
         let (q, term) = self.consumer_queue(req.group_id)?;
+        self.check_group_cap(req.group_id, &q, &req.consumer_group)?;
         // In order with the group's receives and acks (a consumer op).
         let (r, seq) = self.consumer_change(req.group_id, &q, term, true, |st, ch| {
             st.commit_offset(&req.consumer_group, req.offset, ch)
@@ -1214,6 +1237,27 @@ impl BrokerData for Service {
         r.map_err(PetrelError::from)?;
         q.lane.wait(seq).await?;
         Ok(TResponse::new(bpb::BrokerCommitOffsetResponse {}))
+    }
+
+    async fn delete_consumer(
+        &self,
+        req: Request<bpb::BrokerDeleteConsumerRequest>,
+    ) -> R<bpb::BrokerDeleteConsumerResponse> {
+        let req = req.into_inner();
+        validate::group_name(&req.consumer_group)?;
+        let (q, term) = self.consumer_queue(req.group_id)?;
+        // A consumer op, in order with the group's receives and acks: a
+        // receive answered before the delete is forgotten with it.
+        let (existed, seq) = self.consumer_change(req.group_id, &q, term, true, |st, ch| {
+            st.delete_consumer(&req.consumer_group, ch)
+        })?;
+        q.lane.wait(seq).await?;
+        if existed {
+            tracing::info!(group = req.group_id, consumer = %req.consumer_group, "consumer group deleted");
+        }
+        Ok(TResponse::new(bpb::BrokerDeleteConsumerResponse {
+            existed,
+        }))
     }
 
     async fn offset_for_time(

@@ -508,8 +508,15 @@ impl StateMachine {
             b.put_cf(&sm, keys::state_key(g, sm_state::QUEUE_HEADER), v);
         }
         for name in &ch.consumers {
-            if let Some(c) = q.consumers.get(name) {
-                self.persist_consumer(keyed, name, c, None, b)?;
+            match q.consumers.get(name) {
+                Some(c) => self.persist_consumer(keyed, name, c, None, b)?,
+                None => {
+                    // Deleted: its state and any lease keys go.
+                    b.delete_cf(&sm, keys::named_state_key(g, sm_state::CONSUMER, name));
+                    let (from, to) = keys::consumer_lease_range(g, name);
+                    b.delete_range_cf(&sm, from, to);
+                    keyed.remove(name);
+                }
             }
         }
         for (name, offsets) in &ch.consumer_leases {

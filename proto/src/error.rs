@@ -49,6 +49,10 @@ pub enum PetrelError {
     /// the action.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// A configured cap was reached (consumer groups per queue, ...); the
+    /// message names the cap and how to make room.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
 }
 
 impl PetrelError {
@@ -72,6 +76,7 @@ impl PetrelError {
             Self::RateLimited(_) => C::RateLimited,
             Self::Unauthenticated(_) => C::Unauthenticated,
             Self::PermissionDenied(_) => C::PermissionDenied,
+            Self::LimitExceeded(_) => C::LimitExceeded,
         }
     }
 
@@ -94,6 +99,7 @@ impl PetrelError {
             Self::RateLimited(_) => "rate_limited",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::PermissionDenied(_) => "permission_denied",
+            Self::LimitExceeded(_) => "limit_exceeded",
         }
     }
 
@@ -124,7 +130,8 @@ impl PetrelError {
             | Self::InvalidFilter(m)
             | Self::RateLimited(m)
             | Self::Unauthenticated(m)
-            | Self::PermissionDenied(m) => m.clone(),
+            | Self::PermissionDenied(m)
+            | Self::LimitExceeded(m) => m.clone(),
         }
     }
 
@@ -163,6 +170,7 @@ impl PetrelError {
             C::RateLimited => Self::RateLimited(m),
             C::Unauthenticated => Self::Unauthenticated(m),
             C::PermissionDenied => Self::PermissionDenied(m),
+            C::LimitExceeded => Self::LimitExceeded(m),
             C::Internal | C::Unspecified => Self::Internal(m),
         }
     }
@@ -176,7 +184,9 @@ impl PetrelError {
                 Code::InvalidArgument
             }
             Self::NotLeader { .. } | Self::Unavailable(_) => Code::Unavailable,
-            Self::TooLarge(_) | Self::RateLimited(_) => Code::ResourceExhausted,
+            Self::TooLarge(_) | Self::RateLimited(_) | Self::LimitExceeded(_) => {
+                Code::ResourceExhausted
+            }
             Self::Corrupt(_) => Code::DataLoss,
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::OffsetOutOfRange(_) => Code::OutOfRange,

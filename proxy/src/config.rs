@@ -7,6 +7,8 @@ use clap::Parser;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 pub const DEFAULT_MAX_RECEIVES_PER_CLIENT: u32 = 1000;
+/// Default cap on one client's calls in progress at once (all kinds).
+pub const DEFAULT_MAX_REQUESTS_PER_CLIENT: u32 = 2000;
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Petrel proxy: stateless gRPC front end. Terminates the client protocol,
@@ -83,6 +85,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "PETREL_MAX_RECEIVES_PER_CLIENT", default_value_t = DEFAULT_MAX_RECEIVES_PER_CLIENT,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_receives_per_client: u32,
+    /// Calls of any kind one client may have in progress at once on this
+    /// proxy (over all its connections); more get `rate_limited`. A client
+    /// is its user, or its address when anonymous.
+    #[arg(long, env = "PETREL_MAX_REQUESTS_PER_CLIENT", default_value_t = DEFAULT_MAX_REQUESTS_PER_CLIENT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_requests_per_client: u32,
     /// HTTP/2 streams (calls) one connection may have open at once.
     #[arg(long, env = "PETREL_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -133,6 +141,7 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     pub max_wait: Duration,
     pub max_receives_per_client: u32,
+    pub max_requests_per_client: u32,
     pub max_streams_per_connection: u32,
     pub log: String,
     pub admin_listen: Option<SocketAddr>,
@@ -221,6 +230,7 @@ impl ProxyConfig {
         let limits = toml::to_string(&crate::limits::RuntimeConfig {
             log: None,
             rate_limits: self.runtime.rate_limits.clone(),
+            receive_limits: self.runtime.receive_limits.clone(),
         })
         .unwrap_or_default();
         out.push_str("\n# reloaded while running: log (above) and\n");
@@ -266,7 +276,7 @@ impl StringOrList {
 }
 
 /// The keys of a proxy config file that a running proxy takes at once.
-const RUNTIME_KEYS: [&str; 2] = ["log", "rate_limits"];
+const RUNTIME_KEYS: [&str; 3] = ["log", "rate_limits", "receive_limits"];
 
 /// Splits a proxy config file into its static and runtime parts, each
 /// validated (unknown keys are errors).
@@ -480,6 +490,7 @@ impl ProxyArgs {
             .max(Duration::from_millis(100)),
             max_wait: dur("max_wait", self.max_wait, &file.max_wait),
             max_receives_per_client: self.max_receives_per_client,
+            max_requests_per_client: self.max_requests_per_client,
             max_streams_per_connection: self.max_streams_per_connection,
             log,
             admin_listen,
@@ -509,6 +520,7 @@ impl ProxyConfig {
             request_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(30),
             max_receives_per_client: DEFAULT_MAX_RECEIVES_PER_CLIENT,
+            max_requests_per_client: DEFAULT_MAX_REQUESTS_PER_CLIENT,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             log: "info".into(),
             admin_listen: None,

@@ -112,8 +112,9 @@ pub async fn run(
     metrics::gauge!("petrel_proxy_draining").set(0.0);
     metrics::counter!("petrel_proxy_accept_errors_total").increment(0);
     metrics::counter!("petrel_proxy_connections_accepted_total").increment(0);
-    metrics::counter!("petrel_proxy_limit_refusals_total", "limit" => "receives_per_client")
-        .increment(0);
+    for limit in ["receives_per_client", "requests_per_client", "receive_rate"] {
+        metrics::counter!("petrel_proxy_limit_refusals_total", "limit" => limit).increment(0);
+    }
     let (drain_delay, grace) = (config.drain_delay, config.shutdown_grace);
     let max_streams = config.max_streams_per_connection;
     let limiter = Arc::new(limits::Limiter::new(config.runtime.clone()));

@@ -11,7 +11,21 @@
 //! orders = 1000                      # records per second, all clients together
 //! [rate_limits.clients]
 //! "billing-1" = 50                   # records per second for this producer id
+//! [receive_limits]
+//! default_records_per_sec = 0        # per consumer group not listed; 0 = unlimited
+//! per_client_records_per_sec = 0     # each client not listed; 0 = unlimited
+//! [receive_limits.groups]
+//! reports = 500                      # records per second, all its consumers together
+//! [receive_limits.clients]
+//! "alice" = 100                      # records per second received by this user
 //! ```
+//!
+//! Receive limits count records delivered. A client there is its user, or
+//! its address (`ip:ADDRESS`, which also bounds every user at it). A
+//! receive is refused (`rate_limited`, retryable) only when a bucket that
+//! applies is empty; otherwise it asks the broker for no more records than
+//! the emptiest bucket holds, and what it gets is taken afterwards (long
+//! polls hold no tokens while they wait).
 //!
 //! A client is named by the producer id its sends carry
 //! (`Producer::builder().producer_id(..)`, `petrel produce --producer-id`)
@@ -47,6 +61,26 @@ pub struct RuntimeConfig {
     pub log: Option<String>,
     #[serde(default)]
     pub rate_limits: RateLimits,
+    #[serde(default)]
+    pub receive_limits: ReceiveLimits,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveLimits {
+    /// Records per second for each consumer group not listed (0 =
+    /// unlimited).
+    #[serde(default)]
+    pub default_records_per_sec: u64,
+    /// Records per second per consumer group, all its consumers together.
+    #[serde(default)]
+    pub groups: BTreeMap<String, u64>,
+    /// Records per second for each client not listed (0 = unlimited).
+    #[serde(default)]
+    pub per_client_records_per_sec: u64,
+    /// Records per second per client: a user name, or `ip:ADDRESS`.
+    #[serde(default)]
+    pub clients: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -100,6 +134,20 @@ impl RuntimeConfig {
                 ));
             }
         }
+        for g in c.receive_limits.groups.keys() {
+            validate::group_name(g).map_err(|e| format!("receive_limits.groups: {e}"))?;
+        }
+        for k in c.receive_limits.clients.keys() {
+            let ok = match k.strip_prefix("ip:") {
+                Some(ip) => ip.parse::<std::net::IpAddr>().is_ok(),
+                None => !k.is_empty() && !k.chars().any(|c| c.is_control() || c.is_whitespace()),
+            };
+            if !ok || k.len() > MAX_CLIENT_KEY {
+                return Err(format!(
+                    "receive_limits.clients: {k:?} is neither a user name nor ip:ADDRESS"
+                ));
+            }
+        }
         Ok(c)
     }
 
@@ -137,6 +185,9 @@ pub struct Limiter {
     config: RwLock<Arc<RuntimeConfig>>,
     topics: Buckets,
     clients: Buckets,
+    /// Receive buckets: per consumer group, per user or `ip:ADDR`.
+    receive_groups: Buckets,
+    receive_clients: Buckets,
 }
 
 /// Takes `n` tokens from `key`'s bucket at `rate`/s, or says how long to
@@ -165,6 +216,38 @@ fn take(map: &Buckets, key: &str, rate: u64, n: u64, now: Instant) -> Result<(),
         Ok(())
     } else {
         Err(((need - b.tokens) / cap * 1000.0).ceil() as u64)
+    }
+}
+
+/// The tokens in `key`'s bucket now (refilled at `rate`/s, at most one
+/// second's worth; negative while in debt).
+fn peek(map: &Buckets, key: &str, rate: u64, now: Instant) -> f64 {
+    let cap = rate as f64;
+    let entry = match map.get(key) {
+        Some(e) => e,
+        None => map
+            .entry(key.to_string())
+            .or_insert_with(|| {
+                Mutex::new(Bucket {
+                    tokens: cap,
+                    at: now,
+                })
+            })
+            .downgrade(),
+    };
+    let mut b = entry.lock().unwrap_or_else(|e| e.into_inner());
+    b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cap).min(cap);
+    b.at = now;
+    b.tokens
+}
+
+/// Forgets buckets idle for a second (full again) once there are many.
+fn trim(map: &Buckets, now: Instant) {
+    if map.len() >= MAX_CLIENT_BUCKETS {
+        map.retain(|_, b| {
+            now.duration_since(b.get_mut().unwrap_or_else(|e| e.into_inner()).at)
+                < Duration::from_secs(1)
+        });
     }
 }
 
@@ -254,12 +337,7 @@ impl Limiter {
             return Ok(());
         }
         let now = Instant::now();
-        if self.clients.len() >= MAX_CLIENT_BUCKETS {
-            self.clients.retain(|_, b| {
-                now.duration_since(b.get_mut().unwrap_or_else(|e| e.into_inner()).at)
-                    < Duration::from_secs(1)
-            });
-        }
+        trim(&self.clients, now);
         for (i, (map, key, rate, kind)) in checks.iter().enumerate() {
             if let Err(wait_ms) = take(map, key, *rate, n, now) {
                 for (map, key, _, _) in &checks[..i] {
@@ -274,6 +352,128 @@ impl Limiter {
             }
         }
         Ok(())
+    }
+}
+
+/// One receive's pass through the receive limits: how many records it may
+/// ask for, and the buckets to charge for what it gets.
+#[derive(Debug, Default)]
+pub struct ReceiveAllowance {
+    pub max: u32,
+    charge: Vec<(bool, String)>,
+}
+
+impl Limiter {
+    /// The receive limits that apply to a receive by `user` (None:
+    /// anonymous) at `ip` for consumer group `group`: (is a group bucket,
+    /// key, rate).
+    fn receive_checks(
+        l: &ReceiveLimits,
+        group: &str,
+        user: Option<&str>,
+        ip: Option<std::net::IpAddr>,
+    ) -> Vec<(bool, String, u64)> {
+        let mut out = Vec::new();
+        let group_rate = l
+            .groups
+            .get(group)
+            .copied()
+            .unwrap_or(l.default_records_per_sec);
+        if group_rate > 0 {
+            out.push((true, group.to_string(), group_rate));
+        }
+        if let Some(u) = user {
+            let rate = l
+                .clients
+                .get(u)
+                .copied()
+                .unwrap_or(l.per_client_records_per_sec);
+            if rate > 0 {
+                out.push((false, u.to_string(), rate));
+            }
+        }
+        if let Some(ip) = ip {
+            let key = format!("ip:{ip}");
+            let rate = match l.clients.get(&key) {
+                Some(r) => *r,
+                None if user.is_none() => l.per_client_records_per_sec,
+                None => 0,
+            };
+            if rate > 0 {
+                out.push((false, key, rate));
+            }
+        }
+        out
+    }
+
+    /// Admits a receive of up to `max` records, or refuses it with a
+    /// retryable `rate_limited` error naming the limit and when to come
+    /// back. Charge what it delivered with [`Limiter::received`].
+    pub fn admit_receive(
+        &self,
+        group: &str,
+        user: Option<&str>,
+        ip: Option<std::net::IpAddr>,
+        max: u32,
+    ) -> Result<ReceiveAllowance, PetrelError> {
+        let c = self.config();
+        let l = &c.receive_limits;
+        if l.groups.is_empty()
+            && l.clients.is_empty()
+            && l.default_records_per_sec == 0
+            && l.per_client_records_per_sec == 0
+        {
+            return Ok(ReceiveAllowance {
+                max,
+                charge: Vec::new(),
+            });
+        }
+        let now = Instant::now();
+        trim(&self.receive_clients, now);
+        let mut allowance = ReceiveAllowance {
+            max,
+            charge: Vec::new(),
+        };
+        for (is_group, key, rate) in Self::receive_checks(l, group, user, ip) {
+            let map = if is_group {
+                &self.receive_groups
+            } else {
+                &self.receive_clients
+            };
+            let tokens = peek(map, &key, rate, now);
+            if tokens < 1.0 {
+                metrics::counter!("petrel_proxy_limit_refusals_total", "limit" => "receive_rate")
+                    .increment(1);
+                let wait_ms = ((1.0 - tokens) / rate as f64 * 1000.0).ceil() as u64;
+                let who = if is_group { "consumer group" } else { "client" };
+                return Err(PetrelError::RateLimited(format!(
+                    "{who} {key:?} may receive {rate} records/s; retry in {wait_ms} ms"
+                )));
+            }
+            allowance.max = allowance
+                .max
+                .min(tokens.floor().min(u32::MAX as f64) as u32);
+            allowance.charge.push((is_group, key));
+        }
+        Ok(allowance)
+    }
+
+    /// Takes `n` delivered records from the buckets `a` was admitted by
+    /// (a bucket may go into debt when receives overlap).
+    pub fn received(&self, a: &ReceiveAllowance, n: u64) {
+        if n == 0 {
+            return;
+        }
+        for (is_group, key) in &a.charge {
+            let map = if *is_group {
+                &self.receive_groups
+            } else {
+                &self.receive_clients
+            };
+            if let Some(e) = map.get(key) {
+                e.lock().unwrap_or_else(|e| e.into_inner()).tokens -= n as f64;
+            }
+        }
     }
 }
 
@@ -369,6 +569,55 @@ mod tests {
             "[rate_limits.clients]\n\"\" = 1",
             "[rate_limits.clients]\nx = -1",
             "[rate_limits]\nper_client_records_per_sec = \"fast\"",
+        ] {
+            assert!(RuntimeConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn receives_are_limited_by_group_and_client_and_charged_what_they_got() {
+        let c = RuntimeConfig::parse(
+            "[receive_limits]\nper_client_records_per_sec = 10\n[receive_limits.groups]\ng = 25\n[receive_limits.clients]\n\"ip:10.0.0.7\" = 3\n",
+        )
+        .unwrap();
+        let l = Limiter::new(c);
+        // Alice may take 10 now: the allowance caps the ask.
+        let a = l.admit_receive("g", Some("alice"), None, 32).unwrap();
+        assert_eq!(a.max, 10);
+        l.received(&a, 10);
+        match l.admit_receive("g", Some("alice"), None, 32) {
+            Err(PetrelError::RateLimited(m)) => assert!(m.contains("\"alice\""), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Bob has his own bucket; the group's 25 are shared.
+        let b = l.admit_receive("g", Some("bob"), None, 32).unwrap();
+        assert_eq!(b.max, 10);
+        l.received(&b, 10);
+        let e = l.admit_receive("g", Some("eve"), None, 32).unwrap();
+        assert_eq!(e.max, 5, "the group has 5 left");
+        l.received(&e, 5);
+        match l.admit_receive("g", Some("carol"), None, 1) {
+            Err(PetrelError::RateLimited(m)) => assert!(m.contains("consumer group \"g\""), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A receive that got nothing takes nothing; other groups are free.
+        let o = l.admit_receive("other", Some("dave"), None, 4).unwrap();
+        l.received(&o, 0);
+        assert_eq!(
+            l.admit_receive("other", Some("dave"), None, 4).unwrap().max,
+            4
+        );
+        // An address limit bounds every user at it.
+        let ip = Some("10.0.0.7".parse().unwrap());
+        assert_eq!(l.admit_receive("h", Some("x"), ip, 50).unwrap().max, 3);
+        // No receive limits: the ask goes through untouched.
+        let free = Limiter::new(RuntimeConfig::default());
+        assert_eq!(free.admit_receive("g", None, None, 77).unwrap().max, 77);
+        for bad in [
+            "[receive_limits.groups]\n\"bad group!\" = 1",
+            "[receive_limits.clients]\n\"two words\" = 1",
+            "[receive_limits.clients]\n\"ip:nope\" = 1",
+            "[receive_limits]\nbogus = 1",
         ] {
             assert!(RuntimeConfig::parse(bad).is_err(), "{bad}");
         }

@@ -59,6 +59,27 @@ struct Inner {
     auth: Arc<Auth>,
     /// Receives open per client (user, or address when anonymous).
     open_receives: dashmap::DashMap<String, u32>,
+    /// Calls in progress per client.
+    open_requests: dashmap::DashMap<String, u32>,
+}
+
+/// Which per-client count a slot is taken from.
+#[derive(Debug, Clone, Copy)]
+enum Slots {
+    Receives,
+    Requests,
+}
+
+/// Who a call counts against in per-client limits: its user, or its
+/// address when anonymous.
+fn client_key<T>(who: &Principal, req: &Request<T>) -> String {
+    match who {
+        Principal::User(u) => format!("user:{u}"),
+        Principal::Anonymous => match req.remote_addr() {
+            Some(a) => format!("ip:{}", a.ip()),
+            None => "ip:unknown".to_string(),
+        },
+    }
 }
 
 type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
@@ -137,6 +158,7 @@ impl ProxyService {
                 limiter,
                 auth,
                 open_receives: Default::default(),
+                open_requests: Default::default(),
             }),
         }
     }
@@ -147,21 +169,63 @@ impl Inner {
     /// guard drops; `rate_limited` when all are taken.
     fn receive_slot(s: &Arc<Inner>, client: String) -> Result<impl Drop + Send, PetrelError> {
         let max = s.config.max_receives_per_client;
+        Self::slot(s, Slots::Receives, client, max)
+    }
+
+    /// Authenticates and authorizes a call (see [`Auth::check`]) and takes
+    /// one of its client's call slots (`--max-requests-per-client`) for as
+    /// long as the returned guard lives; `rate_limited` when all are taken.
+    fn enter<T>(
+        s: &Arc<Inner>,
+        req: &Request<T>,
+        needs: &[(Resource<'_>, Action)],
+    ) -> Result<(Principal, impl Drop + Send), PetrelError> {
+        let who = s.auth.check(req, needs)?;
+        let client = client_key(&who, req);
+        let max = s.config.max_requests_per_client;
+        let slot = Self::slot(s, Slots::Requests, client, max)?;
+        Ok((who, slot))
+    }
+
+    fn slot(
+        s: &Arc<Inner>,
+        kind: Slots,
+        client: String,
+        max: u32,
+    ) -> Result<impl Drop + Send, PetrelError> {
+        let map = match kind {
+            Slots::Receives => &s.open_receives,
+            Slots::Requests => &s.open_requests,
+        };
         {
-            let mut n = s.open_receives.entry(client.clone()).or_insert(0);
+            let mut n = map.entry(client.clone()).or_insert(0);
             if *n >= max {
                 drop(n);
-                metrics::counter!("petrel_proxy_limit_refusals_total", "limit" => "receives_per_client")
+                let (limit, what, flag) = match kind {
+                    Slots::Receives => (
+                        "receives_per_client",
+                        "receives",
+                        "--max-receives-per-client",
+                    ),
+                    Slots::Requests => {
+                        ("requests_per_client", "calls", "--max-requests-per-client")
+                    }
+                };
+                metrics::counter!("petrel_proxy_limit_refusals_total", "limit" => limit)
                     .increment(1);
                 return Err(PetrelError::RateLimited(format!(
-                    "{client} already has {max} receives open on this proxy (--max-receives-per-client)"
+                    "{client} already has {max} {what} open on this proxy ({flag})"
                 )));
             }
             *n += 1;
         }
         let s = s.clone();
         Ok(scopeguard(move || {
-            if let dashmap::Entry::Occupied(mut e) = s.open_receives.entry(client) {
+            let map = match kind {
+                Slots::Receives => &s.open_receives,
+                Slots::Requests => &s.open_requests,
+            };
+            if let dashmap::Entry::Occupied(mut e) = map.entry(client) {
                 *e.get_mut() -= 1;
                 if *e.get() == 0 {
                     e.remove();
@@ -860,7 +924,8 @@ type CheckStream = Pin<Box<dyn Stream<Item = Result<pb::TransactionCheck, Status
 impl Petrel for ProxyService {
     async fn send(&self, req: Request<pb::SendRequest>) -> R<pb::SendResponse> {
         let s = &self.inner;
-        let who = s.auth.check(
+        let (who, _call) = Inner::enter(
+            s,
             &req,
             &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
         )?;
@@ -1009,22 +1074,18 @@ impl Petrel for ProxyService {
 
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> R<Self::ReceiveStream> {
         let s = self.inner.clone();
-        let who = s.auth.check(
+        let (who, _call) = Inner::enter(
+            &s,
             &req,
             &[
                 (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
                 (Resource::Group(&req.get_ref().group), Action::Subscribe),
             ],
         )?;
-        let client = match &who {
-            Principal::User(u) => format!("user:{u}"),
-            Principal::Anonymous => match req.remote_addr() {
-                Some(a) => format!("ip:{}", a.ip()),
-                None => "ip:unknown".to_string(),
-            },
-        };
+        let client = client_key(&who, &req);
         let slot = Inner::receive_slot(&s, client)?;
-        let req = req.into_inner();
+        let peer = req.remote_addr();
+        let mut req = req.into_inner();
         validate::group_name(&req.group)?;
         if req.max_messages == 0 || req.max_messages > MAX_RECEIVE_MESSAGES {
             return Err(PetrelError::InvalidArgument(format!(
@@ -1053,6 +1114,16 @@ impl Petrel for ProxyService {
             petrel_proto::filter::Filter::parse(kind, &f.expression)
                 .map_err(|e| PetrelError::InvalidFilter(e.to_string()))?;
         }
+        // Receive rate limits: refused when a bucket is empty, else the
+        // ask shrinks to what the emptiest holds.
+        let user = match &who {
+            Principal::User(u) => Some(&**u),
+            Principal::Anonymous => None,
+        };
+        let allowance =
+            s.limiter
+                .admit_receive(&req.group, user, peer.map(|a| a.ip()), req.max_messages)?;
+        req.max_messages = allowance.max.max(1);
         let t = s.topic(&req.topic).await?;
         let wait = Duration::from_millis(req.wait_ms).min(s.config.max_wait);
         let (tx, rx) = mpsc::channel(4);
@@ -1071,6 +1142,7 @@ impl Petrel for ProxyService {
             loop {
                 let versions = match s.sweep(&t, &req, only.as_deref()).await {
                     Ok((records, _)) if !records.is_empty() => {
+                        s.limiter.received(&allowance, records.len() as u64);
                         // Several stream messages when the records are big,
                         // so no single message nears the gRPC size limit.
                         let mut chunk = Vec::new();
@@ -1132,7 +1204,8 @@ impl Petrel for ProxyService {
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> R<pb::AckResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[
                 (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
@@ -1220,7 +1293,7 @@ impl Petrel for ProxyService {
 
     async fn get_message(&self, req: Request<pb::GetMessageRequest>) -> R<pb::GetMessageResponse> {
         let s = &self.inner;
-        let who = s.auth.check(&req, &[])?;
+        let (who, _call) = Inner::enter(s, &req, &[])?;
         let peer = req.remote_addr();
         let id: MessageId = req.into_inner().message_id.parse()?;
         s.auth
@@ -1252,7 +1325,8 @@ impl Petrel for ProxyService {
         req: Request<pb::FindMessagesRequest>,
     ) -> R<pb::FindMessagesResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[(Resource::Topic(&req.get_ref().topic), Action::Describe)],
         )?;
@@ -1317,7 +1391,8 @@ impl Petrel for ProxyService {
         req: Request<pb::EndTransactionRequest>,
     ) -> R<pb::EndTransactionResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
         )?;
@@ -1359,7 +1434,8 @@ impl Petrel for ProxyService {
         req: Request<pb::WatchTransactionsRequest>,
     ) -> R<Self::WatchTransactionsStream> {
         let s = self.inner.clone();
-        s.auth.check(
+        let _call = Inner::enter(
+            &s,
             &req,
             &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
         )?;
@@ -1393,7 +1469,8 @@ impl Petrel for ProxyService {
 
     async fn nack(&self, req: Request<pb::NackRequest>) -> R<pb::NackResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[
                 (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
@@ -1436,7 +1513,8 @@ impl Petrel for ProxyService {
         req: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> R<pb::ChangeInvisibleDurationResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[
                 (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
@@ -1492,7 +1570,8 @@ impl Petrel for ProxyService {
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> R<pb::ReadResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[(Resource::Topic(&req.get_ref().topic), Action::Subscribe)],
         )?;
@@ -1531,7 +1610,8 @@ impl Petrel for ProxyService {
         req: Request<pb::OffsetForTimeRequest>,
     ) -> R<pb::OffsetForTimeResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[(Resource::Topic(&req.get_ref().topic), Action::Subscribe)],
         )?;
@@ -1560,7 +1640,8 @@ impl Petrel for ProxyService {
         req: Request<pb::CommitOffsetRequest>,
     ) -> R<pb::CommitOffsetResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[
                 (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
@@ -1591,7 +1672,8 @@ impl Petrel for ProxyService {
 
     async fn get_offset(&self, req: Request<pb::GetOffsetRequest>) -> R<pb::GetOffsetResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[
                 (Resource::Topic(&req.get_ref().topic), Action::Subscribe),
@@ -1627,8 +1709,7 @@ impl Petrel for ProxyService {
             .as_ref()
             .map(|c| c.name.as_str())
             .unwrap_or("");
-        s.auth
-            .check(&req, &[(Resource::Topic(name), Action::Create)])?;
+        let _call = Inner::enter(s, &req, &[(Resource::Topic(name), Action::Create)])?;
         let cfg = req
             .into_inner()
             .config
@@ -1645,7 +1726,8 @@ impl Petrel for ProxyService {
 
     async fn update_topic(&self, req: Request<pb::UpdateTopicRequest>) -> R<pb::TopicInfo> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[(Resource::Topic(&req.get_ref().name), Action::Update)],
         )?;
@@ -1670,7 +1752,8 @@ impl Petrel for ProxyService {
         req: Request<pb::DeleteTopicRequest>,
     ) -> R<pb::DeleteTopicResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[(Resource::Topic(&req.get_ref().name), Action::Delete)],
         )?;
@@ -1683,7 +1766,7 @@ impl Petrel for ProxyService {
 
     async fn list_topics(&self, req: Request<pb::ListTopicsRequest>) -> R<pb::ListTopicsResponse> {
         let s = &self.inner;
-        let who = s.auth.check(&req, &[])?;
+        let (who, _call) = Inner::enter(s, &req, &[])?;
         let peer = req.remote_addr();
         s.router.refresh_now().await;
         let table = s.router.table();
@@ -1706,7 +1789,8 @@ impl Petrel for ProxyService {
 
     async fn describe_topic(&self, req: Request<pb::DescribeTopicRequest>) -> R<pb::TopicInfo> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[(Resource::Topic(&req.get_ref().name), Action::Describe)],
         )?;
@@ -1716,7 +1800,7 @@ impl Petrel for ProxyService {
 
     async fn list_groups(&self, req: Request<pb::ListGroupsRequest>) -> R<pb::ListGroupsResponse> {
         let s = &self.inner;
-        let who = s.auth.check(&req, &[])?;
+        let (who, _call) = Inner::enter(s, &req, &[])?;
         let peer = req.remote_addr();
         let table = s.router.table();
         let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -1754,7 +1838,8 @@ impl Petrel for ProxyService {
         req: Request<pb::DescribeGroupRequest>,
     ) -> R<pb::DescribeGroupResponse> {
         let s = &self.inner;
-        s.auth.check(
+        let _call = Inner::enter(
+            s,
             &req,
             &[(Resource::Group(&req.get_ref().group), Action::Describe)],
         )?;
@@ -1818,13 +1903,68 @@ impl Petrel for ProxyService {
         Ok(Response::new(pb::DescribeGroupResponse { group, queues }))
     }
 
+    async fn delete_group(
+        &self,
+        req: Request<pb::DeleteGroupRequest>,
+    ) -> R<pb::DeleteGroupResponse> {
+        let s = &self.inner;
+        let _call = Inner::enter(
+            s,
+            &req,
+            &[(Resource::Group(&req.get_ref().group), Action::Delete)],
+        )?;
+        let req = req.into_inner();
+        validate::group_name(&req.group)?;
+        if !req.topic.is_empty() {
+            s.topic(&req.topic).await?; // not_found for an unknown topic
+        }
+        let table = s.router.table();
+        let mut names: Vec<&String> = table
+            .topics
+            .keys()
+            .filter(|n| req.topic.is_empty() || **n == req.topic)
+            .collect();
+        names.sort();
+        let mut topics = Vec::new();
+        let mut queues = 0u32;
+        for name in names {
+            let t = &table.topics[name];
+            let deletes = t.queues.iter().map(|q| {
+                let breq = bpb::BrokerDeleteConsumerRequest {
+                    group_id: q.group_id,
+                    consumer_group: req.group.clone(),
+                };
+                s.on_leader(q.group_id, move |_, _, mut c| {
+                    let breq = breq.clone();
+                    async move {
+                        c.delete_consumer(breq)
+                            .await
+                            .map(|r| r.into_inner().existed)
+                            .map_err(|s| PetrelError::from_status(&s))
+                    }
+                })
+            });
+            // Every queue must answer: a queue left out would keep the
+            // group's position there.
+            let mut here = 0;
+            for r in futures::future::join_all(deletes).await {
+                here += u32::from(r?);
+            }
+            if here > 0 {
+                topics.push(name.clone());
+                queues += here;
+            }
+        }
+        tracing::info!(group = %req.group, topics = ?topics, queues, "consumer group deleted");
+        Ok(Response::new(pb::DeleteGroupResponse { topics, queues }))
+    }
+
     async fn describe_cluster(
         &self,
         req: Request<pb::DescribeClusterRequest>,
     ) -> R<pb::ClusterInfo> {
         let s = &self.inner;
-        s.auth
-            .check(&req, &[(Resource::Cluster, Action::Describe)])?;
+        let _call = Inner::enter(s, &req, &[(Resource::Cluster, Action::Describe)])?;
         s.router.refresh_now().await;
         let t = s.router.table();
         let mut leaders: HashMap<u64, u32> = HashMap::new();
@@ -1876,7 +2016,7 @@ impl Petrel for ProxyService {
         use bpb::meta_write_request::Op as M;
         use pb::admin_cluster_request::Op as A;
         let s = &self.inner;
-        s.auth.check(&req, &[(Resource::Cluster, Action::Admin)])?;
+        let _call = Inner::enter(s, &req, &[(Resource::Cluster, Action::Admin)])?;
         let op = match req.into_inner().op {
             None => return Err(PetrelError::InvalidArgument("empty admin request".into()).into()),
             Some(A::AddBroker(b)) => M::RegisterBroker(bpb::BrokerAddress {

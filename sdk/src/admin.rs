@@ -209,6 +209,25 @@ impl Admin {
         )
     }
 
+    /// Deletes consumer group `group`'s state on every queue of `topic`
+    /// (`None`: of every topic): its position, in-flight leases and dead
+    /// letters not yet stored. Consumers still running recreate it at the
+    /// queue's earliest record on their next receive.
+    pub async fn delete_group(
+        &self,
+        group: impl Into<String>,
+        topic: Option<String>,
+    ) -> Result<pb::DeleteGroupResponse> {
+        unary!(
+            self,
+            delete_group,
+            pb::DeleteGroupRequest {
+                group: group.into(),
+                topic: topic.unwrap_or_default()
+            }
+        )
+    }
+
     pub async fn describe_cluster(&self) -> Result<pb::ClusterInfo> {
         unary!(self, describe_cluster, pb::DescribeClusterRequest {})
     }

@@ -208,6 +208,12 @@ impl pb::petrel_server::Petrel for Mock {
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
         unimpl()
     }
+    async fn delete_group(
+        &self,
+        _: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        unimpl()
+    }
     async fn describe_cluster(
         &self,
         _: Request<pb::DescribeClusterRequest>,

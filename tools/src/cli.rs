@@ -368,6 +368,18 @@ pub enum GroupCmd {
         /// Consumer group.
         group: String,
     },
+    /// Delete a consumer group's state: its position, in-flight leases and
+    /// dead letters not yet stored, on every queue of one topic (or of
+    /// every topic). Frees room under the broker's --max-consumer-groups.
+    /// Consumers still running recreate the group from the earliest
+    /// retained record on their next receive.
+    Delete {
+        /// Consumer group.
+        group: String,
+        /// Only this topic (default: every topic).
+        #[arg(long)]
+        topic: Option<String>,
+    },
     /// Move a group's position on a topic's queues: to the earliest
     /// retained record, the end, an offset, or the first record stored at
     /// or after a time. Leases in flight below the new position are dropped;
@@ -1461,6 +1473,24 @@ async fn group(client: &Client, cmd: GroupCmd, json: bool) -> CliResult {
             to_time,
             queue,
         } => group_reset(client, group, topic, to, to_time, queue, json).await,
+        GroupCmd::Delete { group, topic } => {
+            let r = admin.delete_group(group.clone(), topic).await?;
+            if json {
+                return Ok(json_line(
+                    &json!({"deleted": group, "topics": r.topics, "queues": r.queues}),
+                )?);
+            }
+            if r.queues == 0 {
+                return Ok(line(&format!(
+                    "consumer group {group} had no state; nothing to delete"
+                ))?);
+            }
+            Ok(line(&format!(
+                "deleted consumer group {group} on {} queue(s) of {}",
+                r.queues,
+                r.topics.join(", ")
+            ))?)
+        }
         GroupCmd::List => {
             let groups = admin.list_groups().await?.groups;
             if json {

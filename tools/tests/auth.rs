@@ -5,63 +5,19 @@
 //! replayed credentials. Then a rule is added while clients stay
 //! connected. Every process is killed by PID at the end, pass or fail.
 
-use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bin, free_port, peers_arg, proxy_command, spawn_broker, wait_ready, Procs};
+use common::{
+    add_user, bin, client, free_port, metric, peers_arg, petrel, proxy_command, spawn_broker,
+    wait_ready, Procs,
+};
 use petrel_proto::pb;
-use petrel_sdk::{Client, Error, Message, TopicSpec};
+use petrel_sdk::{Error, Message, TopicSpec};
 
 const READY: Duration = Duration::from_secs(60);
-
-/// Runs the `petrel` CLI; its stdout (it must succeed).
-fn petrel(args: &[&str]) -> String {
-    let o = Command::new(bin("petrel")).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "petrel {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// `petrel user add NAME --json`: the new user's secret.
-fn add_user(file: &str, name: &str) -> String {
-    let out = petrel(&["user", "add", name, "--auth-file", file, "--json"]);
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    v["secret_key"].as_str().unwrap().to_string()
-}
-
-fn client(port: u16, creds: Option<(&str, &str)>) -> Client {
-    let mut b =
-        Client::builder([format!("127.0.0.1:{port}")]).request_timeout(Duration::from_secs(10));
-    if let Some((ak, sk)) = creds {
-        b = b.credentials(ak, sk);
-    }
-    b.build().unwrap()
-}
-
-fn metric(port: u16, name: &str) -> f64 {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .filter(|l| {
-            !l.starts_with('#')
-                && (l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
 
 /// A raw DescribeCluster call signed by hand with `date` and `nonce`.
 async fn raw_call(
@@ -360,100 +316,4 @@ fn a_proxy_without_a_receipt_secret_or_an_auth_choice_refuses_to_start() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(says), "{args:?}: {err}");
     }
-}
-
-/// One client cannot hold more receives open than the proxy allows
-/// (`--max-receives-per-client`): the next gets `rate_limited`, while
-/// another client is served as usual.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_clients_open_receives_are_capped_and_others_are_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let users = dir.path().join("users.toml");
-    let file = users.to_str().unwrap();
-    let alice_secret = add_user(file, "alice");
-    let bob_secret = add_user(file, "bob");
-    petrel(&[
-        "acl",
-        "add",
-        "--auth-file",
-        file,
-        "--user",
-        "*",
-        "--resource",
-        "*",
-        "--actions",
-        "*",
-    ]);
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
-    let mut procs = Procs::default();
-    for (i, port) in ports.iter().enumerate() {
-        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
-    }
-    let port = free_port();
-    let mut pc = proxy_command(port, &common::broker_list(&ports));
-    pc.env_remove("PETREL_ALLOW_ANONYMOUS")
-        .arg("--auth-file")
-        .arg(&users)
-        .args(["--max-receives-per-client", "4"]);
-    procs.push(pc.spawn().unwrap());
-    let alice = client(port, Some(("alice", &alice_secret)));
-    let bob = client(port, Some(("bob", &bob_secret)));
-    wait_ready(&bob.admin(), 3, READY).await;
-    bob.admin()
-        .create_topic(TopicSpec::new("capped").queues(2).replicas(3))
-        .await
-        .unwrap();
-
-    // Alice parks four long-polls on the empty topic.
-    let mut holders = Vec::new();
-    for _ in 0..4 {
-        let c = alice
-            .simple_consumer("capped", "a")
-            .wait(Duration::from_secs(6))
-            .build();
-        holders.push(tokio::spawn(async move { c.receive(1).await }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let fifth = Client::builder([format!("127.0.0.1:{port}")])
-        .credentials("alice", alice_secret.clone())
-        .request_timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    let r = fifth
-        .simple_consumer("capped", "a")
-        .wait(Duration::from_millis(100))
-        .build()
-        .receive(1)
-        .await;
-    assert!(
-        matches!(&r, Err(Error::RateLimited(m)) if m.contains("user:alice")),
-        "{r:?}"
-    );
-    // Bob is not affected.
-    bob.producer("capped")
-        .build()
-        .send(Message::new("for bob"))
-        .await
-        .unwrap();
-    let got = bob
-        .simple_consumer("capped", "b")
-        .wait(Duration::from_secs(3))
-        .build()
-        .receive(1)
-        .await
-        .unwrap();
-    assert_eq!(got.len(), 1);
-    // Alice's slots come back when her long-polls end.
-    for h in holders {
-        h.await.unwrap().unwrap();
-    }
-    fifth
-        .simple_consumer("capped", "a")
-        .wait(Duration::from_millis(100))
-        .build()
-        .receive(1)
-        .await
-        .unwrap();
-    drop(procs);
 }

@@ -263,3 +263,58 @@ pub fn broker_list(ports: &[u16]) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+// ------------------------------------------------ users, CLI and metrics
+
+/// Runs the `petrel` CLI; its stdout (it must succeed).
+pub fn petrel(args: &[&str]) -> String {
+    let o = std::process::Command::new(bin("petrel"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "petrel {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// `petrel user add NAME --json`: the new user's secret.
+pub fn add_user(file: &str, name: &str) -> String {
+    let out = petrel(&["user", "add", name, "--auth-file", file, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["secret_key"].as_str().unwrap().to_string()
+}
+
+/// An SDK client of the proxy on `port`, signed as `creds` when given.
+pub fn client(port: u16, creds: Option<(&str, &str)>) -> petrel_sdk::Client {
+    let mut b = petrel_sdk::Client::builder([format!("127.0.0.1:{port}")])
+        .request_timeout(std::time::Duration::from_secs(10));
+    if let Some((ak, sk)) = creds {
+        b = b.credentials(ak, sk);
+    }
+    b.build().unwrap()
+}
+
+/// The sum of metric `name`'s samples on the admin endpoint at `port`.
+pub fn metric(port: u16, name: &str) -> f64 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && (l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
