@@ -37,10 +37,15 @@ pub const KIND_PING: u32 = 6;
 /// your timers off (`quiet.rs`).
 pub const KIND_QUIET: u32 = 7;
 
-/// Raft RPCs larger than this are refused by the transport. One entry is
-/// at most one proxy append (64 MiB), and an AppendEntries carries at most
-/// `MAX_PAYLOAD_ENTRIES` of them, but in practice far less is in flight.
-pub const MAX_RAFT_MESSAGE: usize = 1 << 30;
+/// Raft RPCs larger than this are refused by the transport: the largest
+/// real message is one AppendEntries of a single entry as big as a data
+/// call may be (one proxy append, `MAX_DATA_MESSAGE`), plus framing.
+/// AppendEntries of several entries are cut at `APPEND_BUDGET` bytes, and
+/// snapshots travel in openraft's chunks (3 MiB).
+pub const MAX_RAFT_MESSAGE: usize = crate::service::MAX_DATA_MESSAGE + (8 << 20);
+/// Most entry bytes one AppendEntries of several entries carries; the rest
+/// follow in the next one (openraft's `PartialSuccess`).
+pub const APPEND_BUDGET: u64 = 16 << 20;
 /// Entries per AppendEntries RPC (openraft `max_payload_entries`).
 pub const MAX_PAYLOAD_ENTRIES: u64 = 16;
 
@@ -356,7 +361,27 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
         // Heartbeats (no entries) are coalesced per peer; data goes at once.
         let heartbeat = rpc.entries.is_empty();
-        self.call(KIND_APPEND, &rpc, &option, heartbeat).await
+        let mut rpc = rpc;
+        // Cut a large batch at APPEND_BUDGET bytes and say how far it got:
+        // openraft sends the rest next. The follower commits no further
+        // than what it holds, so the leader's commit index may stay whole.
+        let keep = entries_within(&rpc.entries, APPEND_BUDGET);
+        let cut = (keep < rpc.entries.len()).then(|| {
+            metrics::counter!("petrel_broker_raft_appends_cut_total").increment(1);
+            tracing::debug!(
+                entries = rpc.entries.len(),
+                keep,
+                "AppendEntries cut at the byte budget"
+            );
+            rpc.entries.truncate(keep);
+            rpc.entries[keep - 1].log_id
+        });
+        match self.call(KIND_APPEND, &rpc, &option, heartbeat).await? {
+            AppendEntriesResponse::Success if cut.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(cut))
+            }
+            other => Ok(other),
+        }
     }
 
     async fn install_snapshot(
@@ -376,6 +401,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
+/// How many of `entries`, from the first, fit in `budget` encoded bytes
+/// (always at least one, so a single large entry still goes alone).
+pub fn entries_within<T: Serialize>(entries: &[T], budget: u64) -> usize {
+    let mut bytes = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        bytes = bytes.saturating_add(bincode::serialized_size(e).unwrap_or(u64::MAX));
+        if bytes > budget {
+            return i.max(1);
+        }
+    }
+    entries.len()
+}
+
 /// Encodes a raft call's result for the wire.
 pub fn encode_result<T: Serialize, E: Serialize>(r: &Result<T, E>) -> RaftResponse {
     match bincode::serialize(r) {
@@ -387,5 +425,25 @@ pub fn encode_result<T: Serialize, E: Serialize>(r: &Result<T, E>) -> RaftRespon
             payload: Default::default(),
             error: Some(PetrelError::Internal(format!("encode raft response: {e}")).to_detail()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_cut_at_the_budget_but_never_below_one_entry() {
+        let entries: Vec<Vec<u8>> = vec![vec![0; 100], vec![0; 100], vec![0; 100]];
+        let one = bincode::serialized_size(&entries[0]).unwrap();
+        assert_eq!(entries_within(&entries, 3 * one), 3);
+        assert_eq!(entries_within(&entries, 3 * one - 1), 2);
+        assert_eq!(entries_within(&entries, one), 1);
+        assert_eq!(
+            entries_within(&entries, 1),
+            1,
+            "a lone big entry still goes"
+        );
+        assert_eq!(entries_within::<Vec<u8>>(&[], 1), 0);
     }
 }
