@@ -93,6 +93,13 @@ pub struct BrokerArgs {
     /// address, e.g. 0.0.0.0:9400 [default: off].
     #[arg(long, env = "PETREL_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Serve the admin endpoint over HTTPS with this certificate chain
+    /// (PEM); with --admin-tls-key. Re-read when it changes.
+    #[arg(long, env = "PETREL_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --admin-tls-cert.
+    #[arg(long, env = "PETREL_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     /// Serve TLS with this certificate chain (PEM); with --tls-key and
     /// --tls-ca. Every connection to this broker must then present a
     /// certificate of the cluster CA (other brokers, proxies), and this
@@ -159,6 +166,8 @@ pub struct BrokerConfig {
     /// Most consumer groups per queue.
     pub max_consumer_groups: usize,
     pub admin_listen: Option<SocketAddr>,
+    /// HTTPS on the admin endpoint: (certificate chain, key).
+    pub admin_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Mutual TLS on the broker port and to peers (cluster CA).
     pub tls: Option<petrel_proto::tls::TlsFiles>,
 }
@@ -474,6 +483,7 @@ impl BrokerArgs {
                 .unwrap_or(DEFAULT_MAX_CONSUMER_GROUPS)
                 .max(1),
             admin_listen: self.admin_listen.or(file.admin_listen),
+            admin_tls: self.admin_tls_cert.zip(self.admin_tls_key),
             tls: match (self.tls_cert, self.tls_key, self.tls_ca) {
                 (Some(cert), Some(key), Some(ca)) => Some(petrel_proto::tls::TlsFiles {
                     cert,

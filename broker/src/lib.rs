@@ -77,6 +77,13 @@ pub async fn spawn_with(
         Some(a) => Some(petrel_proto::admin::bind(a).await?),
         None => None,
     };
+    let admin_tls = match &config.admin_tls {
+        Some((cert, key)) => Some(
+            petrel_proto::tls::ServerTls::load_http1(cert.clone(), key.clone())
+                .map_err(|e| anyhow::anyhow!("--admin-tls-cert: {e}"))?,
+        ),
+        None => None,
+    };
     let node = Node::start(config, CancellationToken::new()).await?;
     if let Some(l) = admin {
         // Weak: an open scrape connection must not keep the node (and its
@@ -89,7 +96,13 @@ pub async fn spawn_with(
         let stop = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                petrel_proto::admin::serve(l, ready, async move { stop.cancelled().await }).await
+                petrel_proto::admin::serve(
+                    l,
+                    ready,
+                    admin_tls,
+                    async move { stop.cancelled().await },
+                )
+                .await
             {
                 tracing::error!(error = %e, "admin endpoint failed");
             }

@@ -53,10 +53,12 @@ struct AdminState {
     ready: Readiness,
 }
 
-/// Serves the admin endpoint on `listener` until `shutdown` resolves.
+/// Serves the admin endpoint on `listener` until `shutdown` resolves:
+/// HTTPS when `tls` is given (its certificate re-read when it changes).
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = AdminState {
@@ -93,12 +95,29 @@ pub async fn serve(
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
+            let http = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(ADMIN_HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = conn.await;
+                .clone();
+            match acceptor {
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = http.serve_connection(io, service).await;
+                }
+                Some(a) => {
+                    // The handshake shares the request head's time bound.
+                    match tokio::time::timeout(ADMIN_HEADER_TIMEOUT, a.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            let io = hyper_util::rt::TokioIo::new(s);
+                            let _ = http.serve_connection(io, service).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "admin TLS handshake failed"),
+                        Err(_) => tracing::debug!("admin TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }
@@ -441,7 +460,7 @@ mod tests {
         let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = l.local_addr().unwrap();
         let ready: Readiness = Arc::new(|| Err("warming up".into()));
-        tokio::spawn(serve(l, ready, std::future::pending()));
+        tokio::spawn(serve(l, ready, None, std::future::pending()));
 
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

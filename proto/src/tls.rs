@@ -95,7 +95,11 @@ fn roots(p: &Path) -> Result<RootCertStore, String> {
     Ok(r)
 }
 
-fn server_config(files: &TlsFiles, auth: ClientAuth) -> Result<ServerConfig, String> {
+fn server_config(
+    files: &TlsFiles,
+    auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, String> {
     let b = ServerConfig::builder();
     let b = match &files.ca {
         None if auth == ClientAuth::Required => {
@@ -114,7 +118,7 @@ fn server_config(files: &TlsFiles, auth: ClientAuth) -> Result<ServerConfig, Str
     let mut cfg = b
         .with_single_cert(certs(&files.cert)?, key(&files.key)?)
         .map_err(|e| format!("{}: {e}", files.key.display()))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }
 
@@ -190,22 +194,50 @@ impl<T: Clone> Reloading<T> {
 /// A server's TLS: certificates re-read when they change.
 pub struct ServerTls {
     auth: ClientAuth,
+    /// ALPN protocols offered: `h2` for gRPC, `http/1.1` for the admin
+    /// endpoint.
+    alpn: &'static [&'static [u8]],
     inner: Reloading<Arc<ServerConfig>>,
 }
 
 impl ServerTls {
+    /// A gRPC server's TLS (HTTP/2).
     pub fn load(files: TlsFiles, auth: ClientAuth) -> Result<Arc<ServerTls>, String> {
+        Self::load_for(files, auth, &[b"h2"])
+    }
+
+    /// The admin HTTP endpoint's TLS (HTTP/1.1, no client certificates).
+    pub fn load_http1(cert: PathBuf, key: PathBuf) -> Result<Arc<ServerTls>, String> {
+        let files = TlsFiles {
+            cert,
+            key,
+            ca: None,
+        };
+        Self::load_for(files, ClientAuth::Optional, &[b"http/1.1"])
+    }
+
+    fn load_for(
+        files: TlsFiles,
+        auth: ClientAuth,
+        alpn: &'static [&'static [u8]],
+    ) -> Result<Arc<ServerTls>, String> {
         Ok(Arc::new(ServerTls {
             auth,
-            inner: Reloading::new(files, |f| server_config(f, auth).map(Arc::new))?,
+            alpn,
+            inner: Reloading::new(files, |f| server_config(f, auth, alpn).map(Arc::new))?,
         }))
     }
 
     fn config(&self) -> Arc<ServerConfig> {
-        let auth = self.auth;
+        let (auth, alpn) = (self.auth, self.alpn);
         self.inner
-            .refresh("server", |f| server_config(f, auth).map(Arc::new));
+            .refresh("server", |f| server_config(f, auth, alpn).map(Arc::new));
         self.inner.value()
+    }
+
+    /// An acceptor with the current certificates (re-read if they changed).
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config())
     }
 
     /// Accepts connections on `listener` and yields those whose TLS

@@ -103,6 +103,13 @@ pub struct ProxyArgs {
     /// address, e.g. 0.0.0.0:9400 [default: off].
     #[arg(long, env = "PETREL_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Serve the admin endpoint over HTTPS with this certificate chain
+    /// (PEM); with --admin-tls-key. Re-read when it changes.
+    #[arg(long, env = "PETREL_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --admin-tls-cert.
+    #[arg(long, env = "PETREL_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<std::path::PathBuf>,
     /// On SIGTERM: turn not-ready and end open long-polls, wait this long
     /// (for load balancers to notice) while still serving, then stop
     /// taking connections.
@@ -145,6 +152,8 @@ pub struct ProxyConfig {
     pub max_streams_per_connection: u32,
     pub log: String,
     pub admin_listen: Option<SocketAddr>,
+    /// HTTPS on the admin endpoint: (certificate chain, key).
+    pub admin_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     pub drain_delay: Duration,
     pub shutdown_grace: Duration,
     /// The `--config` file (re-read on SIGHUP and on change), its text at
@@ -494,6 +503,7 @@ impl ProxyArgs {
             max_streams_per_connection: self.max_streams_per_connection,
             log,
             admin_listen,
+            admin_tls: self.admin_tls_cert.zip(self.admin_tls_key),
             drain_delay: dur("drain_delay", self.drain_delay, &file.drain_delay),
             shutdown_grace: dur("shutdown_grace", self.shutdown_grace, &file.shutdown_grace),
             file_static: file,
@@ -524,6 +534,7 @@ impl ProxyConfig {
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             log: "info".into(),
             admin_listen: None,
+            admin_tls: None,
             drain_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(20),
             config_path: None,

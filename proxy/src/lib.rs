@@ -86,6 +86,13 @@ pub async fn run(
     let draining = Arc::new(AtomicBool::new(false));
     if let Some(a) = config.admin_listen {
         let l = petrel_proto::admin::bind(a).await?;
+        let admin_tls = match &config.admin_tls {
+            Some((cert, key)) => Some(
+                petrel_proto::tls::ServerTls::load_http1(cert.clone(), key.clone())
+                    .map_err(|e| anyhow::anyhow!("--admin-tls-cert: {e}"))?,
+            ),
+            None => None,
+        };
         let (r, d) = (router.clone(), draining.clone());
         let ready: petrel_proto::admin::Readiness = Arc::new(move || {
             if d.load(Ordering::Acquire) {
@@ -97,7 +104,7 @@ pub async fn run(
         tokio::spawn(async move {
             // The admin endpoint outlives the drain by the grace period at
             // most (the process exits after it).
-            if let Err(e) = petrel_proto::admin::serve(l, ready, async move {
+            if let Err(e) = petrel_proto::admin::serve(l, ready, admin_tls, async move {
                 stop.cancelled().await;
                 std::future::pending::<()>().await
             })

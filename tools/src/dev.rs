@@ -161,7 +161,8 @@ impl LocalCluster {
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                petrel_proto::admin::serve(l, ready, async move { stop.cancelled().await }).await
+                petrel_proto::admin::serve(l, ready, None, async move { stop.cancelled().await })
+                    .await
             {
                 tracing::error!(error = %e, "admin endpoint failed");
             }

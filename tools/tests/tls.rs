@@ -94,6 +94,47 @@ async fn broker_answers(port: u16, ca: Option<&str>, identity: Option<&(String, 
     c.routes(bpb::RoutesRequest::default()).await.is_ok()
 }
 
+/// GET `path` over HTTPS from 127.0.0.1:`port`, trusting only `ca`: the
+/// whole response, or why the handshake failed.
+async fn https_get(port: u16, ca: &Ca, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// GET `path` over plain HTTP: whatever comes back (nothing, on a TLS port).
+fn plain_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_link_speaks_tls_and_strangers_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -120,7 +161,7 @@ async fn every_link_speaks_tls_and_strangers_are_refused() {
     }
     let (pc, pk) = cluster_ca.leaf("proxy");
     let (sc, sk) = client_ca.leaf("proxy.example");
-    let port = free_port();
+    let (port, admin) = (free_port(), free_port());
     let mut cmd = proxy_command(port, &common::broker_list(&ports));
     cmd.arg("--cluster-cert")
         .arg(put(d, "proxy-cluster.pem", &pc))
@@ -131,7 +172,13 @@ async fn every_link_speaks_tls_and_strangers_are_refused() {
         .arg("--tls-cert")
         .arg(put(d, "proxy.pem", &sc))
         .arg("--tls-key")
-        .arg(put(d, "proxy.key", &sk));
+        .arg(put(d, "proxy.key", &sk))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin}"))
+        .arg("--admin-tls-cert")
+        .arg(d.join("proxy.pem"))
+        .arg("--admin-tls-key")
+        .arg(d.join("proxy.key"));
     procs.push(cmd.spawn().unwrap());
 
     // The whole path over TLS.
@@ -140,6 +187,16 @@ async fn every_link_speaks_tls_and_strangers_are_refused() {
         .build()
         .unwrap();
     wait_ready(&client.admin(), 3, READY).await;
+    // The admin endpoint speaks HTTPS only: a client trusting the CA
+    // scrapes metrics, a plaintext one and one trusting another CA get
+    // nothing.
+    let scraped = https_get(admin, &client_ca, "/metrics").await.unwrap();
+    assert!(
+        scraped.starts_with("HTTP/1.1 200") && scraped.contains("petrel_proxy_"),
+        "{scraped:.200}"
+    );
+    assert!(https_get(admin, &other_ca, "/metrics").await.is_err());
+    assert!(!plain_get(admin, "/healthz").starts_with("HTTP/1.1 200"));
     client
         .admin()
         .create_topic(TopicSpec::new("secure").queues(2).replicas(3))
