@@ -583,4 +583,26 @@ mod tests {
             .unwrap();
         assert_eq!(c.transaction_check_ms, 9000);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, failure_persistence: None, ..Default::default() })]
+
+        /// Whatever a broker config file says: a configuration, or an error
+        /// that names the problem; never a panic.
+        #[test]
+        fn any_config_file_text_resolves_or_is_refused_with_a_reason(
+            text in proptest::prelude::prop_oneof![
+                "[ -~\n]{0,200}",
+                "((id|listen|advertise|peers|join|heartbeat_ms|election_timeout_ms|snapshot_every|max_record_bytes|log|transaction_check_ms|max_consumer_groups|admin_listen|data_dir) = (\"[ -~]{0,16}\"|-?[0-9]{1,20}|true|\\[1\\])\n){1,4}",
+            ]
+        ) {
+            let args = BrokerArgs {
+                config: Some("/etc/petrel/broker.toml".into()),
+                ..Default::default()
+            };
+            if let Err(e) = args.resolve_with(Some(&text)) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
 }

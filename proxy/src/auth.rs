@@ -847,7 +847,8 @@ mod tests {
             text in proptest::prelude::prop_oneof![
                 "[ -~\n]{0,200}",
                 "\\[\\[(users|rules)\\]\\]\n(name|id|user|resource|actions|effect|source|signing_key) = (\"[a-z*:.]{0,8}\"|[0-9]{1,3}|\\[\"[a-z*]{0,6}\"\\])\n{1,3}",
-                "(log|listen|brokers|max_wait|\\[rate_limits\\]|receipt_secret|auth_file) = (\"[ -~]{0,12}\"|[0-9]{1,4}|true)\n",
+                "(log|listen|brokers|max_wait|receipt_secret|auth_file) = (\"[ -~]{0,12}\"|[0-9]{1,4}|true)\n",
+                "\\[(rate|receive)_limits(\\.(clients|groups|topics))?\\]\n(\"?[a-z:.0-9 ]{0,10}\"?|default_records_per_sec|per_client_records_per_sec) = (-?[0-9]{1,4}|\"x\")\n{1,2}",
             ]
         ) {
             if let Err(e) = AuthFile::parse(&text) {
