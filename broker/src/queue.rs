@@ -1147,7 +1147,13 @@ impl QueueState {
         let mut changed = false;
         for &(off, lease_id) in leases {
             match c.leases.get(&off) {
-                Some(l) if l.lease_id == lease_id => {
+                // The receipt of this delivery, or the one its invisibility
+                // change replaced (a client may ack with either, as
+                // RocketMQ's do); a redelivery clears the latter.
+                Some(l)
+                    if l.lease_id == lease_id
+                        || (l.prev_lease_id != 0 && l.prev_lease_id == lease_id) =>
+                {
                     if let Some(l) = c.leases.remove(&off) {
                         c.finish(off, &l, lease_id);
                     }
@@ -1584,6 +1590,31 @@ mod tests {
             .change_invisible("g", 0, 12345, 60, 10, 11, &mut ch)
             .is_err());
         assert!(q.ack("g", &[(0, 8)], &mut ch)[0].is_ok());
+    }
+
+    #[test]
+    fn the_receipt_an_invisibility_change_replaced_still_acks_until_redelivery() {
+        let mut q = QueueState::default();
+        let mut ch = Changes::default();
+        let recs: Vec<_> = (0..2).map(|_| (0, Bytes::from_static(b"x"))).collect();
+        q.append("", &recs, &[0; 2], None, 1, &mut ch);
+        let got = q.pop_plain("g", 2, 0, 1000, 5, &mut ch);
+        let (a, b) = (got[0].lease_id, got[1].lease_id);
+        q.change_invisible("g", 0, a, 0, 5000, 9, &mut ch).unwrap();
+        assert!(
+            q.ack("g", &[(0, a)], &mut ch)[0].is_ok(),
+            "the original acks"
+        );
+        // Offset 1: changed, then redelivered after its new lease ran out.
+        q.change_invisible("g", 1, b, 0, 10, 10, &mut ch).unwrap();
+        let again = q.pop_plain("g", 1, 50, 1000, 11, &mut ch);
+        assert_eq!(again[0].offset, 1);
+        assert!(
+            q.ack("g", &[(1, b)], &mut ch)[0].is_err(),
+            "not after a redelivery"
+        );
+        assert!(q.ack("g", &[(1, 10)], &mut ch)[0].is_err());
+        assert!(q.ack("g", &[(1, again[0].lease_id)], &mut ch)[0].is_ok());
     }
 
     #[test]

@@ -180,7 +180,8 @@ async fn expired_lease_is_redelivered_with_attempt_two_and_stale_receipt_is_refu
         Err(Error::ReceiptExpired(_)) => {}
         other => panic!("stale receipt: {other:?}"),
     }
-    // Extending the current lease hands out a new receipt; the old one dies.
+    // Extending the current lease hands out a new receipt (the one it
+    // replaced still acks until a redelivery, as RocketMQ clients expect).
     let extended = c
         .change_invisible_duration(&again[0], Duration::from_secs(30))
         .await
