@@ -24,5 +24,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    // RocketMQ 5's protocol (apache.rocketmq.v2), served by the proxy as a
+    // second front end; well-known types come from prost-types.
+    let rocketmq = [
+        "rocketmq/apache/rocketmq/v2/definition.proto",
+        "rocketmq/apache/rocketmq/v2/service.proto",
+    ];
+    for f in &rocketmq {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(["apache/rocketmq/v2/service.proto"], ["rocketmq"])?;
+    tonic_build::configure()
+        .bytes(["."])
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -53,6 +53,13 @@ pub mod pb {
         pub use super::petrel::broker::v1::*;
     }
 
+    /// RocketMQ 5's client protocol (`apache.rocketmq.v2`), which the proxy
+    /// also serves so that RocketMQ clients work against Petrel.
+    #[allow(clippy::all)]
+    pub mod rocketmq {
+        tonic::include_proto!("apache.rocketmq.v2");
+    }
+
     /// Encoded `FileDescriptorSet` of every Petrel proto, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/petrel_descriptor.bin"));

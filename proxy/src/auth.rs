@@ -496,6 +496,11 @@ impl Auth {
         Ok(())
     }
 
+    /// Whether calls must come from a user (an auth file is in use).
+    pub fn requires_users(&self) -> bool {
+        self.policy().is_some()
+    }
+
     fn policy(&self) -> Option<Arc<Policy>> {
         self.policy
             .as_ref()

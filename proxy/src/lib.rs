@@ -17,11 +17,13 @@ pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod limits;
+pub mod rocketmq;
 pub mod routes;
 pub mod service;
 
 pub use config::{ProxyArgs, ProxyConfig};
 use petrel_proto::pb::petrel_server::PetrelServer;
+use petrel_proto::pb::rocketmq::messaging_service_server::MessagingServiceServer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -238,6 +240,14 @@ where
         .layer(petrel_proto::admin::RpcMetricsLayer {
             prefix: "petrel_proxy",
         })
+        .add_service(
+            MessagingServiceServer::new(rocketmq::RocketMqService::new(
+                svc.clone(),
+                svc.requires_users(),
+            ))
+            .max_decoding_message_size(MAX_CLIENT_MESSAGE)
+            .max_encoding_message_size(MAX_CLIENT_MESSAGE),
+        )
         .add_service(
             PetrelServer::new(svc)
                 .max_decoding_message_size(MAX_CLIENT_MESSAGE)

@@ -164,6 +164,13 @@ impl ProxyService {
     }
 }
 
+impl ProxyService {
+    /// Whether calls must come from a user (an auth file is in use).
+    pub fn requires_users(&self) -> bool {
+        self.inner.auth.requires_users()
+    }
+}
+
 impl Inner {
     /// Takes one of `client`'s receive slots, given back when the returned
     /// guard drops; `rate_limited` when all are taken.

@@ -1,0 +1,408 @@
+//! The official RocketMQ 5 Rust client (crate `rocketmq` 5.0.0, unmodified)
+//! against three brokers behind a `petrel-proxy`, which serves RocketMQ's
+//! `apache.rocketmq.v2.MessagingService` on its client port. Producers and
+//! SimpleConsumers as a RocketMQ application uses them; what that client has
+//! no API for (ChangeInvisibleDuration) goes through a raw gRPC client of
+//! the same protocol. Every process is killed by PID at the end.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{broker_list, free_port, peers_arg, spawn_broker, spawn_proxy, wait_ready, Procs};
+use petrel_proto::pb;
+use petrel_proto::pb::rocketmq as rmq;
+use petrel_sdk::{Client, Message, TopicSpec};
+use rocketmq::conf::{ClientOption, ProducerOption, SimpleConsumerOption};
+use rocketmq::model::common::{FilterExpression, FilterType};
+use rocketmq::model::message::MessageBuilder;
+use rocketmq::model::transaction::{Transaction, TransactionResolution};
+use rocketmq::{Producer, SimpleConsumer};
+
+const READY: Duration = Duration::from_secs(60);
+
+fn options(port: u16) -> ClientOption {
+    let mut o = ClientOption::default();
+    o.set_access_url(format!("127.0.0.1:{port}"));
+    o.set_enable_tls(false);
+    o.set_timeout(Duration::from_secs(10));
+    // Short long-polls keep the "nothing more" checks quick.
+    o.set_long_polling_timeout(Duration::from_secs(3));
+    o
+}
+
+async fn producer(port: u16, topics: &[&str]) -> Producer {
+    let mut po = ProducerOption::default();
+    po.set_topics(topics.to_vec());
+    let mut p = Producer::new(po, options(port)).unwrap();
+    p.start().await.unwrap();
+    p
+}
+
+async fn consumer(port: u16, group: &str, topics: &[&str]) -> SimpleConsumer {
+    let mut co = SimpleConsumerOption::default();
+    co.set_consumer_group(group);
+    co.set_topics(topics.to_vec());
+    let mut c = SimpleConsumer::new(co, options(port)).unwrap();
+    c.start().await.unwrap();
+    c
+}
+
+fn all() -> FilterExpression {
+    FilterExpression::new(FilterType::Tag, "*")
+}
+
+/// Receives (and acks) until `n` messages came or `within` passed.
+async fn drain(
+    c: &SimpleConsumer,
+    topic: &str,
+    filter: &FilterExpression,
+    n: usize,
+    within: Duration,
+) -> Vec<rocketmq::model::message::MessageView> {
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < n && Instant::now() < deadline {
+        let got = c
+            .receive_with(topic, filter, 32, Duration::from_secs(30))
+            .await
+            .unwrap();
+        for m in got {
+            c.ack(&m).await.unwrap();
+            out.push(m);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    let mut procs = Procs::default();
+    for (i, port) in ports.iter().enumerate() {
+        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
+    }
+    let port = free_port();
+    procs.push(spawn_proxy(port, &broker_list(&ports)));
+    let petrel = Client::connect([format!("127.0.0.1:{port}")]).unwrap();
+    let admin = petrel.admin();
+    wait_ready(&admin, 3, READY).await;
+    for (t, ty) in [
+        ("rq", pb::MessageType::Normal),
+        ("rq-redeliver", pb::MessageType::Normal),
+        ("rq-extend", pb::MessageType::Normal),
+        ("rq-fifo", pb::MessageType::Fifo),
+        ("rq-delay", pb::MessageType::Delay),
+        ("rq-txn", pb::MessageType::Transaction),
+    ] {
+        admin
+            .create_topic(TopicSpec::new(t).queues(2).replicas(3).message_type(ty))
+            .await
+            .unwrap();
+    }
+
+    // 1. 1,000 NORMAL messages with tags, keys and properties, each
+    //    received exactly once, intact, and acked; nothing comes back.
+    let p = producer(port, &["rq", "rq-redeliver", "rq-fifo", "rq-delay"]).await;
+    let mut sent = HashMap::new();
+    for i in 0..1000 {
+        let tag = if i % 2 == 0 { "even" } else { "odd" };
+        let m = MessageBuilder::builder()
+            .set_topic("rq")
+            .set_tag(tag)
+            .set_keys(vec![format!("k{i}"), "all".to_string()])
+            .set_properties(HashMap::from([("i", i.to_string())]))
+            .set_body(format!("body-{i}").into_bytes())
+            .build()
+            .unwrap();
+        let r = p.send(m).await.unwrap();
+        sent.insert(r.message_id().to_string(), i);
+    }
+    let c = consumer(port, "rq-all", &["rq"]).await;
+    let got = drain(&c, "rq", &all(), 1000, Duration::from_secs(120)).await;
+    assert_eq!(got.len(), 1000);
+    let mut seen = HashSet::new();
+    for m in &got {
+        let i = sent[m.message_id()];
+        assert!(seen.insert(i), "message {i} delivered twice");
+        assert_eq!(m.body(), format!("body-{i}").as_bytes());
+        assert_eq!(m.tag(), Some(if i % 2 == 0 { "even" } else { "odd" }));
+        assert_eq!(m.keys(), [format!("k{i}"), "all".to_string()]);
+        assert_eq!(m.properties().get("i"), Some(&i.to_string()));
+        assert_eq!(m.delivery_attempt(), 1);
+    }
+    let again = c
+        .receive_with("rq", &all(), 32, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        again.is_empty(),
+        "acked messages came back: {}",
+        again.len()
+    );
+
+    // 2. Filters: a tag filter and a SQL filter deliver exactly the match.
+    let c = consumer(port, "rq-odd", &["rq"]).await;
+    let odd = drain(
+        &c,
+        "rq",
+        &FilterExpression::new(FilterType::Tag, "odd"),
+        500,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(odd.len(), 500);
+    assert!(odd.iter().all(|m| m.tag() == Some("odd")));
+    let c = consumer(port, "rq-sql", &["rq"]).await;
+    let sql = FilterExpression::new(FilterType::Sql, "i >= 990");
+    let top = drain(&c, "rq", &sql, 10, Duration::from_secs(60)).await;
+    let mut idx: Vec<usize> = top.iter().map(|m| sent[m.message_id()]).collect();
+    idx.sort();
+    assert_eq!(idx, (990..1000).collect::<Vec<_>>());
+
+    // 3. A message not acked within its invisible duration comes back with
+    //    its delivery attempt raised.
+    let m = MessageBuilder::builder()
+        .set_topic("rq-redeliver")
+        .set_body(b"again".to_vec())
+        .build()
+        .unwrap();
+    p.send(m).await.unwrap();
+    let c = consumer(port, "rq-r", &["rq-redeliver"]).await;
+    let mut first = Vec::new();
+    while first.is_empty() {
+        first = c
+            .receive_with("rq-redeliver", &all(), 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(first[0].delivery_attempt(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut second = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while second.is_empty() && Instant::now() < deadline {
+        second = c
+            .receive_with("rq-redeliver", &all(), 1, Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    assert_eq!(second.len(), 1, "redelivered");
+    assert_eq!(second[0].message_id(), first[0].message_id());
+    assert_eq!(second[0].delivery_attempt(), 2);
+    c.ack(&second[0]).await.unwrap();
+
+    // 4. FIFO: one message group arrives in send order.
+    for i in 0..20 {
+        let m = MessageBuilder::fifo_message_builder("rq-fifo", format!("{i}").into_bytes(), "g1")
+            .build()
+            .unwrap();
+        p.send(m).await.unwrap();
+    }
+    let c = consumer(port, "rq-f", &["rq-fifo"]).await;
+    let fifo = drain(&c, "rq-fifo", &all(), 20, Duration::from_secs(60)).await;
+    let order: Vec<String> = fifo
+        .iter()
+        .map(|m| String::from_utf8(m.body().to_vec()).unwrap())
+        .collect();
+    assert_eq!(order, (0..20).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert!(fifo.iter().all(|m| m.message_group() == Some("g1")));
+
+    // 5. DELAY: nothing arrives before its delivery time.
+    let at = (petrel_proto::now_ms() / 1000 + 4) * 1000;
+    let m = MessageBuilder::delay_message_builder("rq-delay", b"later".to_vec(), at / 1000)
+        .build()
+        .unwrap();
+    p.send(m).await.unwrap();
+    let c = consumer(port, "rq-d", &["rq-delay"]).await;
+    let got = drain(&c, "rq-delay", &all(), 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    assert!(
+        petrel_proto::now_ms() >= at,
+        "delivered {} ms early",
+        at - petrel_proto::now_ms()
+    );
+
+    // 6. TRANSACTION: committed is delivered, rolled back is not.
+    let mut po = ProducerOption::default();
+    po.set_topics(vec!["rq-txn"]);
+    let mut tp = Producer::new_transaction_producer(
+        po,
+        options(port),
+        Box::new(|_, _| TransactionResolution::ROLLBACK),
+    )
+    .unwrap();
+    tp.start().await.unwrap();
+    for (body, commit) in [("committed", true), ("rolled back", false)] {
+        let m = MessageBuilder::transaction_message_builder("rq-txn", body.as_bytes().to_vec())
+            .build()
+            .unwrap();
+        let t = tp.send_transaction_message(m).await.unwrap();
+        if commit {
+            t.commit().await.unwrap();
+        } else {
+            t.rollback().await.unwrap();
+        }
+    }
+    let c = consumer(port, "rq-t", &["rq-txn"]).await;
+    let got = drain(&c, "rq-txn", &all(), 2, Duration::from_secs(8)).await;
+    let bodies: Vec<&[u8]> = got.iter().map(|m| m.body()).collect();
+    assert_eq!(bodies, [b"committed".as_slice()]);
+
+    // 7. Both ways with Petrel's own SDK and CLI.
+    petrel
+        .producer("rq")
+        .build()
+        .send(Message::new("from petrel").with_tag("sdk"))
+        .await
+        .unwrap();
+    let c = consumer(port, "rq-sdk", &["rq"]).await;
+    let from_sdk = drain(
+        &c,
+        "rq",
+        &FilterExpression::new(FilterType::Tag, "sdk"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(from_sdk.len(), 1);
+    assert_eq!(from_sdk[0].body(), b"from petrel");
+    assert!(!from_sdk[0].message_id().is_empty());
+    let seen_by_petrel = petrel
+        .simple_consumer("rq", "petrel-side")
+        .wait(Duration::from_secs(5))
+        .build()
+        .receive(1)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen_by_petrel.len(),
+        1,
+        "RocketMQ-sent records are Petrel records"
+    );
+
+    // 8. ChangeInvisibleDuration (the Rust client has no API for it): a
+    //    raw client extends a lease, and the original handle still acks.
+    let m = MessageBuilder::builder()
+        .set_topic("rq-extend")
+        .set_body(b"extend me".to_vec())
+        .build()
+        .unwrap();
+    p.send(m).await.unwrap();
+    let mut raw = rmq::messaging_service_client::MessagingServiceClient::connect(format!(
+        "http://127.0.0.1:{port}"
+    ))
+    .await
+    .unwrap();
+    let queue = rmq::MessageQueue {
+        topic: Some(rmq::Resource {
+            resource_namespace: String::new(),
+            name: "rq-extend".into(),
+        }),
+        ..Default::default()
+    };
+    let group = rmq::Resource {
+        resource_namespace: String::new(),
+        name: "rq-raw".into(),
+    };
+    let mut message = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while message.is_none() && Instant::now() < deadline {
+        let mut s = raw
+            .receive_message(rmq::ReceiveMessageRequest {
+                group: Some(group.clone()),
+                message_queue: Some(queue.clone()),
+                batch_size: 1,
+                invisible_duration: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                long_polling_timeout: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(item) = s.message().await.unwrap() {
+            if let Some(rmq::receive_message_response::Content::Message(m)) = item.content {
+                message = Some(m);
+            }
+        }
+    }
+    let message = message.expect("received over the raw client");
+    assert_eq!(message.body.as_ref(), b"extend me");
+    let sp = message.system_properties.unwrap();
+    let original = sp.receipt_handle.unwrap();
+    let changed = raw
+        .change_invisible_duration(rmq::ChangeInvisibleDurationRequest {
+            group: Some(group.clone()),
+            topic: queue.topic.clone(),
+            receipt_handle: original.clone(),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+            message_id: sp.message_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.status.unwrap().code, rmq::Code::Ok as i32);
+    assert!(!changed.receipt_handle.is_empty());
+    // Past the first lease (2 s) it is still invisible: not redelivered.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let c = consumer(port, "rq-raw", &["rq-extend"]).await;
+    let early = c
+        .receive_with("rq-extend", &all(), 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(early.is_empty(), "the extended lease held");
+    let acked = raw
+        .ack_message(rmq::AckMessageRequest {
+            group: Some(group.clone()),
+            topic: queue.topic.clone(),
+            entries: vec![rmq::AckMessageEntry {
+                message_id: sp.message_id.clone(),
+                receipt_handle: original,
+                lite_topic: None,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        acked.status.as_ref().unwrap().code,
+        rmq::Code::Ok as i32,
+        "{acked:?}"
+    );
+
+    // 9. Errors are RocketMQ codes: an unknown topic.
+    let route = raw
+        .query_route(rmq::QueryRouteRequest {
+            topic: Some(rmq::Resource {
+                resource_namespace: String::new(),
+                name: "no-such-topic".into(),
+            }),
+            endpoints: Some(rmq::Endpoints {
+                scheme: rmq::AddressScheme::IPv4 as i32,
+                addresses: vec![rmq::Address {
+                    host: "127.0.0.1".into(),
+                    port: port as i32,
+                }],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(route.status.unwrap().code, rmq::Code::TopicNotFound as i32);
+
+    p.shutdown().await.unwrap();
+    tp.shutdown().await.unwrap();
+    drop(procs);
+}
