@@ -20,6 +20,11 @@ pub struct ProxyArgs {
     /// Address to serve the client API on.
     #[arg(long, env = "PETREL_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Also serve on this address (e.g. 0.0.0.0:8081, where RocketMQ
+    /// clients look by default): the same services, Petrel's and RocketMQ
+    /// 5's (`apache.rocketmq.v2.MessagingService`), with the same TLS.
+    #[arg(long, env = "PETREL_ROCKETMQ_LISTEN")]
+    pub rocketmq_listen: Option<SocketAddr>,
     /// Broker addresses to discover the cluster from, comma-separated
     /// (HOST:PORT). Any subset is enough; the rest is learned from the map.
     /// Required here or as `brokers` in the config file.
@@ -134,6 +139,8 @@ pub struct ProxyArgs {
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
+    /// A second port for the same services (RocketMQ clients' default).
+    pub rocketmq_listen: Option<SocketAddr>,
     pub brokers: Vec<String>,
     pub max_record_bytes: usize,
     pub max_batch_messages: usize,
@@ -468,6 +475,7 @@ impl ProxyArgs {
             config_text: text,
             flag_log: self.log,
             listen,
+            rocketmq_listen: self.rocketmq_listen,
             brokers,
             max_record_bytes,
             max_batch_messages,
@@ -519,6 +527,7 @@ impl ProxyConfig {
     pub fn new(listen: SocketAddr, brokers: Vec<String>) -> Self {
         Self {
             listen,
+            rocketmq_listen: None,
             brokers,
             max_record_bytes: petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES,
             max_batch_messages: petrel_proto::validate::DEFAULT_MAX_BATCH_MESSAGES,

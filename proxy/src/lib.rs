@@ -125,6 +125,7 @@ pub async fn run(
         metrics::counter!("petrel_proxy_limit_refusals_total", "limit" => limit).increment(0);
     }
     let (drain_delay, grace) = (config.drain_delay, config.shutdown_grace);
+    let rocketmq_listen = config.rocketmq_listen;
     let max_streams = config.max_streams_per_connection;
     let limiter = Arc::new(limits::Limiter::new(config.runtime.clone()));
     if let Some(path) = config.config_path.clone() {
@@ -169,16 +170,38 @@ pub async fn run(
         grace,
         max_streams,
     };
+    // The second port (--rocketmq-listen) feeds the same server.
+    let second = match rocketmq_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("--rocketmq-listen: cannot listen on {a}: {e}"))?,
+        ),
+        None => None,
+    };
     match client_tls {
         Some(tls) => {
-            let incoming = tls.incoming(listener, "petrel_proxy").map(move |c| {
+            let incoming = tls.clone().incoming(listener, "petrel_proxy");
+            let mut incoming = futures::StreamExt::boxed(incoming);
+            if let Some(l) = second {
+                incoming =
+                    futures::StreamExt::boxed(incoming.merge(tls.incoming(l, "petrel_proxy")));
+            }
+            let incoming = incoming.map(move |c| {
                 count(&c);
                 c
             });
             serve_until(svc, incoming, drain).await
         }
         None => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |c| {
+            let mut incoming =
+                futures::StreamExt::boxed(tokio_stream::wrappers::TcpListenerStream::new(listener));
+            if let Some(l) = second {
+                incoming = futures::StreamExt::boxed(
+                    incoming.merge(tokio_stream::wrappers::TcpListenerStream::new(l)),
+                );
+            }
+            let incoming = incoming.map(move |c| {
                 count(&c);
                 if let Ok(s) = &c {
                     // tonic's `tcp_nodelay` does not reach streams passed in

@@ -406,3 +406,76 @@ async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
     tp.shutdown().await.unwrap();
     drop(procs);
 }
+
+/// Killing a broker, and then the proxy a RocketMQ producer is connected
+/// to (it knows two), loses nothing the producer was told was sent. The
+/// second proxy also takes RocketMQ clients on a port of its own
+/// (`--rocketmq-listen`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_rocketmq_producer_was_told_was_sent_is_lost_to_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    let mut procs = Procs::default();
+    for (i, port) in ports.iter().enumerate() {
+        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
+    }
+    let (p1, p2, rq2) = (free_port(), free_port(), free_port());
+    let proxy1 = procs.push(spawn_proxy(p1, &broker_list(&ports)));
+    let mut second = common::proxy_command(p2, &broker_list(&ports));
+    second.args(["--rocketmq-listen", &format!("127.0.0.1:{rq2}")]);
+    procs.push(second.spawn().unwrap());
+    let petrel = Client::connect([format!("127.0.0.1:{p2}")]).unwrap();
+    wait_ready(&petrel.admin(), 3, READY).await;
+    petrel
+        .admin()
+        .create_topic(TopicSpec::new("rk").queues(2).replicas(3))
+        .await
+        .unwrap();
+
+    let mut o = options(p1);
+    o.set_access_url(format!("127.0.0.1:{p1},127.0.0.1:{rq2}"));
+    let mut po = ProducerOption::default();
+    po.set_topics(vec!["rk"]);
+    let mut p = Producer::new(po, o).unwrap();
+    p.start().await.unwrap();
+    let mut told = HashSet::new();
+    let (mut failed, mut i) = (0, 0);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(40) && told.len() < 600 {
+        if i == 150 {
+            procs.kill(0); // broker 1
+        }
+        if i == 300 {
+            procs.kill(proxy1);
+        }
+        i += 1;
+        let m = MessageBuilder::builder()
+            .set_topic("rk")
+            .set_body(format!("m{i}").into_bytes())
+            .build()
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(12), p.send(m)).await {
+            Ok(Ok(r)) => {
+                told.insert(r.message_id().to_string());
+            }
+            _ => failed += 1,
+        }
+    }
+    println!("sent {} (told ok), {failed} failed", told.len());
+    assert!(told.len() > 300, "sends went on after the kills");
+
+    // Every one of them is there, read through the surviving proxy's
+    // RocketMQ port.
+    let c = consumer(rq2, "rk-check", &["rk"]).await;
+    let got = drain(&c, "rk", &all(), told.len(), Duration::from_secs(120)).await;
+    let ids: HashSet<String> = got.iter().map(|m| m.message_id().to_string()).collect();
+    let lost: Vec<&String> = told.difference(&ids).collect();
+    assert!(
+        lost.is_empty(),
+        "{} lost, e.g. {:?}",
+        lost.len(),
+        lost.first()
+    );
+    drop(procs);
+}
