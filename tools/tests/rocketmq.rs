@@ -282,6 +282,19 @@ async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
         1,
         "RocketMQ-sent records are Petrel records"
     );
+    // The CLI finds a RocketMQ-sent message by its first key.
+    let out = common::petrel(&[
+        "--endpoint",
+        &format!("127.0.0.1:{port}"),
+        "message",
+        "find",
+        "--topic",
+        "rq",
+        "--key",
+        "k7",
+        "--json",
+    ]);
+    assert!(out.contains("body-7"), "{out}");
 
     // 8. ChangeInvisibleDuration (the Rust client has no API for it): a
     //    raw client extends a lease, and the original handle still acks.
