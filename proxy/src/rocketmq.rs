@@ -197,6 +197,14 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// A request to Petrel's own handlers on behalf of a RocketMQ call, with
+/// the caller's connection (its address counts in per-client limits).
+fn with_peer<T>(ext: &tonic::Extensions, message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    *r.extensions_mut() = ext.clone();
+    r
+}
+
 fn client_id<T>(req: &Request<T>) -> String {
     req.metadata()
         .get("x-mq-client-id")
@@ -443,6 +451,7 @@ impl MessagingService for RocketMqService {
         if let Err(status) = self.admit(&req) {
             return Ok(fail(status, req.get_ref().messages.len(), Vec::new()));
         }
+        let ext = req.extensions().clone();
         let req = req.into_inner();
         let ids: Vec<String> = req
             .messages
@@ -489,11 +498,14 @@ impl MessagingService for RocketMqService {
             }
             txns.push(txn.unwrap_or_default());
         }
-        let sreq = Request::new(pb::SendRequest {
-            topic,
-            producer_id: String::new(),
-            messages,
-        });
+        let sreq = with_peer(
+            &ext,
+            pb::SendRequest {
+                topic,
+                producer_id: String::new(),
+                messages,
+            },
+        );
         match Petrel::send(&self.petrel, sreq).await {
             Ok(r) => {
                 let results = r.into_inner().results;
@@ -569,6 +581,7 @@ impl MessagingService for RocketMqService {
             return Ok(status_only(status));
         }
         let deadline = grpc_timeout(&req);
+        let ext = req.extensions().clone();
         let req = req.into_inner();
         let group = name_of(req.group.as_ref());
         let topic = name_of(req.message_queue.as_ref().and_then(|q| q.topic.as_ref()));
@@ -603,18 +616,21 @@ impl MessagingService for RocketMqService {
                 expression: expr.to_string(),
             })
         });
-        let preq = Request::new(pb::ReceiveRequest {
-            topic,
-            group,
-            max_messages: req
-                .batch_size
-                .clamp(1, crate::service::MAX_RECEIVE_MESSAGES as i32)
-                as u32,
-            invisible_duration_ms: invisible_ms,
-            wait_ms: wait.as_millis() as u64,
-            filter,
-            retry: None,
-        });
+        let preq = with_peer(
+            &ext,
+            pb::ReceiveRequest {
+                topic,
+                group,
+                max_messages: req
+                    .batch_size
+                    .clamp(1, crate::service::MAX_RECEIVE_MESSAGES as i32)
+                    as u32,
+                invisible_duration_ms: invisible_ms,
+                wait_ms: wait.as_millis() as u64,
+                filter,
+                retry: None,
+            },
+        );
         let mut stream = match Petrel::receive(&self.petrel, preq).await {
             Ok(r) => r.into_inner(),
             Err(s) => return Ok(status_only(err(s))),
@@ -676,6 +692,7 @@ impl MessagingService for RocketMqService {
                 entries,
             }));
         }
+        let ext = req.extensions().clone();
         let req = req.into_inner();
         if req.entries.is_empty() {
             return Ok(Response::new(rmq::AckMessageResponse {
@@ -683,15 +700,18 @@ impl MessagingService for RocketMqService {
                 entries: Vec::new(),
             }));
         }
-        let preq = Request::new(pb::AckRequest {
-            topic: name_of(req.topic.as_ref()),
-            group: name_of(req.group.as_ref()),
-            receipt_handles: req
-                .entries
-                .iter()
-                .map(|e| e.receipt_handle.clone())
-                .collect(),
-        });
+        let preq = with_peer(
+            &ext,
+            pb::AckRequest {
+                topic: name_of(req.topic.as_ref()),
+                group: name_of(req.group.as_ref()),
+                receipt_handles: req
+                    .entries
+                    .iter()
+                    .map(|e| e.receipt_handle.clone())
+                    .collect(),
+            },
+        );
         let results = match Petrel::ack(&self.petrel, preq).await {
             Ok(r) => r.into_inner().results,
             Err(s) => {
@@ -806,6 +826,7 @@ impl MessagingService for RocketMqService {
                 status: Some(status),
             }));
         }
+        let ext = req.extensions().clone();
         let req = req.into_inner();
         let commit = match rmq::TransactionResolution::try_from(req.resolution) {
             Ok(rmq::TransactionResolution::Commit) => true,
@@ -817,11 +838,14 @@ impl MessagingService for RocketMqService {
                 }))
             }
         };
-        let preq = Request::new(pb::EndTransactionRequest {
-            topic: name_of(req.topic.as_ref()),
-            transaction_id: req.transaction_id,
-            commit,
-        });
+        let preq = with_peer(
+            &ext,
+            pb::EndTransactionRequest {
+                topic: name_of(req.topic.as_ref()),
+                transaction_id: req.transaction_id,
+                commit,
+            },
+        );
         let status = match Petrel::end_transaction(&self.petrel, preq).await {
             Ok(_) => ok(),
             Err(s) => err(s),
@@ -913,6 +937,7 @@ impl MessagingService for RocketMqService {
         if let Err(status) = self.admit(&req) {
             return Ok(reply(status, String::new()));
         }
+        let ext = req.extensions().clone();
         let req = req.into_inner();
         let ms = req.invisible_duration.as_ref().map(ms_of).unwrap_or(0);
         if ms == 0 {
@@ -924,12 +949,15 @@ impl MessagingService for RocketMqService {
                 String::new(),
             ));
         }
-        let preq = Request::new(pb::ChangeInvisibleDurationRequest {
-            topic: name_of(req.topic.as_ref()),
-            group: name_of(req.group.as_ref()),
-            receipt_handle: req.receipt_handle,
-            invisible_duration_ms: ms,
-        });
+        let preq = with_peer(
+            &ext,
+            pb::ChangeInvisibleDurationRequest {
+                topic: name_of(req.topic.as_ref()),
+                group: name_of(req.group.as_ref()),
+                receipt_handle: req.receipt_handle,
+                invisible_duration_ms: ms,
+            },
+        );
         match Petrel::change_invisible_duration(&self.petrel, preq).await {
             Ok(r) => Ok(reply(ok(), r.into_inner().receipt_handle)),
             Err(s) => Ok(reply(err(s), String::new())),
