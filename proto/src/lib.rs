@@ -23,6 +23,7 @@ pub mod filter;
 pub mod ids;
 pub mod receipt;
 pub mod record;
+pub mod rmq_auth;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transport;

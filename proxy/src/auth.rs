@@ -14,6 +14,7 @@
 //! [[users]]
 //! name = "alice"                 # the access key
 //! signing_key = "base64..."      # derived from the secret (see petrel_proto::auth)
+//! rocketmq_key = "base64..."     # verifies RocketMQ clients' signatures (petrel_proto::rmq_auth)
 //!
 //! [[rules]]
 //! id = 1
@@ -125,6 +126,11 @@ pub struct AuthFile {
     pub rules: Vec<RuleEntry>,
 }
 
+/// A request extension naming the user another front end of this proxy
+/// authenticated (see [`Auth::check`]).
+#[derive(Debug, Clone)]
+pub struct Verified(pub Arc<str>);
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
@@ -132,6 +138,10 @@ pub struct UserEntry {
     pub name: String,
     /// Base64 of `petrel_proto::auth::signing_key(name, secret)`.
     pub signing_key: String,
+    /// Base64 of `petrel_proto::rmq_auth::pad_states(secret)`: lets the
+    /// user's RocketMQ clients sign in (absent: they cannot).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rocketmq_key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,12 +279,15 @@ struct Rule {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     users: HashMap<String, [u8; 32]>,
+    /// RocketMQ signing states, for users that have them.
+    rocketmq: HashMap<String, [u8; 40]>,
     rules: Vec<Rule>,
 }
 
 impl Policy {
     pub fn compile(f: &AuthFile) -> Result<Policy, String> {
         let mut users = HashMap::new();
+        let mut rocketmq = HashMap::new();
         for u in &f.users {
             petrel_proto::validate::group_name(&u.name)
                 .map_err(|e| format!("user {:?}: {e}", u.name))?;
@@ -287,6 +300,16 @@ impl Policy {
                 })?;
             if users.insert(u.name.clone(), key).is_some() {
                 return Err(format!("user {:?} is listed twice", u.name));
+            }
+            if !u.rocketmq_key.is_empty() {
+                let states: [u8; 40] = base64::engine::general_purpose::STANDARD
+                    .decode(&u.rocketmq_key)
+                    .ok()
+                    .and_then(|k| k.try_into().ok())
+                    .ok_or_else(|| {
+                        format!("user {:?}: rocketmq_key is not 40 bytes of base64", u.name)
+                    })?;
+                rocketmq.insert(u.name.clone(), states);
             }
         }
         let mut ids = BTreeSet::new();
@@ -341,7 +364,11 @@ impl Policy {
                 source,
             });
         }
-        Ok(Policy { users, rules })
+        Ok(Policy {
+            users,
+            rocketmq,
+            rules,
+        })
     }
 
     /// Whether `user` calling from `from` may do `action` on `res`: the
@@ -507,6 +534,51 @@ impl Auth {
             .map(|l| l.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
+    /// Authenticates a RocketMQ client's call by its `MQv2-HMAC-SHA1`
+    /// signature (see `petrel_proto::rmq_auth`): its user, `Anonymous` on
+    /// a proxy without users, or `unauthenticated`. RocketMQ signatures
+    /// carry no nonce, so a replay within the date's freshness is not
+    /// caught (RocketMQ's own proxy does not catch it either); use TLS.
+    pub fn rocketmq_user(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        peer: Option<SocketAddr>,
+    ) -> Result<Principal, PetrelError> {
+        use petrel_proto::rmq_auth;
+        let Some(policy) = self.policy() else {
+            return Ok(Principal::Anonymous);
+        };
+        let bad = |m: String| PetrelError::Unauthenticated(m);
+        let r = (|| {
+            let header = md
+                .get(sig::AUTHORIZATION_HEADER)
+                .ok_or_else(|| {
+                    bad("no credentials: this proxy requires a signed access key".into())
+                })?
+                .to_str()
+                .map_err(|_| bad("the authorization header is not text".into()))?;
+            let (ak, signature) = rmq_auth::parse(header).map_err(bad)?;
+            let date = md
+                .get(rmq_auth::DATE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| bad(format!("no {}", rmq_auth::DATE_HEADER)))?;
+            let (name, states) = policy.rocketmq.get_key_value(ak).ok_or_else(|| {
+                bad(format!(
+                    "access key {ak:?} has no RocketMQ key (add the user again with \
+                     `petrel user add` to let its RocketMQ clients sign in)"
+                ))
+            })?;
+            if !rmq_auth::verify(states, date, &signature) {
+                return Err(bad(format!(
+                    "the signature does not match access key {ak:?} (wrong secret?)"
+                )));
+            }
+            Ok(Arc::<str>::from(name.as_str()))
+        })();
+        let user = r.inspect_err(|e| self.refused(peer, None, e, "unauthenticated", None))?;
+        Ok(Principal::User(user))
+    }
+
     /// Authenticates a call and checks it may do every `(resource,
     /// action)` in `needs`.
     pub fn check<T>(
@@ -518,12 +590,17 @@ impl Auth {
             return Ok(Principal::Anonymous);
         };
         let peer = req.remote_addr();
+        let verified = req.extensions().get::<Verified>().map(|v| v.0.clone());
         let user = match (
+            verified,
             req.metadata().get(sig::AUTHORIZATION_HEADER),
             req.peer_certs(),
         ) {
+            // Authenticated by another front end of this proxy (RocketMQ):
+            // extensions are set in-process only, never from the wire.
+            (Some(u), _, _) => Ok(u),
             // A verified client certificate stands in for a signed key.
-            (None, Some(certs)) if !certs.is_empty() => {
+            (None, None, Some(certs)) if !certs.is_empty() => {
                 self.certificate_user(&policy, certs[0].as_ref())
             }
             _ => self.authenticate(&policy, req.metadata()),
@@ -725,10 +802,12 @@ mod tests {
                 UserEntry {
                     name: "alice".into(),
                     signing_key: key_b64("alice", "a"),
+                    rocketmq_key: String::new(),
                 },
                 UserEntry {
                     name: "ops".into(),
                     signing_key: key_b64("ops", "o"),
+                    rocketmq_key: String::new(),
                 },
             ],
             rules: vec![
@@ -851,7 +930,7 @@ mod tests {
         fn any_file_text_is_accepted_or_refused_with_a_reason(
             text in proptest::prelude::prop_oneof![
                 "[ -~\n]{0,200}",
-                "\\[\\[(users|rules)\\]\\]\n(name|id|user|resource|actions|effect|source|signing_key) = (\"[a-z*:.]{0,8}\"|[0-9]{1,3}|\\[\"[a-z*]{0,6}\"\\])\n{1,3}",
+                "\\[\\[(users|rules)\\]\\]\n(name|id|user|resource|actions|effect|source|signing_key|rocketmq_key) = (\"[a-z*:.]{0,8}\"|[0-9]{1,3}|\\[\"[a-z*]{0,6}\"\\])\n{1,3}",
                 "(log|listen|brokers|max_wait|receipt_secret|auth_file) = (\"[ -~]{0,12}\"|[0-9]{1,4}|true)\n",
                 "\\[(rate|receive)_limits(\\.(clients|groups|topics))?\\]\n(\"?[a-z:.0-9 ]{0,10}\"?|default_records_per_sec|per_client_records_per_sec) = (-?[0-9]{1,4}|\"x\")\n{1,2}",
             ]

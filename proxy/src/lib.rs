@@ -264,12 +264,9 @@ where
             prefix: "petrel_proxy",
         })
         .add_service(
-            MessagingServiceServer::new(rocketmq::RocketMqService::new(
-                svc.clone(),
-                svc.requires_users(),
-            ))
-            .max_decoding_message_size(MAX_CLIENT_MESSAGE)
-            .max_encoding_message_size(MAX_CLIENT_MESSAGE),
+            MessagingServiceServer::new(rocketmq::RocketMqService::new(svc.clone(), svc.auth()))
+                .max_decoding_message_size(MAX_CLIENT_MESSAGE)
+                .max_encoding_message_size(MAX_CLIENT_MESSAGE),
         )
         .add_service(
             PetrelServer::new(svc)

@@ -32,6 +32,7 @@ use rmq::Code;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Auth, Principal, Verified};
 use crate::service::ProxyService;
 
 /// The client's message id, as it sent it.
@@ -55,31 +56,32 @@ pub struct RocketMqService {
     petrel: ProxyService,
     /// The settings each client (by `x-mq-client-id`) last sent, merged.
     settings: Arc<DashMap<String, rmq::Settings>>,
-    /// Whether the proxy checks users: RocketMQ's signature is then needed.
-    auth_required: bool,
+    /// The proxy's users: RocketMQ clients sign in with their own scheme.
+    auth: Arc<Auth>,
 }
 
 impl RocketMqService {
-    pub fn new(petrel: ProxyService, auth_required: bool) -> Self {
+    pub fn new(petrel: ProxyService, auth: Arc<Auth>) -> Self {
         Self {
             petrel,
             settings: Default::default(),
-            auth_required,
+            auth,
         }
     }
 
-    /// Refuses a call on a proxy that checks users: RocketMQ's signature
-    /// (HMAC-SHA1 keyed by the raw secret) cannot be checked against the
-    /// derived keys the users file holds (see docs/DESIGN.md).
-    fn admit<T>(&self, _req: &Request<T>) -> Result<(), rmq::Status> {
-        if self.auth_required {
-            return Err(st(
-                Code::Unauthorized,
-                "this proxy checks users; RocketMQ clients are served by proxies \
-                 run with --allow-anonymous (signed RocketMQ calls are not supported yet)",
-            ));
+    /// Authenticates a call by its RocketMQ signature: the extensions to
+    /// give Petrel's handlers (the caller's connection and, when signed,
+    /// its user, whose rules they then apply), or the refusal.
+    fn admit<T>(&self, req: &Request<T>) -> Result<tonic::Extensions, rmq::Status> {
+        let mut ext = req.extensions().clone();
+        match self.auth.rocketmq_user(req.metadata(), req.remote_addr()) {
+            Ok(Principal::User(u)) => {
+                ext.insert(Verified(u));
+                Ok(ext)
+            }
+            Ok(Principal::Anonymous) => Ok(ext),
+            Err(e) => Err(status_of(&e)),
         }
-        Ok(())
     }
 }
 
@@ -306,8 +308,12 @@ fn once<T: Send + 'static>(items: Vec<T>) -> Pin<Box<dyn Stream<Item = Result<T,
 
 impl RocketMqService {
     /// The topic's Petrel description, or a RocketMQ status.
-    async fn topic(&self, name: &str) -> Result<pb::TopicInfo, rmq::Status> {
-        let req = Request::new(pb::DescribeTopicRequest { name: name.into() });
+    async fn topic(
+        &self,
+        ext: &tonic::Extensions,
+        name: &str,
+    ) -> Result<pb::TopicInfo, rmq::Status> {
+        let req = with_peer(ext, pb::DescribeTopicRequest { name: name.into() });
         match Petrel::describe_topic(&self.petrel, req).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(match PetrelError::from_status(&s) {
@@ -321,11 +327,12 @@ impl RocketMqService {
     /// `endpoints` (the proxies the client dialed).
     async fn queues(
         &self,
+        ext: &tonic::Extensions,
         topic: &rmq::Resource,
         endpoints: Option<rmq::Endpoints>,
     ) -> Result<Vec<rmq::MessageQueue>, rmq::Status> {
         let name = name_of(Some(topic));
-        let info = self.topic(&name).await?;
+        let info = self.topic(ext, &name).await?;
         let Some(endpoints) = endpoints.filter(|e| !e.addresses.is_empty()) else {
             return Err(st(
                 Code::IllegalAccessPoint,
@@ -395,12 +402,15 @@ impl MessagingService for RocketMqService {
         &self,
         req: Request<rmq::QueryRouteRequest>,
     ) -> Result<Response<rmq::QueryRouteResponse>, Status> {
-        if let Err(status) = self.admit(&req) {
-            return Ok(Response::new(rmq::QueryRouteResponse {
-                status: Some(status),
-                message_queues: Vec::new(),
-            }));
-        }
+        let ext = match self.admit(&req) {
+            Ok(ext) => ext,
+            Err(status) => {
+                return Ok(Response::new(rmq::QueryRouteResponse {
+                    status: Some(status),
+                    message_queues: Vec::new(),
+                }));
+            }
+        };
         let req = req.into_inner();
         let Some(topic) = req.topic else {
             return Ok(Response::new(rmq::QueryRouteResponse {
@@ -409,7 +419,7 @@ impl MessagingService for RocketMqService {
             }));
         };
         Ok(Response::new(
-            match self.queues(&topic, req.endpoints).await {
+            match self.queues(&ext, &topic, req.endpoints).await {
                 Ok(message_queues) => rmq::QueryRouteResponse {
                     status: Some(ok()),
                     message_queues,
@@ -448,10 +458,12 @@ impl MessagingService for RocketMqService {
                     .collect(),
             })
         };
-        if let Err(status) = self.admit(&req) {
-            return Ok(fail(status, req.get_ref().messages.len(), Vec::new()));
-        }
-        let ext = req.extensions().clone();
+        let ext = match self.admit(&req) {
+            Ok(ext) => ext,
+            Err(status) => {
+                return Ok(fail(status, req.get_ref().messages.len(), Vec::new()));
+            }
+        };
         let req = req.into_inner();
         let ids: Vec<String> = req
             .messages
@@ -537,18 +549,21 @@ impl MessagingService for RocketMqService {
         &self,
         req: Request<rmq::QueryAssignmentRequest>,
     ) -> Result<Response<rmq::QueryAssignmentResponse>, Status> {
-        if let Err(status) = self.admit(&req) {
-            return Ok(Response::new(rmq::QueryAssignmentResponse {
-                status: Some(status),
-                assignments: Vec::new(),
-            }));
-        }
+        let ext = match self.admit(&req) {
+            Ok(ext) => ext,
+            Err(status) => {
+                return Ok(Response::new(rmq::QueryAssignmentResponse {
+                    status: Some(status),
+                    assignments: Vec::new(),
+                }));
+            }
+        };
         let req = req.into_inner();
         let topic = req.topic.unwrap_or_default();
         // Every queue goes to every consumer: receives pop from all of a
         // topic's queues for the group, whatever queue they name.
         Ok(Response::new(
-            match self.queues(&topic, req.endpoints).await {
+            match self.queues(&ext, &topic, req.endpoints).await {
                 Ok(qs) => rmq::QueryAssignmentResponse {
                     status: Some(ok()),
                     assignments: qs
@@ -577,11 +592,13 @@ impl MessagingService for RocketMqService {
                 content: Some(rmq::receive_message_response::Content::Status(s)),
             }]))
         };
-        if let Err(status) = self.admit(&req) {
-            return Ok(status_only(status));
-        }
+        let ext = match self.admit(&req) {
+            Ok(ext) => ext,
+            Err(status) => {
+                return Ok(status_only(status));
+            }
+        };
         let deadline = grpc_timeout(&req);
-        let ext = req.extensions().clone();
         let req = req.into_inner();
         let group = name_of(req.group.as_ref());
         let topic = name_of(req.message_queue.as_ref().and_then(|q| q.topic.as_ref()));
@@ -685,14 +702,16 @@ impl MessagingService for RocketMqService {
                 })
                 .collect()
         };
-        if let Err(status) = self.admit(&req) {
-            let entries = entries_with(&req.get_ref().entries, &status);
-            return Ok(Response::new(rmq::AckMessageResponse {
-                status: Some(status),
-                entries,
-            }));
-        }
-        let ext = req.extensions().clone();
+        let ext = match self.admit(&req) {
+            Ok(ext) => ext,
+            Err(status) => {
+                let entries = entries_with(&req.get_ref().entries, &status);
+                return Ok(Response::new(rmq::AckMessageResponse {
+                    status: Some(status),
+                    entries,
+                }));
+            }
+        };
         let req = req.into_inner();
         if req.entries.is_empty() {
             return Ok(Response::new(rmq::AckMessageResponse {
@@ -762,7 +781,7 @@ impl MessagingService for RocketMqService {
     ) -> Result<Response<rmq::ForwardMessageToDeadLetterQueueResponse>, Status> {
         let status = match self.admit(&req) {
             Err(s) => s,
-            Ok(()) => st(
+            Ok(_) => st(
                 Code::NotImplemented,
                 "Petrel moves a record to the dead-letter topic itself after its last attempt",
             ),
@@ -821,12 +840,14 @@ impl MessagingService for RocketMqService {
         &self,
         req: Request<rmq::EndTransactionRequest>,
     ) -> Result<Response<rmq::EndTransactionResponse>, Status> {
-        if let Err(status) = self.admit(&req) {
-            return Ok(Response::new(rmq::EndTransactionResponse {
-                status: Some(status),
-            }));
-        }
-        let ext = req.extensions().clone();
+        let ext = match self.admit(&req) {
+            Ok(ext) => ext,
+            Err(status) => {
+                return Ok(Response::new(rmq::EndTransactionResponse {
+                    status: Some(status),
+                }));
+            }
+        };
         let req = req.into_inner();
         let commit = match rmq::TransactionResolution::try_from(req.resolution) {
             Ok(rmq::TransactionResolution::Commit) => true,
@@ -861,7 +882,9 @@ impl MessagingService for RocketMqService {
         &self,
         req: Request<tonic::Streaming<rmq::TelemetryCommand>>,
     ) -> Result<Response<Self::TelemetryStream>, Status> {
-        let refused = self.admit(&req).err();
+        let admitted = self.admit(&req);
+        let refused = admitted.as_ref().err().cloned();
+        let ext = admitted.unwrap_or_default();
         let client = client_id(&req);
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<rmq::TelemetryCommand, Status>>(16);
@@ -889,9 +912,11 @@ impl MessagingService for RocketMqService {
                         h.abort();
                     }
                     for t in &p.topics {
-                        watching.push(tokio::spawn(
-                            this.clone().watch(name_of(Some(t)), tx.clone()),
-                        ));
+                        watching.push(tokio::spawn(this.clone().watch(
+                            ext.clone(),
+                            name_of(Some(t)),
+                            tx.clone(),
+                        )));
                     }
                 }
                 if !client.is_empty() {
@@ -934,10 +959,12 @@ impl MessagingService for RocketMqService {
                 receipt_handle,
             })
         };
-        if let Err(status) = self.admit(&req) {
-            return Ok(reply(status, String::new()));
-        }
-        let ext = req.extensions().clone();
+        let ext = match self.admit(&req) {
+            Ok(ext) => ext,
+            Err(status) => {
+                return Ok(reply(status, String::new()));
+            }
+        };
         let req = req.into_inner();
         let ms = req.invisible_duration.as_ref().map(ms_of).unwrap_or(0);
         if ms == 0 {
@@ -979,16 +1006,24 @@ impl RocketMqService {
     /// Forwards the transaction checks of `topic` (when it is a
     /// transactional topic) to a producer's telemetry stream as
     /// `RecoverOrphanedTransactionCommand`s, until the stream ends.
-    async fn watch(self, topic: String, tx: mpsc::Sender<Result<rmq::TelemetryCommand, Status>>) {
-        match self.topic(&topic).await {
+    async fn watch(
+        self,
+        ext: tonic::Extensions,
+        topic: String,
+        tx: mpsc::Sender<Result<rmq::TelemetryCommand, Status>>,
+    ) {
+        match self.topic(&ext, &topic).await {
             Ok(t)
                 if t.config.as_ref().map(|c| c.message_type)
                     == Some(pb::MessageType::Transaction as i32) => {}
             _ => return,
         }
-        let req = Request::new(pb::WatchTransactionsRequest {
-            topic: topic.clone(),
-        });
+        let req = with_peer(
+            &ext,
+            pb::WatchTransactionsRequest {
+                topic: topic.clone(),
+            },
+        );
         let Ok(r) = Petrel::watch_transactions(&self.petrel, req).await else {
             return;
         };

@@ -165,9 +165,9 @@ impl ProxyService {
 }
 
 impl ProxyService {
-    /// Whether calls must come from a user (an auth file is in use).
-    pub fn requires_users(&self) -> bool {
-        self.inner.auth.requires_users()
+    /// The proxy's users and rules (shared with its other front ends).
+    pub fn auth(&self) -> Arc<Auth> {
+        self.inner.auth.clone()
     }
 }
 

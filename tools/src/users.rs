@@ -149,6 +149,8 @@ pub fn user(cmd: UserCmd, json: bool) -> CliResult {
                 name: name.clone(),
                 signing_key: base64::engine::general_purpose::STANDARD
                     .encode(petrel_proto::auth::signing_key(&name, &secret)),
+                rocketmq_key: base64::engine::general_purpose::STANDARD
+                    .encode(petrel_proto::rmq_auth::pad_states(&secret)),
             });
             save(&file.auth_file, &f)?;
             if json {

@@ -492,3 +492,88 @@ async fn nothing_a_rocketmq_producer_was_told_was_sent_is_lost_to_kills() {
     );
     drop(procs);
 }
+
+/// On a proxy with users, RocketMQ clients sign in with their access and
+/// secret keys (`MQv2-HMAC-SHA1`) as the same users as Petrel's SDK, and
+/// the same rules apply: a wrong secret is refused, and so is a topic the
+/// user may not use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rocketmq_clients_sign_in_as_petrel_users_under_the_same_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.toml");
+    let file = users.to_str().unwrap();
+    let secret = common::add_user(file, "alice");
+    let ops = common::add_user(file, "ops");
+    for (user, resource, actions) in [
+        ("alice", "topic:sec", "publish,subscribe,describe"),
+        ("alice", "group:*", "subscribe"),
+        ("ops", "*", "*"),
+    ] {
+        common::petrel(&[
+            "acl",
+            "add",
+            "--auth-file",
+            file,
+            "--user",
+            user,
+            "--resource",
+            resource,
+            "--actions",
+            actions,
+        ]);
+    }
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    let mut procs = Procs::default();
+    for (i, port) in ports.iter().enumerate() {
+        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
+    }
+    let port = free_port();
+    let mut pc = common::proxy_command(port, &broker_list(&ports));
+    pc.env_remove("PETREL_ALLOW_ANONYMOUS")
+        .arg("--auth-file")
+        .arg(&users);
+    procs.push(pc.spawn().unwrap());
+    let admin = common::client(port, Some(("ops", &ops)));
+    wait_ready(&admin.admin(), 3, READY).await;
+    for t in ["sec", "other"] {
+        admin
+            .admin()
+            .create_topic(TopicSpec::new(t).queues(1).replicas(3))
+            .await
+            .unwrap();
+    }
+    let signed = |sk: &str| {
+        let mut o = options(port);
+        o.set_access_key("alice");
+        o.set_secret_key(sk);
+        o
+    };
+    let start = |o: ClientOption, topic: &'static str| async move {
+        let mut po = ProducerOption::default();
+        po.set_topics(vec![topic]);
+        let mut p = Producer::new(po, o).unwrap();
+        p.start().await.map(|_| p)
+    };
+    // Signed correctly: sends and receives on its topic.
+    let p = start(signed(&secret), "sec").await.unwrap();
+    let m = MessageBuilder::builder()
+        .set_topic("sec")
+        .set_body(b"signed".to_vec())
+        .build()
+        .unwrap();
+    p.send(m).await.unwrap();
+    let mut co = SimpleConsumerOption::default();
+    co.set_consumer_group("sec-g");
+    co.set_topics(vec!["sec"]);
+    let mut c = SimpleConsumer::new(co, signed(&secret)).unwrap();
+    c.start().await.unwrap();
+    let got = drain(&c, "sec", &all(), 1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body(), b"signed");
+    // A wrong secret, no credentials, or a topic not granted: refused.
+    assert!(start(signed("not-the-secret"), "sec").await.is_err());
+    assert!(start(options(port), "sec").await.is_err());
+    assert!(start(signed(&secret), "other").await.is_err());
+    drop(procs);
+}
