@@ -404,6 +404,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 /// How many of `entries`, from the first, fit in `budget` encoded bytes
 /// (always at least one, so a single large entry still goes alone).
 pub fn entries_within<T: Serialize>(entries: &[T], budget: u64) -> usize {
+    if entries.len() <= 1 {
+        return entries.len(); // nothing to cut; skip sizing the hot case
+    }
     let mut bytes = 0u64;
     for (i, e) in entries.iter().enumerate() {
         bytes = bytes.saturating_add(bincode::serialized_size(e).unwrap_or(u64::MAX));

@@ -195,33 +195,32 @@ pub struct Limiter {
 /// full, so it is never refused forever.
 fn take(map: &Buckets, key: &str, rate: u64, n: u64, now: Instant) -> Result<(), u64> {
     let cap = rate as f64;
-    let entry = match map.get(key) {
-        Some(e) => e,
-        None => map
-            .entry(key.to_string())
-            .or_insert_with(|| {
-                Mutex::new(Bucket {
-                    tokens: cap,
-                    at: now,
-                })
-            })
-            .downgrade(),
-    };
-    let mut b = entry.lock().unwrap_or_else(|e| e.into_inner());
-    b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cap).min(cap);
-    b.at = now;
-    let need = (n as f64).min(cap);
-    if b.tokens >= need {
-        b.tokens -= n as f64;
-        Ok(())
-    } else {
-        Err(((need - b.tokens) / cap * 1000.0).ceil() as u64)
-    }
+    with_bucket(map, key, rate, now, |b| {
+        let need = (n as f64).min(cap);
+        if b.tokens >= need {
+            b.tokens -= n as f64;
+            Ok(())
+        } else {
+            Err(((need - b.tokens) / cap * 1000.0).ceil() as u64)
+        }
+    })
 }
 
 /// The tokens in `key`'s bucket now (refilled at `rate`/s, at most one
 /// second's worth; negative while in debt).
 fn peek(map: &Buckets, key: &str, rate: u64, now: Instant) -> f64 {
+    with_bucket(map, key, rate, now, |b| b.tokens)
+}
+
+/// Runs `f` on `key`'s bucket (made full if new), refilled at `rate`/s up
+/// to `now`.
+fn with_bucket<T>(
+    map: &Buckets,
+    key: &str,
+    rate: u64,
+    now: Instant,
+    f: impl FnOnce(&mut Bucket) -> T,
+) -> T {
     let cap = rate as f64;
     let entry = match map.get(key) {
         Some(e) => e,
@@ -238,7 +237,7 @@ fn peek(map: &Buckets, key: &str, rate: u64, now: Instant) -> f64 {
     let mut b = entry.lock().unwrap_or_else(|e| e.into_inner());
     b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cap).min(cap);
     b.at = now;
-    b.tokens
+    f(&mut b)
 }
 
 /// Forgets buckets idle for a second (full again) once there are many.

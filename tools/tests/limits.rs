@@ -14,10 +14,7 @@ use futures::StreamExt;
 
 mod common;
 
-use common::{
-    add_user, client, free_port, metric, peers_arg, petrel, proxy_command, spawn_broker,
-    wait_ready, Procs,
-};
+use common::{add_user, client, free_port, metric, petrel, proxy_command, wait_ready};
 use petrel_proto::pb;
 use petrel_sdk::{Client, Error, Message, TopicSpec};
 
@@ -163,18 +160,7 @@ async fn a_hostile_clients_floods_get_typed_errors_while_others_are_served() {
     ]);
     let config = dir.path().join("proxy.toml");
     std::fs::write(&config, "").unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
-    let mut procs = Procs::default();
-    for (i, port) in ports.iter().enumerate() {
-        procs.push(spawn_broker(
-            i + 1,
-            *port,
-            &peers,
-            dir.path(),
-            &["--max-consumer-groups", "64"],
-        ));
-    }
+    let (mut procs, ports) = common::spawn_brokers(3, dir.path(), &["--max-consumer-groups", "64"]);
     let (port, admin) = (free_port(), free_port());
     let mut pc = proxy_command(port, &common::broker_list(&ports));
     pc.env_remove("PETREL_ALLOW_ANONYMOUS")
@@ -365,12 +351,7 @@ async fn one_clients_open_receives_are_capped_and_others_are_served() {
         "--actions",
         "*",
     ]);
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
-    let mut procs = Procs::default();
-    for (i, port) in ports.iter().enumerate() {
-        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
-    }
+    let (mut procs, ports) = common::spawn_brokers(3, dir.path(), &[]);
     let port = free_port();
     let mut pc = proxy_command(port, &common::broker_list(&ports));
     pc.env_remove("PETREL_ALLOW_ANONYMOUS")

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{broker_list, free_port, peers_arg, spawn_broker, spawn_proxy, wait_ready, Procs};
+use common::{broker_list, free_port, spawn_proxy, wait_ready};
 use petrel_proto::pb;
 use petrel_proto::pb::rocketmq as rmq;
 use petrel_sdk::{Client, Message, TopicSpec};
@@ -79,12 +79,7 @@ async fn drain(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
-    let mut procs = Procs::default();
-    for (i, port) in ports.iter().enumerate() {
-        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
-    }
+    let (mut procs, ports) = common::spawn_brokers(3, dir.path(), &[]);
     let port = free_port();
     procs.push(spawn_proxy(port, &broker_list(&ports)));
     let petrel = Client::connect([format!("127.0.0.1:{port}")]).unwrap();
@@ -427,12 +422,7 @@ async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_a_rocketmq_producer_was_told_was_sent_is_lost_to_kills() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
-    let mut procs = Procs::default();
-    for (i, port) in ports.iter().enumerate() {
-        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
-    }
+    let (mut procs, ports) = common::spawn_brokers(3, dir.path(), &[]);
     let (p1, p2, rq2) = (free_port(), free_port(), free_port());
     let proxy1 = procs.push(spawn_proxy(p1, &broker_list(&ports)));
     let mut second = common::proxy_command(p2, &broker_list(&ports));
@@ -522,12 +512,7 @@ async fn rocketmq_clients_sign_in_as_petrel_users_under_the_same_rules() {
             actions,
         ]);
     }
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = peers_arg(&ports);
-    let mut procs = Procs::default();
-    for (i, port) in ports.iter().enumerate() {
-        procs.push(spawn_broker(i + 1, *port, &peers, dir.path(), &[]));
-    }
+    let (mut procs, ports) = common::spawn_brokers(3, dir.path(), &[]);
     let port = free_port();
     let mut pc = common::proxy_command(port, &broker_list(&ports));
     pc.env_remove("PETREL_ALLOW_ANONYMOUS")

@@ -159,6 +159,18 @@ pub fn spawn_broker(
     broker_command(id, port, peers, dir, extra).spawn().unwrap()
 }
 
+/// Starts `n` founding brokers on fresh ports (ids 1..=n, in slots
+/// 0..n of the returned processes), each with `extra` flags.
+pub fn spawn_brokers(n: usize, dir: &std::path::Path, extra: &[&str]) -> (Procs, Vec<u16>) {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let peers = peers_arg(&ports);
+    let mut procs = Procs::default();
+    for (i, port) in ports.iter().enumerate() {
+        procs.push(spawn_broker(i + 1, *port, &peers, dir, extra));
+    }
+    (procs, ports)
+}
+
 /// The command [`spawn_broker`] runs (output discarded; see [`log_to`]).
 pub fn broker_command(
     id: usize,
