@@ -37,6 +37,31 @@ pub fn key_index_prefix(group: u64, key: &str) -> Vec<u8> {
     k
 }
 
+/// `indexes` CF: `[group][0xFFFF][id len u16][id][offset]` → empty. One
+/// entry per record carrying a client-generated message id (property
+/// `petrel_proto::record::CLIENT_ID_PROPERTY`). Keys are at most
+/// `MAX_KEY_LEN` (1,024) bytes, so the 0xFFFF marker, where a key index
+/// entry has its key's length, never meets a key's entries.
+pub fn client_id_index_key(group: u64, id: &str, offset: u64) -> Vec<u8> {
+    let mut k = client_id_index_prefix(group, id);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// The prefix of the index entries of client message id `id` in `group`.
+/// Ids are indexed in uppercase: RocketMQ clients spell their hexadecimal
+/// ids in mixed case (an uppercase prefix, a lowercase tail), and people
+/// retype them.
+pub fn client_id_index_prefix(group: u64, id: &str) -> Vec<u8> {
+    let id = &id.as_bytes()[..id.len().min(u16::MAX as usize)];
+    let mut k = Vec::with_capacity(8 + 2 + 2 + id.len() + 8);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.extend_from_slice(&u16::MAX.to_be_bytes());
+    k.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    k.extend(id.iter().map(u8::to_ascii_uppercase));
+    k
+}
+
 /// Decodes the index/offset half of a `[group][u64]` key.
 pub fn decode_group_u64(key: &[u8]) -> Option<(u64, u64)> {
     if key.len() != GROUP_U64_KEY_LEN {

@@ -1186,8 +1186,9 @@ impl QueueState {
     }
 
     /// A consumer could not process a leased record: it comes back after
-    /// the group's back-off for its attempt, or, after its last attempt,
-    /// becomes a dead letter (then `Ok(None)`).
+    /// the group's back-off for its attempt, or, after its last attempt or
+    /// when the consumer gives up on it (`give_up`), becomes a dead letter
+    /// (then `Ok(None)`).
     #[allow(clippy::too_many_arguments)] // a command's fields, applied as one
     pub fn nack(
         &mut self,
@@ -1195,6 +1196,7 @@ impl QueueState {
         offset: u64,
         lease_id: u64,
         reason: &str,
+        give_up: bool,
         now_ms: i64,
         log_index: u64,
         ch: &mut Changes,
@@ -1203,12 +1205,13 @@ impl QueueState {
         let policy = c.policy;
         match c.leases.get_mut(&offset) {
             Some(l) if l.lease_id == lease_id => {
-                let reason = if reason.is_empty() {
-                    "nacked by the consumer".to_string()
-                } else {
-                    format!("nacked: {reason}")
+                let reason = match (reason.is_empty(), give_up) {
+                    (true, false) => "nacked by the consumer".to_string(),
+                    (true, true) => "dead-lettered by the consumer".to_string(),
+                    (false, false) => format!("nacked: {reason}"),
+                    (false, true) => format!("dead-lettered by the consumer: {reason}"),
                 };
-                let out = if l.attempt >= policy.max_attempts {
+                let out = if give_up || l.attempt >= policy.max_attempts {
                     let attempts = l.attempt;
                     if let Some(l) = c.leases.remove(&offset) {
                         c.finish(offset, &l, 0);
@@ -1844,7 +1847,7 @@ mod tests {
             };
             attempts.push((l.attempt, now));
             let at = q
-                .nack("g", 0, l.lease_id, "boom", now, idx + 1, &mut ch)
+                .nack("g", 0, l.lease_id, "boom", false, now, idx + 1, &mut ch)
                 .unwrap();
             if l.attempt < 3 {
                 assert_eq!(at, Some(now + policy.backoff_ms(l.attempt) as i64));
@@ -1861,6 +1864,33 @@ mod tests {
         assert_eq!((c.dead_lettered, c.inflight(), c.committed), (1, 0, 1));
         q.dead_lettered("g", &[0], &mut ch);
         assert!(q.consumers["g"].dead_pending.is_empty());
+    }
+
+    #[test]
+    fn a_consumer_that_gives_up_dead_letters_on_the_first_attempt() {
+        let mut q = q_with(2);
+        let mut ch = Changes::default();
+        let mut p = params(2, 0, false, None);
+        p.policy = RetryPolicy::with_defaults(16, 100, 1000);
+        let out = q.pop("g", p, 10, &mut |_| None, &mut ch);
+        let (first, second) = (out.leases[0], out.leases[1]);
+        assert_eq!(first.attempt, 1);
+        let at = q
+            .nack("g", 0, first.lease_id, "bad input", true, 5, 11, &mut ch)
+            .unwrap();
+        assert_eq!(at, None, "no redelivery for a record given up on");
+        let c = &q.consumers["g"];
+        assert_eq!(c.dead_lettered, 1);
+        let d = &c.dead_pending[&0];
+        assert_eq!(d.attempts, 1);
+        assert!(d.reason.contains("bad input"), "{}", d.reason);
+        // A stale handle cannot dead-letter a record someone else holds.
+        assert!(q.nack("g", 1, 999, "", true, 5, 12, &mut ch).is_err());
+        assert_eq!(q.consumers["g"].dead_lettered, 1);
+        // The other record is untouched and still acks.
+        assert!(q.ack("g", &[(1, second.lease_id)], &mut ch)[0].is_ok());
+        q.dead_lettered("g", &[0], &mut ch);
+        assert_eq!(q.consumers["g"].committed, 2);
     }
 
     #[test]
@@ -2002,7 +2032,9 @@ mod tests {
                 }
                 11 => {
                     if let Some((o, l)) = pick(rnd(1000)) {
-                        let _ = serve(&mut leader, |q| q.nack(g, o, l, "no", now, id, &mut ch));
+                        let _ = serve(&mut leader, |q| {
+                            q.nack(g, o, l, "no", false, now, id, &mut ch)
+                        });
                     }
                 }
                 12 => {

@@ -892,21 +892,51 @@ impl BrokerData for Service {
         let new_id = q.next_lease_id(term);
         let now = petrel_proto::now_ms();
         let (r, seq) = self.consumer_change(req.group_id, &q, term, true, |st, ch| {
-            st.nack(
+            let r = st.nack(
                 &req.consumer_group,
                 lease.offset,
                 lease.lease_id,
                 &reason,
+                req.dead_letter,
                 now,
                 new_id,
                 ch,
-            )
+            );
+            // A dead letter made now is handed to the proxy with the answer.
+            let dead = match r {
+                Ok(None) => st
+                    .consumers
+                    .get(&req.consumer_group)
+                    .and_then(|c| c.dead_pending.get(&lease.offset).cloned()),
+                _ => None,
+            };
+            r.map(|at| (at, dead))
         })?;
         q.lane.wait(seq).await?;
         match r {
-            Ok(at) => Ok(TResponse::new(bpb::BrokerNackResponse {
-                redeliver_at_ms: at.unwrap_or(0),
+            Ok((Some(at), _)) => Ok(TResponse::new(bpb::BrokerNackResponse {
+                redeliver_at_ms: at,
+                dead_letters: Vec::new(),
             })),
+            // Handed to the proxy to store now; it stays pending (and
+            // leaves with a later pop) until the proxy reports it stored.
+            Ok((None, dead)) => {
+                let dead_letters = dead
+                    .map(|d| bpb::DeadLetter {
+                        offset: lease.offset,
+                        attempts: d.attempts,
+                        reason: d.reason,
+                        encoded: self
+                            .read_record(req.group_id, lease.offset)
+                            .unwrap_or_default(),
+                    })
+                    .into_iter()
+                    .collect();
+                Ok(TResponse::new(bpb::BrokerNackResponse {
+                    redeliver_at_ms: 0,
+                    dead_letters,
+                }))
+            }
             Err(e) => Err(PetrelError::from(e).into()),
         }
     }
@@ -956,7 +986,11 @@ impl BrokerData for Service {
         let max = if req.max == 0 { 100 } else { req.max.min(1000) } as usize;
         let h = self.leader(req.group_id)?;
         let start = queue_of(&h, req.group_id)?.read().header.start_offset;
-        let prefix = keys::key_index_prefix(req.group_id, &req.key);
+        let prefix = if req.client_id {
+            keys::client_id_index_prefix(req.group_id, &req.key)
+        } else {
+            keys::key_index_prefix(req.group_id, &req.key)
+        };
         let cf = self.node.store.cf(crate::storage::CF_INDEXES);
         let mut records = Vec::new();
         let mut bytes = 0usize;

@@ -491,6 +491,12 @@ impl StateMachine {
             if let Some(key) = petrel_proto::record::key_of(bytes).filter(|k| !k.is_empty()) {
                 b.put_cf(&idx, keys::key_index_key(g, key, *off), []);
             }
+            if let Some(id) =
+                petrel_proto::record::property_of(bytes, petrel_proto::record::CLIENT_ID_PROPERTY)
+                    .filter(|id| !id.is_empty())
+            {
+                b.put_cf(&idx, keys::client_id_index_key(g, id, *off), []);
+            }
         }
         let timers = self.store.cf(CF_TIMERS);
         for (off, at) in &ch.held_added {
@@ -677,7 +683,9 @@ impl StateMachine {
                 lease_id,
                 reason,
                 now_ms,
-            } => Response::Nacked(q.nack(consumer, *offset, *lease_id, reason, *now_ms, index, ch)),
+            } => Response::Nacked(q.nack(
+                consumer, *offset, *lease_id, reason, false, *now_ms, index, ch,
+            )),
             Command::DeadLettered { consumer, offsets } => {
                 q.dead_lettered(consumer, offsets, ch);
                 Response::Done(Ok(()))

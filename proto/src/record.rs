@@ -172,6 +172,39 @@ pub fn key_of(buf: &[u8]) -> Option<&str> {
     std::str::from_utf8(short(&mut at)?).ok()
 }
 
+/// The property a record keeps its client-generated message id in (a
+/// RocketMQ client makes its own ids). Brokers index it on apply, so
+/// `message get` finds a record by that id as well as by Petrel's.
+pub const CLIENT_ID_PROPERTY: &str = "petrel.rmq.id";
+
+/// The value of property `name` of an encoded record, without checking the
+/// CRC or decoding the rest (the broker indexes client ids on apply).
+/// `None` if absent or malformed.
+pub fn property_of<'a>(buf: &'a [u8], name: &str) -> Option<&'a str> {
+    let mut at = HEADER;
+    let short = |at: &mut usize| -> Option<&'a [u8]> {
+        let len = u16::from_le_bytes(buf.get(*at..*at + 2)?.try_into().ok()?) as usize;
+        let s = buf.get(*at + 2..*at + 2 + len)?;
+        *at += 2 + len;
+        Some(s)
+    };
+    short(&mut at)?; // producer id
+    short(&mut at)?; // key
+    short(&mut at)?; // tag
+    let n = u16::from_le_bytes(buf.get(at..at + 2)?.try_into().ok()?);
+    at += 2;
+    for _ in 0..n {
+        let k = short(&mut at)?;
+        let len = u32::from_le_bytes(buf.get(at..at + 4)?.try_into().ok()?) as usize;
+        let v = buf.get(at + 4..at + 4 + len)?;
+        at += 4 + len;
+        if k == name.as_bytes() {
+            return std::str::from_utf8(v).ok();
+        }
+    }
+    None
+}
+
 pub fn verify(buf: &[u8]) -> Result<(), DecodeError> {
     if buf.len() < HEADER {
         return Err(DecodeError::Truncated("header"));
@@ -230,6 +263,23 @@ mod tests {
         let enc = r.encode();
         assert_eq!(enc.len(), r.encoded_len());
         assert_eq!(RecordData::decode(&enc).unwrap(), r);
+    }
+
+    #[test]
+    fn property_of_reads_one_property_without_decoding() {
+        let enc = sample().encode();
+        assert_eq!(property_of(&enc, "a"), Some("1"));
+        assert_eq!(property_of(&enc, "region"), Some("eu"));
+        assert_eq!(property_of(&enc, "missing"), None);
+        // Never past the end of a cut or hostile buffer.
+        for cut in 0..enc.len() {
+            let _ = property_of(&enc[..cut], "region");
+        }
+        let mut lying = enc.to_vec();
+        // The property count claims far more than the buffer holds.
+        let at = HEADER + 2 + 3 + 2 + 1 + 2 + 4;
+        lying[at..at + 2].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert_eq!(property_of(&lying, "nope"), None);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::auth::{Auth, Principal, Verified};
 use crate::service::ProxyService;
 
 /// The client's message id, as it sent it.
-pub const PROP_ID: &str = "petrel.rmq.id";
+pub const PROP_ID: &str = petrel_proto::record::CLIENT_ID_PROPERTY;
 /// Every key of the message, space-separated (RocketMQ's own encoding).
 pub const PROP_KEYS: &str = "petrel.rmq.keys";
 /// The host that produced the message.
@@ -125,13 +125,28 @@ fn err(s: Status) -> rmq::Status {
 
 /// A RocketMQ resource as a Petrel name: `namespace%name` when namespaced
 /// (RocketMQ's own convention), else the name.
+/// RocketMQ names a consumer group's dead-letter topic `%DLQ%GROUP`.
+const DLQ_PREFIX: &str = "%DLQ%";
+
+/// The Petrel name of a RocketMQ resource: `namespace%name`, and a
+/// group's dead-letter topic `%DLQ%GROUP` as Petrel's (`GROUP.dlq`), so a
+/// RocketMQ consumer reads dead letters where RocketMQ keeps them.
 fn name_of(r: Option<&rmq::Resource>) -> String {
-    match r {
-        Some(r) if !r.resource_namespace.is_empty() => {
-            format!("{}%{}", r.resource_namespace, r.name)
+    let Some(r) = r else {
+        return String::new();
+    };
+    let with_ns = |n: &str| {
+        if r.resource_namespace.is_empty() {
+            n.to_string()
+        } else {
+            format!("{}%{}", r.resource_namespace, n)
         }
-        Some(r) => r.name.clone(),
-        None => String::new(),
+    };
+    match r.name.strip_prefix(DLQ_PREFIX) {
+        Some(group) if !group.is_empty() => {
+            petrel_proto::validate::dead_letter_topic(&with_ns(group))
+        }
+        _ => with_ns(&r.name),
     }
 }
 
@@ -270,7 +285,13 @@ pub fn to_rocketmq(r: pb::Record, invisible_ms: Option<u64>) -> rmq::Message {
         tag: (!r.tag.is_empty()).then(|| r.tag.clone()),
         keys,
         message_id: id,
-        body_digest: None,
+        // The Java client checks it and logs an error for a message
+        // without one. CRC32 is the cheapest it knows: uppercase hex, not
+        // zero-padded (as Java's Long.toHexString then toUpperCase).
+        body_digest: Some(rmq::Digest {
+            r#type: rmq::DigestType::Crc32 as i32,
+            checksum: format!("{:X}", crc32fast::hash(&r.body)),
+        }),
         body_encoding: rmq::Encoding::Identity as i32,
         message_type: message_type as i32,
         born_timestamp: Some(timestamp(r.born_timestamp_ms)),
@@ -601,7 +622,8 @@ impl MessagingService for RocketMqService {
         let deadline = grpc_timeout(&req);
         let req = req.into_inner();
         let group = name_of(req.group.as_ref());
-        let topic = name_of(req.message_queue.as_ref().and_then(|q| q.topic.as_ref()));
+        let asked = req.message_queue.as_ref().and_then(|q| q.topic.clone());
+        let topic = name_of(asked.as_ref());
         let invisible_ms = req.invisible_duration.as_ref().map(ms_of).unwrap_or(30_000);
         if invisible_ms == 0 {
             return Ok(status_only(st(
@@ -674,11 +696,14 @@ impl MessagingService for RocketMqService {
             // Records already leased are delivered even if the stream then
             // failed: they are the client's now.
             out.push(Content::Status(ok()));
-            out.extend(
-                records
-                    .into_iter()
-                    .map(|r| Content::Message(to_rocketmq(r, Some(invisible_ms)))),
-            );
+            out.extend(records.into_iter().map(|r| {
+                // Named as the client asked (`%DLQ%G` stays so).
+                let mut m = to_rocketmq(r, Some(invisible_ms));
+                if asked.is_some() {
+                    m.topic = asked.clone();
+                }
+                Content::Message(m)
+            }));
         }
         out.push(Content::DeliveryTimestamp(now));
         Ok(Response::new(once(
@@ -779,12 +804,32 @@ impl MessagingService for RocketMqService {
         &self,
         req: Request<rmq::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Result<Response<rmq::ForwardMessageToDeadLetterQueueResponse>, Status> {
+        // A PushConsumer sends this when its listener failed a message on
+        // its last attempt (or asked for it outright). The record leaves the
+        // group at once and is stored in the group's dead-letter topic,
+        // `GROUP.dlq`, exactly as when Petrel runs out of attempts itself.
         let status = match self.admit(&req) {
             Err(s) => s,
-            Ok(_) => st(
-                Code::NotImplemented,
-                "Petrel moves a record to the dead-letter topic itself after its last attempt",
-            ),
+            Ok(ext) => {
+                let req = req.into_inner();
+                let preq = with_peer(
+                    &ext,
+                    pb::NackRequest {
+                        topic: name_of(req.topic.as_ref()),
+                        group: name_of(req.group.as_ref()),
+                        receipt_handle: req.receipt_handle,
+                        reason: format!(
+                            "forwarded by the RocketMQ client after delivery attempt {} of {}",
+                            req.delivery_attempt, req.max_delivery_attempts
+                        ),
+                        dead_letter: true,
+                    },
+                );
+                match Petrel::nack(&self.petrel, preq).await {
+                    Ok(_) => ok(),
+                    Err(s) => err(s),
+                }
+            }
         };
         Ok(Response::new(
             rmq::ForwardMessageToDeadLetterQueueResponse {
@@ -1055,6 +1100,24 @@ impl RocketMqService {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_map_namespaces_and_dead_letter_topics() {
+        let r = |ns: &str, n: &str| rmq::Resource {
+            resource_namespace: ns.into(),
+            name: n.into(),
+        };
+        assert_eq!(name_of(Some(&r("", "orders"))), "orders");
+        assert_eq!(name_of(Some(&r("shop", "orders"))), "shop%orders");
+        assert_eq!(name_of(Some(&r("", "%DLQ%workers"))), "workers.dlq");
+        assert_eq!(
+            name_of(Some(&r("shop", "%DLQ%workers"))),
+            "shop%workers.dlq"
+        );
+        // Not a dead-letter name: passed on for validation to refuse.
+        assert_eq!(name_of(Some(&r("", "%DLQ%"))), "%DLQ%");
+        assert_eq!(name_of(None), "");
+    }
+
     use super::*;
 
     #[test]

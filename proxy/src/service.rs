@@ -107,6 +107,13 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
 
 /// FNV-1a: stable across builds and processes, so every proxy picks the
 /// same queue for the same request.
+/// Whether a string that is not a Petrel message id may be a RocketMQ
+/// client's: every RocketMQ client makes hexadecimal ids (32 digits, or 34
+/// with the "01" version prefix of 5.x).
+fn is_client_message_id(s: &str) -> bool {
+    (16..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn hash_of(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
@@ -474,6 +481,125 @@ impl Inner {
     /// topic (created on demand), then tells the queue they are stored.
     /// Idempotent: each is appended with a producer id and sequence that
     /// name it, so a retry after a crash stores it once.
+    /// `message get` by the id a RocketMQ client gave a message (indexed
+    /// by the brokers from property `petrel.rmq.id`): every queue of
+    /// `req.topic`, or of every topic the caller may describe when it is
+    /// empty, a few queues at a time. The oldest match wins.
+    async fn get_by_client_id(
+        &self,
+        who: &Principal,
+        peer: Option<std::net::SocketAddr>,
+        req: &pb::GetMessageRequest,
+    ) -> Result<pb::GetMessageResponse, Status> {
+        use futures::StreamExt;
+        let topics: Vec<bpb::TopicRoute> = if req.topic.is_empty() {
+            let table = self.router.table();
+            let mut all: Vec<_> = table
+                .topics
+                .values()
+                .filter(|t| {
+                    let name = t.config.as_ref().map(|c| c.name.as_str()).unwrap_or("");
+                    self.auth
+                        .permit(who, peer, Resource::Topic(name), Action::Describe)
+                        .is_ok()
+                })
+                .cloned()
+                .collect();
+            all.sort_by(|a, b| {
+                a.config
+                    .as_ref()
+                    .map(|c| &c.name)
+                    .cmp(&b.config.as_ref().map(|c| &c.name))
+            });
+            all
+        } else {
+            self.auth
+                .permit(who, peer, Resource::Topic(&req.topic), Action::Describe)?;
+            vec![self.topic(&req.topic).await?]
+        };
+        let id = &req.message_id;
+        let mut lookups: Vec<(String, u32, u64)> = Vec::new();
+        for t in &topics {
+            let name = t
+                .config
+                .as_ref()
+                .map(|c| c.name.clone())
+                .unwrap_or_default();
+            for q in &t.queues {
+                lookups.push((name.clone(), q.queue, q.group_id));
+            }
+        }
+        let found: Vec<(String, u32, Result<bpb::FindByKeyResponse, PetrelError>)> =
+            futures::stream::iter(lookups)
+                .map(|(topic, queue, group)| async move {
+                    let breq = bpb::FindByKeyRequest {
+                        group_id: group,
+                        key: id.clone(),
+                        max: 1,
+                        client_id: true,
+                    };
+                    let r = self
+                        .on_leader(group, |_, _, mut c| {
+                            let breq = breq.clone();
+                            async move {
+                                c.find_by_key(breq)
+                                    .await
+                                    .map(|r| r.into_inner())
+                                    .map_err(|s| PetrelError::from_status(&s))
+                            }
+                        })
+                        .await;
+                    (topic, queue, r)
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+        let mut best: Option<pb::Record> = None;
+        for (topic, queue, r) in found {
+            for sr in r?.records {
+                let rec = self.to_record(&topic, queue, sr.offset, &sr.encoded)?;
+                if best
+                    .as_ref()
+                    .is_none_or(|b| rec.store_timestamp_ms < b.store_timestamp_ms)
+                {
+                    best = Some(rec);
+                }
+            }
+        }
+        let Some(record) = best else {
+            let scope = if req.topic.is_empty() {
+                "any topic you may describe".to_string()
+            } else {
+                format!("topic {:?}", req.topic)
+            };
+            return Err(PetrelError::NotFound(format!(
+                "no message in {scope} has the RocketMQ message id {id:?}"
+            ))
+            .into());
+        };
+        // Its hold and deliveries, as for a Petrel id.
+        let mid: MessageId = record.message_id.parse()?;
+        let t = self.topic(&mid.topic).await?;
+        let group = Inner::group_of(&t, mid.queue)?;
+        let breq = bpb::LookupRequest {
+            group_id: group,
+            offset: mid.offset,
+        };
+        let resp = self
+            .on_leader(group, |_, _, mut c| async move {
+                c.lookup(breq)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| PetrelError::from_status(&s))
+            })
+            .await?;
+        Ok(pb::GetMessageResponse {
+            record: Some(record),
+            hold: resp.hold,
+            deliveries: resp.deliveries,
+        })
+    }
+
     async fn ship_dead_letters(
         &self,
         topic: &str,
@@ -1302,7 +1428,24 @@ impl Petrel for ProxyService {
         let s = &self.inner;
         let (who, _call) = Inner::enter(s, &req, &[])?;
         let peer = req.remote_addr();
-        let id: MessageId = req.into_inner().message_id.parse()?;
+        let req = req.into_inner();
+        let id: MessageId = match req.message_id.parse() {
+            Ok(id) => id,
+            Err(_) if is_client_message_id(&req.message_id) => {
+                return s
+                    .get_by_client_id(&who, peer, &req)
+                    .await
+                    .map(Response::new);
+            }
+            Err(_) => {
+                return Err(PetrelError::InvalidArgument(format!(
+                    "malformed message id {:?}: expected TOPIC/QUEUE/OFFSET (Petrel's) \
+                     or the hexadecimal id a RocketMQ client gave the message",
+                    req.message_id
+                ))
+                .into())
+            }
+        };
         s.auth
             .permit(&who, peer, Resource::Topic(&id.topic), Action::Describe)?;
         let t = s.topic(&id.topic).await?;
@@ -1354,6 +1497,7 @@ impl Petrel for ProxyService {
                 group_id: q.group_id,
                 key: req.key.clone(),
                 max,
+                client_id: false,
             };
             async move {
                 let r = s
@@ -1498,6 +1642,7 @@ impl Petrel for ProxyService {
                 lease_id: r.lease_id,
             }),
             reason: req.reason,
+            dead_letter: req.dead_letter,
         };
         let resp = s
             .on_leader(r.group_id, |_, _, mut c| {
@@ -1510,6 +1655,24 @@ impl Petrel for ProxyService {
                 }
             })
             .await?;
+        // The record is out of the group once the broker answers; storing
+        // it in the dead-letter topic now (rather than with the group's
+        // next receive) puts it there by the time the caller moves on. On
+        // failure it stays pending and the next receive stores it.
+        if !resp.dead_letters.is_empty() {
+            if let Err(e) = s
+                .ship_dead_letters(
+                    &req.topic,
+                    r.queue,
+                    r.group_id,
+                    &req.group,
+                    resp.dead_letters,
+                )
+                .await
+            {
+                tracing::warn!(topic = %req.topic, queue = r.queue, error = %e, "storing dead letters");
+            }
+        }
         Ok(Response::new(pb::NackResponse {
             redeliver_at_ms: resp.redeliver_at_ms,
         }))

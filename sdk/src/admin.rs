@@ -163,16 +163,30 @@ impl Admin {
     }
 
     /// A stored record by message id, with its state in every consumer
-    /// group (`NotFound` once retention removed it).
+    /// group (`NotFound` once retention removed it). The id is Petrel's
+    /// (`TOPIC/QUEUE/OFFSET`) or the one a RocketMQ client gave the message
+    /// (looked up in every topic the caller may describe; see
+    /// [`Admin::get_message_in`] to name the topic).
     pub async fn get_message(
         &self,
+        message_id: impl Into<String>,
+    ) -> Result<pb::GetMessageResponse> {
+        self.get_message_in("", message_id).await
+    }
+
+    /// [`Admin::get_message`], looking a RocketMQ client's message id up in
+    /// `topic` only (ignored for a Petrel id, which names its topic).
+    pub async fn get_message_in(
+        &self,
+        topic: impl Into<String>,
         message_id: impl Into<String>,
     ) -> Result<pb::GetMessageResponse> {
         unary!(
             self,
             get_message,
             pb::GetMessageRequest {
-                message_id: message_id.into()
+                message_id: message_id.into(),
+                topic: topic.into(),
             }
         )
     }

@@ -266,11 +266,29 @@ impl SimpleConsumer {
     /// group's dead-letter topic with `reason`. Returns when it will be
     /// redelivered (ms since the Unix epoch), `None` if dead-lettered.
     pub async fn nack(&self, message: &ReceivedMessage, reason: &str) -> Result<Option<i64>> {
+        self.nack_inner(message, reason, false).await
+    }
+
+    /// Gives up on a message now, whatever attempts it has left (a poison
+    /// message no retry will fix): it leaves the group and is stored in the
+    /// group's dead-letter topic (`GROUP.dlq`) with `reason`, as after its
+    /// last attempt.
+    pub async fn dead_letter(&self, message: &ReceivedMessage, reason: &str) -> Result<()> {
+        self.nack_inner(message, reason, true).await.map(|_| ())
+    }
+
+    async fn nack_inner(
+        &self,
+        message: &ReceivedMessage,
+        reason: &str,
+        dead_letter: bool,
+    ) -> Result<Option<i64>> {
         let req = pb::NackRequest {
             topic: self.topic.clone(),
             group: self.group.clone(),
             receipt_handle: message.receipt_handle.clone(),
             reason: reason.to_string(),
+            dead_letter,
         };
         let resp = self
             .client

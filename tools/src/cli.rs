@@ -142,11 +142,16 @@ pub struct TopArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum MessageCmd {
-    /// One message by id (TOPIC/QUEUE/OFFSET): body, properties, and its
-    /// delivery state in every consumer group.
+    /// One message by id: body, properties, and its delivery state in
+    /// every consumer group.
     Get {
-        /// Message id, as printed by `produce`.
+        /// Message id: Petrel's (TOPIC/QUEUE/OFFSET, as printed by
+        /// `produce`) or the id a RocketMQ client gave the message.
         id: String,
+        /// For a RocketMQ client's id: the topic to look in [default: every
+        /// topic you may describe].
+        #[arg(long)]
+        topic: Option<String>,
     },
     /// Messages of a topic with a key (from the brokers' key index),
     /// oldest first.
@@ -727,8 +732,8 @@ async fn top(client: &Client, a: TopArgs, json: bool) -> CliResult {
 async fn message(client: &Client, cmd: MessageCmd, json: bool) -> CliResult {
     let admin = client.admin();
     match cmd {
-        MessageCmd::Get { id } => {
-            let r = admin.get_message(id).await?;
+        MessageCmd::Get { id, topic } => {
+            let r = admin.get_message_in(topic.unwrap_or_default(), id).await?;
             let m = ReceivedMessage::from(r.record.unwrap_or_default());
             let deliveries: Vec<Value> = r
                 .deliveries

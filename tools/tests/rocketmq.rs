@@ -291,6 +291,47 @@ async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
     ]);
     assert!(out.contains("body-7"), "{out}");
 
+    // `message get` finds a RocketMQ-sent message by the id the RocketMQ
+    // client gave it, in a named topic or in all of them.
+    let receipt = p
+        .send(
+            MessageBuilder::builder()
+                .set_topic("rq")
+                .set_tag("by-id")
+                .set_body(b"find me by id".to_vec())
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let rmq_id = receipt.message_id().to_string();
+    assert!(!rmq_id.contains('/'), "a RocketMQ id: {rmq_id}");
+    let endpoint = format!("127.0.0.1:{port}");
+    // (In any case: RocketMQ ids mix upper and lower case.)
+    let lower = rmq_id.to_lowercase();
+    for (id, extra) in [(&rmq_id, &["--topic", "rq"][..]), (&lower, &[][..])] {
+        let mut args = vec!["--endpoint", &endpoint, "message", "get", id, "--json"];
+        args.extend_from_slice(extra);
+        let out = common::petrel(&args);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["body"], "find me by id", "{out}");
+        assert_eq!(v["tag"], "by-id", "{out}");
+        assert!(v["id"].as_str().unwrap().starts_with("rq/"), "{out}");
+    }
+    let missing = std::process::Command::new(common::bin("petrel"))
+        .args([
+            "--endpoint",
+            &endpoint,
+            "message",
+            "get",
+            "01ABCDEF0123456789ABCDEF0123456789",
+        ])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("RocketMQ message id"), "{err}");
+
     // 8. ChangeInvisibleDuration (the Rust client has no API for it): a
     //    raw client extends a lease, and the original handle still acks.
     let m = MessageBuilder::builder()
@@ -315,36 +356,17 @@ async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
         resource_namespace: String::new(),
         name: "rq-raw".into(),
     };
-    let mut message = None;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while message.is_none() && Instant::now() < deadline {
-        let mut s = raw
-            .receive_message(rmq::ReceiveMessageRequest {
-                group: Some(group.clone()),
-                message_queue: Some(queue.clone()),
-                batch_size: 1,
-                invisible_duration: Some(prost_types::Duration {
-                    seconds: 2,
-                    nanos: 0,
-                }),
-                long_polling_timeout: Some(prost_types::Duration {
-                    seconds: 2,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        while let Some(item) = s.message().await.unwrap() {
-            if let Some(rmq::receive_message_response::Content::Message(m)) = item.content {
-                message = Some(m);
-            }
-        }
-    }
-    let message = message.expect("received over the raw client");
+    let message = raw_receive(&mut raw, &group, &queue).await;
     assert_eq!(message.body.as_ref(), b"extend me");
     let sp = message.system_properties.unwrap();
+    // A body digest the Java client can check: CRC32, uppercase hex.
+    let digest = sp.body_digest.clone().expect("a body digest");
+    assert_eq!(digest.r#type, rmq::DigestType::Crc32 as i32);
+    assert_eq!(
+        u32::from_str_radix(&digest.checksum, 16).unwrap(),
+        crc32fast::hash(b"extend me")
+    );
+    assert_eq!(digest.checksum, digest.checksum.to_uppercase());
     let original = sp.receipt_handle.unwrap();
     let changed = raw
         .change_invisible_duration(rmq::ChangeInvisibleDurationRequest {
@@ -390,6 +412,71 @@ async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
         "{acked:?}"
     );
 
+    // 8b. ForwardMessageToDeadLetterQueue (a PushConsumer's, after its
+    //     listener failed the last attempt): the message leaves the group
+    //     at once and is in the group's dead-letter topic; its handle is
+    //     spent.
+    let m = MessageBuilder::builder()
+        .set_topic("rq-extend")
+        .set_body(b"poison".to_vec())
+        .build()
+        .unwrap();
+    p.send(m).await.unwrap();
+    let message = raw_receive(&mut raw, &group, &queue).await;
+    let sp = message.system_properties.unwrap();
+    let forward = |handle: String| rmq::ForwardMessageToDeadLetterQueueRequest {
+        group: Some(group.clone()),
+        topic: queue.topic.clone(),
+        receipt_handle: handle,
+        message_id: sp.message_id.clone(),
+        delivery_attempt: 1,
+        max_delivery_attempts: 16,
+        lite_topic: None,
+    };
+    let handle = sp.receipt_handle.clone().unwrap();
+    let fwd = raw
+        .forward_message_to_dead_letter_queue(forward(handle.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fwd.status.unwrap().code, rmq::Code::Ok as i32);
+    let again = raw
+        .forward_message_to_dead_letter_queue(forward(handle))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        again.status.unwrap().code,
+        rmq::Code::Ok as i32,
+        "a spent handle"
+    );
+    let dlq = petrel
+        .simple_consumer("rq-raw.dlq", "audit")
+        .wait(Duration::from_secs(2))
+        .build()
+        .receive(10)
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].body.as_ref(), b"poison");
+    assert!(
+        dlq[0].properties["petrel.dlq.reason"].contains("attempt 1 of 16"),
+        "{:?}",
+        dlq[0].properties
+    );
+    // RocketMQ's own name for the group's dead-letter topic reads it too.
+    let dc = consumer(port, "rq-dlq-reader", &["%DLQ%rq-raw"]).await;
+    let dead = drain(&dc, "%DLQ%rq-raw", &all(), 1, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body(), b"poison");
+    assert_eq!(dead[0].topic(), "%DLQ%rq-raw");
+    let c = consumer(port, "rq-raw", &["rq-extend"]).await;
+    let none = c
+        .receive_with("rq-extend", &all(), 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "a forwarded message is not redelivered");
+
     // 9. Errors are RocketMQ codes: an unknown topic.
     let route = raw
         .query_route(rmq::QueryRouteRequest {
@@ -413,6 +500,45 @@ async fn the_official_rocketmq_client_produces_and_consumes_through_petrel() {
     p.shutdown().await.unwrap();
     tp.shutdown().await.unwrap();
     drop(procs);
+}
+
+/// One message received over a raw RocketMQ client, leased for 2 s.
+async fn raw_receive(
+    raw: &mut rmq::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>,
+    group: &rmq::Resource,
+    queue: &rmq::MessageQueue,
+) -> rmq::Message {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let mut s = raw
+            .receive_message(rmq::ReceiveMessageRequest {
+                group: Some(group.clone()),
+                message_queue: Some(queue.clone()),
+                batch_size: 1,
+                invisible_duration: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                long_polling_timeout: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut message = None;
+        while let Some(item) = s.message().await.unwrap() {
+            if let Some(rmq::receive_message_response::Content::Message(m)) = item.content {
+                message = Some(m);
+            }
+        }
+        if let Some(m) = message {
+            return m;
+        }
+    }
+    panic!("nothing received over the raw client within 20 s");
 }
 
 /// Killing a broker, and then the proxy a RocketMQ producer is connected

@@ -493,11 +493,74 @@ async fn consumers_see_exactly_the_committed_transactions() {
     cluster.stop().await;
 }
 
+/// A consumer gives up on a poison message at once (`dead_letter`, what a
+/// RocketMQ client's ForwardMessageToDeadLetterQueue does): it is in the
+/// dead-letter topic when the call returns, with the reason and its one
+/// attempt, it never comes back, and the group's other records are
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_gives_up_on_a_poison_message_at_once() {
+    let (_dir, _cluster, client) = cluster().await;
+    client
+        .admin()
+        .create_topic(TopicSpec::new("gu").queues(1))
+        .await
+        .unwrap();
+    let producer = client.producer("gu").build();
+    let poison = producer.send(Message::new("poison")).await.unwrap();
+    producer.send(Message::new("fine")).await.unwrap();
+    let c = client
+        .simple_consumer("gu", "g")
+        .retry_policy(RetryPolicy {
+            max_attempts: 16,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(100),
+        })
+        .wait(Duration::from_millis(500))
+        .build();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < 2 {
+        assert!(Instant::now() < deadline, "received {got:?}");
+        got.extend(c.receive(10).await.unwrap());
+    }
+    let (bad, good): (Vec<_>, Vec<_>) = got.into_iter().partition(|m| m.body == "poison");
+    c.dead_letter(&bad[0], "schema mismatch").await.unwrap();
+    // Its handle is spent: a second give-up or an ack is refused.
+    assert!(c.dead_letter(&bad[0], "again").await.is_err());
+    assert!(c.ack(&bad[0]).await.is_err());
+    c.ack(&good[0]).await.unwrap();
+    // Already stored: the dead-letter topic has it without another receive
+    // of the group.
+    let dlq = client
+        .simple_consumer("g.dlq", "audit")
+        .wait(Duration::from_secs(2))
+        .build();
+    let d = dlq.receive(10).await.unwrap();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].body, "poison");
+    assert_eq!(d[0].properties["petrel.dlq.original_id"], poison.message_id);
+    assert_eq!(d[0].properties["petrel.dlq.attempts"], "1");
+    let reason = &d[0].properties["petrel.dlq.reason"];
+    assert!(reason.contains("schema mismatch"), "{reason}");
+    // Never redelivered, past several back-offs.
+    assert!(c.receive(10).await.unwrap().is_empty());
+    let g = client
+        .admin()
+        .get_message(&poison.message_id)
+        .await
+        .unwrap();
+    let state: Vec<_> = g.deliveries.iter().map(|d| d.state.as_str()).collect();
+    assert_eq!(state, ["done"], "out of the group: {:?}", g.deliveries);
+}
+
 /// Dead letters travel with a pop's records; many big ones must not make
 /// one response larger than the message limit (which would fail every pop
-/// and stick the group). 30 records of 3 MiB (90 MiB) are all nacked on
-/// their only attempt: every one reaches the dead-letter topic, over
-/// several receives.
+/// and stick the group). 30 records of 3 MiB (90 MiB) are all let expire
+/// on their only attempt: every one reaches the dead-letter topic, over
+/// several receives. (Leases that expire are dead-lettered by the pops
+/// that find them; a nack on the last attempt would store its dead letter
+/// itself.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_big_dead_letters_leave_over_several_receives() {
     let (_dir, _cluster, client) = cluster().await;
@@ -526,16 +589,17 @@ async fn many_big_dead_letters_leave_over_several_receives() {
         .simple_consumer("g.dlq", "audit")
         .wait(Duration::from_millis(300))
         .build();
-    // Take all of them first (a receive returns at most 16 MiB), then nack
-    // them all: 90 MiB of dead letters wait for the next receive.
+    // Take all of them first (a receive returns at most 16 MiB) and let
+    // their leases run out: 90 MiB of dead letters for the next receives.
     let mut held = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while held.len() < N {
         assert!(Instant::now() < deadline, "received {} of {N}", held.len());
-        held.extend(c.receive(32).await.unwrap());
-    }
-    for m in &held {
-        c.nack(m, "too big to handle").await.unwrap();
+        held.extend(
+            c.receive_with(32, Duration::from_millis(200), Duration::from_millis(300))
+                .await
+                .unwrap(),
+        );
     }
     let mut dead = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
