@@ -28,7 +28,7 @@ echo "Local cluster ready: 3 brokers + 1 proxy at $EP, data in $DATA"
 
 run() { echo; echo "\$ petrel $*"; "$PETREL" --endpoint "$EP" "$@"; }
 run cluster describe
-"$PETREL" --endpoint "$EP" topic describe demo >/dev/null 2>&1 || run topic create demo --queues 4 --replicas 3
+"$PETREL" --endpoint "$EP" topic describe demo >/dev/null 2>&1 || run topic create demo
 run topic describe demo
 echo; echo "\$ printf 'hello\\nworld\\n' | petrel produce --topic demo --key greeting"
 printf 'hello\nworld\n' | "$PETREL" --endpoint "$EP" produce --topic demo --key greeting
@@ -50,5 +50,13 @@ run consume --topic demo-delay --group later --max 1 --wait-ms 5000
 echo; echo "# Metrics and health of the whole embedded cluster:"
 echo "#   curl http://127.0.0.1:$ADMIN_PORT/metrics   /healthz   /readyz"
 echo
-echo "Demo done. The cluster keeps running at $EP; use $PETREL --endpoint $EP ... (Ctrl-C to stop)."
+echo "Demo done. The cluster keeps running at $EP (Ctrl-C to stop)."
+if command -v petrel >/dev/null 2>&1; then
+  echo "Try it: petrel topic list   (petrel on your PATH: $(command -v petrel))"
+else
+  echo "Try it: $PETREL topic list"
+  echo "To have 'petrel' on your PATH (in ~/.cargo/bin), in another shell:"
+  echo "  source scripts/env.sh && cargo install --locked --path tools"
+  echo "and shell completions: petrel completions bash > ~/.local/share/bash-completion/completions/petrel"
+fi
 wait $DEV || true

@@ -15,7 +15,10 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 500;
 pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 20_000;
 pub const DEFAULT_MAX_RECORD_BYTES: usize = petrel_proto::validate::DEFAULT_MAX_RECORD_BYTES;
-pub const DEFAULT_LOG: &str = "info,openraft=error";
+/// openraft's replication task logs every failed call to an unreachable
+/// peer at ERROR (hundreds a minute); the transport logs such a run once
+/// when it starts and once when it ends instead (`network.rs`).
+pub const DEFAULT_LOG: &str = "info,openraft=error,openraft::replication=off";
 
 /// Petrel storage broker: stores queues in RocksDB, replicated with one Raft
 /// group per queue. Every broker is identical; there is no master.
@@ -75,7 +78,7 @@ pub struct BrokerArgs {
     #[arg(long, env = "PETREL_MAX_RECORD_BYTES")]
     pub max_record_bytes: Option<usize>,
     /// Log filter, e.g. `info` or `petrel_broker=debug,openraft=info`
-    /// [default: info,openraft=error].
+    /// [default: info,openraft=error,openraft::replication=off].
     #[arg(long, env = "PETREL_LOG")]
     pub log: Option<String>,
     /// Ask a producer's checker about a transaction left open this long,
@@ -113,6 +116,11 @@ pub struct BrokerArgs {
     /// The cluster CA (PEM): peers' certificates are checked against it.
     #[arg(long, env = "PETREL_TLS_CA", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+    /// Log lines as `text` (coloured only when stderr is a terminal) or
+    /// `json` (one object per line, for log collectors). Flag or
+    /// environment only, not in the config file.
+    #[arg(long, env = "PETREL_LOG_FORMAT", default_value = "text")]
+    pub log_format: petrel_proto::logging::LogFormat,
     /// Print the effective configuration (flags, environment and file) as
     /// TOML, in the `--config` file's keys, and exit.
     #[arg(long)]

@@ -78,6 +78,69 @@ pub struct PeerPool {
     self_id: Arc<std::sync::atomic::AtomicU64>,
     /// Per peer: the queue of the task that coalesces heartbeats.
     coalescers: Arc<DashMap<u64, (String, tokio::sync::mpsc::UnboundedSender<Pending>)>>,
+    /// Per peer: its current run of failed Raft RPCs, for the log.
+    streaks: Arc<DashMap<u64, FailureStreak>>,
+}
+
+/// How long Raft RPCs to a peer must keep failing before the broker logs
+/// it: peers that start or stop a few seconds apart (a rolling restart, a
+/// whole cluster shutting down) are not worth a warning.
+pub const UNREACHABLE_GRACE: Duration = Duration::from_secs(5);
+
+/// One peer's run of failed Raft RPCs. Logged once when it has lasted
+/// `UNREACHABLE_GRACE` and once when the peer answers again, with the
+/// count, instead of one line per failed call (openraft's own per-call
+/// replication errors are off in the default log filter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureStreak {
+    pub since: Instant,
+    pub failed: u64,
+    pub first_error: String,
+    /// Whether the start was logged (so the end is too).
+    pub logged: bool,
+}
+
+/// What a failure or an answer should log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreakLog {
+    /// The peer has failed every call for `UNREACHABLE_GRACE` or more.
+    Unreachable { failed: u64, error: String },
+    /// It answered after a logged streak.
+    Reachable { failed: u64, lasted: Duration },
+}
+
+impl FailureStreak {
+    /// A call to the peer failed at `now`; `streak` is its current run.
+    pub fn on_failure(
+        streak: &mut Option<FailureStreak>,
+        now: Instant,
+        error: &str,
+    ) -> Option<StreakLog> {
+        let s = streak.get_or_insert_with(|| FailureStreak {
+            since: now,
+            failed: 0,
+            first_error: error.to_string(),
+            logged: false,
+        });
+        s.failed += 1;
+        if !s.logged && now.saturating_duration_since(s.since) >= UNREACHABLE_GRACE {
+            s.logged = true;
+            return Some(StreakLog::Unreachable {
+                failed: s.failed,
+                error: error.to_string(),
+            });
+        }
+        None
+    }
+
+    /// The peer answered at `now`: the run (if any) ends.
+    pub fn on_answer(streak: &mut Option<FailureStreak>, now: Instant) -> Option<StreakLog> {
+        let s = streak.take()?;
+        s.logged.then(|| StreakLog::Reachable {
+            failed: s.failed,
+            lasted: now.saturating_duration_since(s.since),
+        })
+    }
 }
 
 impl PeerPool {
@@ -145,7 +208,48 @@ impl PeerPool {
     }
 
     fn answered(&self, peer: u64) {
-        self.last_ok.insert(peer, Instant::now());
+        let now = Instant::now();
+        self.last_ok.insert(peer, now);
+        // Only a peer with a failure run takes the map's write path.
+        if self.streaks.contains_key(&peer) {
+            let mut streak = self.streaks.remove(&peer).map(|(_, s)| s);
+            if let Some(StreakLog::Reachable { failed, lasted }) =
+                FailureStreak::on_answer(&mut streak, now)
+            {
+                tracing::info!(
+                    peer,
+                    failed_calls = failed,
+                    unreachable_for = ?lasted,
+                    "raft peer answers again"
+                );
+            }
+        }
+    }
+
+    /// A Raft RPC to `peer` failed (timed out, refused, cut off).
+    fn failed(&self, peer: u64, error: &str) {
+        let now = Instant::now();
+        let mut entry = self.streaks.entry(peer).or_insert_with(|| FailureStreak {
+            since: now,
+            failed: 0,
+            first_error: error.to_string(),
+            logged: false,
+        });
+        let mut streak = Some(entry.clone());
+        let log = FailureStreak::on_failure(&mut streak, now, error);
+        if let Some(s) = streak {
+            *entry = s;
+        }
+        drop(entry);
+        if let Some(StreakLog::Unreachable { failed, error }) = log {
+            tracing::warn!(
+                peer,
+                failed_calls = failed,
+                error = %error,
+                "raft peer unreachable for {}s; logged again when it answers",
+                UNREACHABLE_GRACE.as_secs()
+            );
+        }
     }
 
     /// Fault injection: drop all Raft traffic to and from these peers
@@ -299,9 +403,13 @@ impl PeerClient {
     {
         let ch = match &self.channel {
             Ok(c) => c.clone(),
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
+            Err(e) => {
+                self.pool.failed(self.target, &e.to_string());
+                return Err(RPCError::Unreachable(Unreachable::new(e)));
+            }
         };
         if self.pool.is_blocked(self.target) {
+            self.pool.failed(self.target, "fault injection: cut off");
             return Err(RPCError::Unreachable(Unreachable::new(
                 &PetrelError::Unavailable(format!(
                     "fault injection: broker {} is cut off",
@@ -329,15 +437,19 @@ impl PeerClient {
                 client.raft(request).await.map(|r| r.into_inner())
             }
         };
-        let resp = match tokio::time::timeout(option.hard_ttl(), fut).await {
+        let ttl = option.hard_ttl();
+        let resp = match tokio::time::timeout(ttl, fut).await {
             Err(_) => {
+                self.pool
+                    .failed(self.target, &format!("raft rpc timed out after {ttl:?}"));
                 return Err(RPCError::Network(NetworkError::new(&std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "raft rpc timed out",
-                ))))
+                ))));
             }
             Ok(Err(status)) => {
                 let e = PetrelError::from_status(&status);
+                self.pool.failed(self.target, &e.to_string());
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
             Ok(Ok(r)) => r,
@@ -434,6 +546,48 @@ pub fn encode_result<T: Serialize, E: Serialize>(r: &Result<T, E>) -> RaftRespon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_run_is_logged_once_when_it_starts_and_once_when_it_ends() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = None;
+        // A peer that starts late (a cluster coming up): no line at all.
+        for ms in [0, 1000, 2000, 4900] {
+            assert_eq!(FailureStreak::on_failure(&mut s, at(ms), "refused"), None);
+        }
+        assert_eq!(FailureStreak::on_answer(&mut s, at(5000)), None);
+        assert!(s.is_none());
+        // A peer cut off for 20 s: one line at 5 s, none for the next
+        // hundreds of calls, one when it answers, with the count.
+        let mut n = 0;
+        let mut logs = Vec::new();
+        for ms in (0..20_000).step_by(40) {
+            n += 1;
+            logs.extend(FailureStreak::on_failure(
+                &mut s,
+                at(10_000 + ms),
+                "timed out",
+            ));
+        }
+        assert_eq!(
+            logs,
+            [StreakLog::Unreachable {
+                failed: 126,
+                error: "timed out".into()
+            }]
+        );
+        assert_eq!(
+            FailureStreak::on_answer(&mut s, at(30_000)),
+            Some(StreakLog::Reachable {
+                failed: n,
+                lasted: Duration::from_secs(20)
+            })
+        );
+        // The next run starts afresh.
+        assert_eq!(FailureStreak::on_failure(&mut s, at(31_000), "x"), None);
+        assert_eq!(s.as_ref().unwrap().failed, 1);
+    }
 
     #[test]
     fn a_batch_is_cut_at_the_budget_but_never_below_one_entry() {

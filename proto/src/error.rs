@@ -150,7 +150,11 @@ impl PetrelError {
 
     pub fn from_detail(d: &pb::ErrorDetail) -> Self {
         use pb::ErrorCode as C;
-        let m = d.message.clone();
+        let m = if d.message.trim().is_empty() {
+            "the server gave no details".to_string()
+        } else {
+            d.message.clone()
+        };
         match C::try_from(d.code).unwrap_or(C::Unspecified) {
             C::NotFound => Self::NotFound(m),
             C::InvalidArgument => Self::InvalidArgument(m),
@@ -215,7 +219,29 @@ impl PetrelError {
         }
         use tonic::Code;
         let m = s.message().to_string();
+        // A status without a message (from a server or layer that is not
+        // Petrel's) still says what happened.
+        let m = if m.trim().is_empty() {
+            match s.code() {
+                Code::Unimplemented => String::new(),
+                c => format!("the server answered {c:?} without a message"),
+            }
+        } else {
+            m
+        };
         match s.code() {
+            // Petrel's proxies serve every call of this SDK: an endpoint
+            // that does not is something else (a broker's port, another
+            // gRPC service, an older proxy).
+            Code::Unimplemented => Self::Internal(format!(
+                "the endpoint does not serve this call: is it a Petrel proxy of this \
+                 version (not a broker's port or another gRPC service)?{}",
+                if m.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (server said: {m})")
+                }
+            )),
             Code::NotFound => Self::NotFound(m),
             Code::InvalidArgument => Self::InvalidArgument(m),
             Code::ResourceExhausted => Self::TooLarge(m),
@@ -261,6 +287,40 @@ impl From<&pb::ErrorDetail> for PetrelError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The words after an error's "code: " prefix.
+    fn words(e: &PetrelError) -> String {
+        let t = e.to_string();
+        t.split_once(": ").map(|(_, m)| m.to_string()).unwrap_or(t)
+    }
+
+    #[test]
+    fn every_error_code_says_something_even_when_the_server_said_nothing() {
+        // Petrel's own codes, as details with an empty message.
+        for code in 0..64 {
+            let Ok(c) = pb::ErrorCode::try_from(code) else {
+                continue;
+            };
+            let e = PetrelError::from_detail(&pb::ErrorDetail {
+                code: c as i32,
+                message: String::new(),
+                leader_hint: 0,
+                group_id: 7,
+            });
+            assert!(!words(&e).trim().is_empty(), "{c:?}: {e:?}");
+            assert!(!e.to_string().trim_end().ends_with(':'), "{c:?}: {e}");
+        }
+        // Bare gRPC statuses without a message (another server, a proxy
+        // in front, a broker's port).
+        for code in 1..=16 {
+            let s = tonic::Status::new(tonic::Code::from(code), "");
+            let e = PetrelError::from_status(&s);
+            assert!(!words(&e).trim().is_empty(), "{:?}: {e:?}", s.code());
+        }
+        let wrong = PetrelError::from_status(&tonic::Status::unimplemented(""));
+        assert!(wrong.to_string().contains("Petrel proxy"), "{wrong}");
+        assert!(wrong.to_string().contains("broker"), "{wrong}");
+    }
 
     #[test]
     fn status_round_trip_keeps_code_and_hint() {

@@ -21,6 +21,8 @@ pub mod auth;
 pub mod error;
 pub mod filter;
 pub mod ids;
+#[cfg(feature = "admin")]
+pub mod logging;
 pub mod receipt;
 pub mod record;
 pub mod rmq_auth;

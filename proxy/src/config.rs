@@ -130,6 +130,11 @@ pub struct ProxyArgs {
     /// file is rejected and logged. `--print-config` output is a valid file.
     #[arg(long, env = "PETREL_CONFIG")]
     pub config: Option<std::path::PathBuf>,
+    /// Log lines as `text` (coloured only when stderr is a terminal) or
+    /// `json` (one object per line, for log collectors). Flag or
+    /// environment only, not in the config file.
+    #[arg(long, env = "PETREL_LOG_FORMAT", default_value = "text")]
+    pub log_format: petrel_proto::logging::LogFormat,
     /// Print the effective configuration (flags, environment and file) as
     /// TOML and exit.
     #[arg(long)]

@@ -453,14 +453,18 @@ impl Client {
             let err = match tokio::time::timeout(remaining, f(client)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(status)) => match Error::from_status(&status) {
-                    // Say which proxy could not be reached.
-                    Error::Unavailable(m) => {
-                        Error::Unavailable(format!("{m} (proxy {})", proxy.uri))
-                    }
+                    // Say which proxy could not be reached, and in words a
+                    // user can act on when the transport failed.
+                    Error::Unavailable(m) => Error::Unavailable(explain_unavailable(
+                        &with_causes(&m, &status),
+                        &proxy.uri,
+                    )),
                     other => other,
                 },
                 Err(_) => Error::Timeout(format!(
-                    "no answer from {} within the {budget:?} request budget",
+                    "no answer from {} within the {budget:?} request budget (the cluster \
+                     may be busy or still starting: raise --timeout / request_timeout, \
+                     or check `petrel cluster describe`)",
                     proxy.uri
                 )),
             };
@@ -485,6 +489,61 @@ impl Client {
                 return Err(err);
             }
         }
+    }
+}
+
+/// `m` and the transport's causes under it (tonic's message is only the
+/// outermost, e.g. "tcp connect error" without the "Connection refused").
+fn with_causes(m: &str, status: &tonic::Status) -> String {
+    let mut out = m.to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// An `unavailable` message from the transport, said the way a user can
+/// act on it: nothing listening, not a gRPC server, a TLS mismatch.
+/// Server-side messages pass through with the proxy named.
+pub(crate) fn explain_unavailable(m: &str, uri: &str) -> String {
+    let lower = m.to_ascii_lowercase();
+    let hint = if lower.contains("connection refused") {
+        "nothing is listening there (connection refused): is a petrel-proxy running at \
+         that address? `petrel dev` serves 127.0.0.1:7400"
+    } else if lower.contains("invalid certificate")
+        || lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+    {
+        "the TLS handshake failed: https:// endpoints need the proxy's CA (--ca-cert), \
+         and a plain proxy needs an endpoint without https://"
+    } else if lower.contains("frame with invalid size")
+        || lower.contains("invalid content-type")
+        || lower.contains("h2 protocol error: http2 error")
+    {
+        "the server there does not speak gRPC over plain HTTP/2: is it a Petrel proxy \
+         (a TLS proxy needs an https:// endpoint)?"
+    } else if lower.contains("connection closed before message completed")
+        || lower.contains("connection reset")
+        || lower.contains("broken pipe")
+    {
+        "the server there closed the connection: a proxy shutting down, or not a Petrel \
+         proxy (a TLS proxy needs an https:// endpoint)"
+    } else if lower.contains("tcp connect error") || lower.contains("dns error") {
+        "cannot connect to that address: check the host and port, and the network"
+    } else {
+        ""
+    };
+    if hint.is_empty() {
+        format!("{m} (proxy {uri})")
+    } else {
+        format!("proxy {uri}: {hint} ({m})")
     }
 }
 
@@ -518,6 +577,37 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transport_failures_are_explained_in_words_a_user_can_act_on() {
+        let uri = "http://127.0.0.1:7400";
+        for (m, says) in [
+            (
+                "tcp connect error: Connection refused (os error 111)",
+                "nothing is listening",
+            ),
+            (
+                "h2 protocol error: http2 error: frame with invalid size",
+                "does not speak gRPC",
+            ),
+            (
+                "transport error: connection error: stream closed because of a broken pipe",
+                "closed the connection",
+            ),
+            ("invalid peer certificate: UnknownIssuer", "TLS handshake"),
+            (
+                "tcp connect error: dns error: failed to lookup",
+                "cannot connect",
+            ),
+        ] {
+            let e = explain_unavailable(m, uri);
+            assert!(e.contains(says), "{m:?} -> {e}");
+            assert!(e.contains(uri) && e.contains(m), "{e}");
+        }
+        // A server's own message passes through, with the proxy named.
+        let e = explain_unavailable("group 7 has no leader yet", uri);
+        assert_eq!(e, "group 7 has no leader yet (proxy http://127.0.0.1:7400)");
+    }
 
     #[test]
     fn endpoints_are_normalized() {

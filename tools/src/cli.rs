@@ -128,6 +128,14 @@ pub enum Command {
     /// Add, remove and list the permission rules of a proxy's --auth-file.
     #[command(subcommand)]
     Acl(crate::users::AclCmd),
+    /// Print a shell completion script, e.g. `petrel completions bash >
+    /// ~/.local/share/bash-completion/completions/petrel`, `petrel
+    /// completions zsh > "${fpath[1]}/_petrel"`, `petrel completions fish >
+    /// ~/.config/fish/completions/petrel.fish`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -209,12 +217,14 @@ impl From<MessageTypeArg> for pb::MessageType {
 pub struct TopicCreateArgs {
     /// Topic name (letters, digits, '_', '-', '.').
     pub name: String,
-    /// Number of queues (the unit of parallelism and of leadership).
-    #[arg(long)]
+    /// Number of queues (the unit of parallelism and of leadership; can
+    /// grow later with `topic update --queues`).
+    #[arg(long, default_value_t = petrel_sdk::defaults::DEFAULT_QUEUES)]
     pub queues: u32,
-    /// Replicas per queue (at most the number of brokers).
+    /// Replicas per queue (at most the number of brokers) [default: 3, or
+    /// the number of brokers if fewer].
     #[arg(long)]
-    pub replicas: u32,
+    pub replicas: Option<u32>,
     /// How long records are kept (e.g. 7d, 12h); "forever" or 0 = no limit.
     #[arg(long, value_parser = parse_retention)]
     pub retention: Option<Duration>,
@@ -512,10 +522,62 @@ pub fn init_tracing(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+}
+
+/// A clap usage error as rendered over several lines, folded into one
+/// line: (what is wrong, the usage line). The first line's text, the
+/// argument lines under it and any `tip:` make up the message; the
+/// `Usage: ...` line is kept apart; "For more information" is dropped.
+pub fn one_line_usage_error(rendered: &str) -> (String, String) {
+    let mut message: Vec<String> = Vec::new();
+    let mut usage = String::new();
+    for l in rendered.lines() {
+        let t = l.trim();
+        if t.is_empty() || t.starts_with("For more information") {
+            continue;
+        }
+        if let Some(u) = t.strip_prefix("Usage:") {
+            usage = format!("Usage: {}", u.trim());
+            continue;
+        }
+        let t = t.strip_prefix("error: ").unwrap_or(t);
+        message.push(t.to_string());
+    }
+    // "...were not provided:" is followed by the arguments, one per line:
+    // they become a comma-separated list; other lines join with "; ".
+    let mut out = String::new();
+    let mut list: Option<bool> = None; // Some(first item still to come)
+    for part in message {
+        let item = list.is_some() && !part.starts_with("tip:");
+        if out.is_empty() {
+            out = part.clone();
+        } else if item {
+            out.push_str(if list == Some(true) { " " } else { ", " });
+            out.push_str(&part);
+        } else {
+            out.push_str("; ");
+            out.push_str(&part);
+        }
+        list = if part.ends_with(':') {
+            Some(true)
+        } else if item {
+            Some(false)
+        } else {
+            None
+        };
+    }
+    let message = if out.is_empty() {
+        "invalid usage".to_string()
+    } else {
+        out
+    };
+    (message, usage)
 }
 
 /// Runs the parsed command; prints any error as one line on stderr.
@@ -547,6 +609,13 @@ async fn execute(cli: Cli) -> CliResult {
         Command::Dev(args) => return crate::dev::run(args, json).await.map_err(CliError::Other),
         Command::User(cmd) => return crate::users::user(cmd, json),
         Command::Acl(cmd) => return crate::users::acl(cmd, json),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "petrel", &mut out);
+            std::io::stdout().lock().write_all(&out)?;
+            return Ok(());
+        }
         c => c,
     };
     let endpoints: Vec<String> = cli
@@ -584,7 +653,9 @@ async fn execute(cli: Cli) -> CliResult {
     }
     let client = builder.build()?;
     match command {
-        Command::Dev(_) | Command::User(_) | Command::Acl(_) => Ok(()),
+        Command::Dev(_) | Command::User(_) | Command::Acl(_) | Command::Completions { .. } => {
+            Ok(())
+        }
         Command::Topic(cmd) => topic(&client, cmd, json).await,
         Command::Produce(args) => produce(&client, args, json).await,
         Command::Consume(args) => consume(&client, args, json).await,
@@ -954,9 +1025,22 @@ async fn topic(client: &Client, cmd: TopicCmd, json: bool) -> CliResult {
     let admin = client.admin();
     match cmd {
         TopicCmd::Create(a) => {
+            let replicas = match a.replicas {
+                Some(r) => r,
+                None => {
+                    let brokers = admin
+                        .describe_cluster()
+                        .await?
+                        .brokers
+                        .iter()
+                        .filter(|b| b.state != "draining")
+                        .count() as u32;
+                    petrel_sdk::defaults::DEFAULT_REPLICAS.min(brokers.max(1))
+                }
+            };
             let mut spec = TopicSpec::new(a.name)
                 .queues(a.queues)
-                .replicas(a.replicas)
+                .replicas(replicas)
                 .message_type(a.message_type.into());
             if let Some(r) = a.retention {
                 spec = spec.retention(r);
@@ -965,7 +1049,14 @@ async fn topic(client: &Client, cmd: TopicCmd, json: bool) -> CliResult {
                 spec = spec.retention_bytes(b);
             }
             let info = admin.create_topic(spec).await?;
-            print_topic(&info, json)
+            print_topic(&info, json)?;
+            if !json && a.replicas.is_none() {
+                line(&format!(
+                    "(replicas: the default, {replicas} = min({}, brokers); --replicas sets it)",
+                    petrel_sdk::defaults::DEFAULT_REPLICAS
+                ))?;
+            }
+            Ok(())
         }
         TopicCmd::List => {
             let topics = admin.list_topics().await?.topics;
@@ -1054,6 +1145,63 @@ fn stdin_messages() -> MessageStream {
     }))
 }
 
+/// A progress line on stderr every `PROGRESS_EVERY` for commands that run
+/// until their input or Ctrl-C ends (produce from stdin, consume without
+/// --max): records so far and the recent rate. Only when both stdout and
+/// stderr are a terminal and --json is off: piped output and scripts see
+/// nothing but records.
+struct Progress {
+    on: bool,
+    verb: &'static str,
+    start: std::time::Instant,
+    last: std::time::Instant,
+    last_n: u64,
+    n: u64,
+}
+
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+impl Progress {
+    fn new(verb: &'static str, wanted: bool, json: bool) -> Self {
+        use std::io::IsTerminal;
+        let now = std::time::Instant::now();
+        Self {
+            on: wanted
+                && !json
+                && std::io::stdout().is_terminal()
+                && std::io::stderr().is_terminal(),
+            verb,
+            start: now,
+            last: now,
+            last_n: 0,
+            n: 0,
+        }
+    }
+
+    fn add(&mut self, k: u64) {
+        self.n += k;
+        if !self.on || self.last.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        let rate = (self.n - self.last_n) as f64 / self.last.elapsed().as_secs_f64();
+        eprintln!("-- {} {} records ({rate:.0}/s)", self.verb, self.n);
+        self.last = std::time::Instant::now();
+        self.last_n = self.n;
+    }
+
+    fn finish(&self) {
+        if self.on && self.n > 0 {
+            let secs = self.start.elapsed().as_secs_f64();
+            eprintln!(
+                "-- {} {} records in {secs:.1} s ({:.0}/s)",
+                self.verb,
+                self.n,
+                self.n as f64 / secs.max(1e-3)
+            );
+        }
+    }
+}
+
 async fn produce(client: &Client, a: ProduceArgs, json: bool) -> CliResult {
     // One request in flight: what arrives meanwhile batches behind it, and
     // records (stdin lines above all) are stored in the order given. Two
@@ -1114,8 +1262,10 @@ async fn produce(client: &Client, a: ProduceArgs, json: bool) -> CliResult {
         .map(|queued| async move { queued?.await.map_err(CliError::from) })
         .buffered(a.concurrency as usize);
     let mut acks = std::pin::pin!(acks);
+    let mut progress = Progress::new("produced", a.count.is_none(), json);
     while let Some(r) = acks.next().await {
         let r = r?;
+        progress.add(1);
         if json {
             json_line(&json!({
                 "id": r.message_id,
@@ -1128,6 +1278,7 @@ async fn produce(client: &Client, a: ProduceArgs, json: bool) -> CliResult {
         }
     }
     producer.close().await;
+    progress.finish();
     Ok(())
 }
 
@@ -1207,6 +1358,7 @@ async fn consume(client: &Client, a: ConsumeArgs, json: bool) -> CliResult {
     // a time keeps each queue's records in offset order on the output,
     // and it never asks for more than `--max` leaves to print, so it
     // leases nothing it will not print.
+    let progress = std::sync::Mutex::new(Progress::new("consumed", a.max.is_none(), json));
     let work = async {
         let mut printed: u64 = 0;
         let want = |printed: u64| match a.max {
@@ -1248,6 +1400,10 @@ async fn consume(client: &Client, a: ConsumeArgs, json: bool) -> CliResult {
             for m in &batch {
                 print_record(m, json)?;
             }
+            progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(batch.len() as u64);
             let Ok(permit) = acks.clone().acquire_owned().await else {
                 break;
             };
@@ -1294,10 +1450,12 @@ async fn consume(client: &Client, a: ConsumeArgs, json: bool) -> CliResult {
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
+    let r = tokio::select! {
         r = work => r,
         _ = interrupted => Ok(()),
-    }
+    };
+    progress.lock().unwrap_or_else(|e| e.into_inner()).finish();
+    r
 }
 
 async fn read(client: &Client, a: ReadArgs, json: bool) -> CliResult {

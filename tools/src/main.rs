@@ -31,8 +31,10 @@ fn main() -> ExitCode {
 }
 
 /// Help and version print as clap prints them; a usage error is one stderr
-/// line like every other failure (`error: ...`, or with `--json` the JSON
-/// error object with code `usage`), exit 2.
+/// line like every other failure, exit 2: what is wrong (every missing or
+/// invalid argument clap names, its tips) and the usage line, as
+/// `error: ... Usage: petrel ... (see --help)`, or with `--json` the JSON
+/// error object with code `usage` and the usage line apart.
 fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(
@@ -43,21 +45,18 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ) {
         e.exit();
     }
-    let rendered = e.to_string();
-    let message = rendered
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid usage")
-        .trim()
-        .trim_start_matches("error: ")
-        .to_string();
-    let hint = " (see --help)";
+    let (message, usage) = petrel_tools::cli::one_line_usage_error(&e.to_string());
     if std::env::args().any(|a| a == "--json") {
-        let v =
-            serde_json::json!({"error": {"code": "usage", "message": format!("{message}{hint}")}});
+        let v = serde_json::json!({"error": {
+            "code": "usage",
+            "message": message,
+            "usage": usage,
+        }});
         eprintln!("{v}");
+    } else if usage.is_empty() {
+        eprintln!("error: {message} (see --help)");
     } else {
-        eprintln!("error: {message}{hint}");
+        eprintln!("error: {message}. {usage} (see --help)");
     }
     ExitCode::from(2)
 }

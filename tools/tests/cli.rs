@@ -870,4 +870,206 @@ fn usage_errors_are_one_line_and_help_is_whole() {
     let help = run(&["topic", "--help"]);
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).lines().count() > 3);
+
+    // One line, with its substance: what is missing or wrong, and the
+    // usage line.
+    let o = run(&["produce", "--count", "3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--topic <TOPIC>"), "{err}");
+    assert!(err.contains("Usage: petrel produce"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let o = run(&["consume", "--topic", "t"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--group <GROUP>"), "{err}");
+    let o = run(&["topic", "create", "x", "--queues", "many"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("'many'") && err.contains("--queues"), "{err}");
+    let o = run(&["--json", "topic", "delete"]);
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&o.stderr).trim()).unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("<NAME>"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["usage"]
+            .as_str()
+            .unwrap()
+            .starts_with("Usage: petrel topic delete"),
+        "{v}"
+    );
+    // `topic create` needs nothing but a name; its defaults are in --help.
+    let help = String::from_utf8(run(&["topic", "create", "--help"]).stdout).unwrap();
+    assert!(help.contains("[default: 8]"), "{help}");
+    assert!(help.contains("[default: 3, or"), "{help}");
+}
+
+#[test]
+fn shell_completions_for_bash_zsh_and_fish() {
+    for (shell, marker, flag) in [
+        ("bash", "_petrel()", "--topic"),
+        ("zsh", "#compdef petrel", "--topic"),
+        ("fish", "complete -c petrel", "-l topic"),
+    ] {
+        let o = Command::new(petrel())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{shell}: {o:?}");
+        let script = String::from_utf8(o.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}: no {marker:?}");
+        // Subcommands and their flags are in it.
+        assert!(
+            script.contains("produce") && script.contains(flag),
+            "{shell}"
+        );
+    }
+    let o = Command::new(petrel())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bash"));
+    // bash accepts what it printed.
+    let o = Command::new("bash")
+        .args(["-n", "-c"])
+        .arg(
+            String::from_utf8(
+                Command::new(petrel())
+                    .args(["completions", "bash"])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Errors a new user meets before anything works: nothing listening, a
+/// broker's port instead of a proxy's, a timeout. Each names the problem.
+#[test]
+fn wrong_endpoints_and_timeouts_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_block();
+    let dev = Dev::start(dir.path(), port);
+    // A broker's port (petrel dev puts its brokers after the proxy's).
+    let broker = format!("127.0.0.1:{}", port + 1);
+    let o = Command::new(petrel())
+        .args(["--endpoint", &broker, "--timeout", "5s", "topic", "list"])
+        .output()
+        .unwrap();
+    fails_with(&o, "petrel proxy");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("broker"), "{err}");
+    // Nothing listening.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let o = Command::new(petrel())
+        .args([
+            "--endpoint",
+            &format!("127.0.0.1:{closed}"),
+            "--timeout",
+            "2s",
+            "topic",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    fails_with(&o, &format!("127.0.0.1:{closed}"));
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(
+        err.contains("nothing is listening") || err.contains("refused"),
+        "{err}"
+    );
+    // A server that is not gRPC at all (a plain TCP listener that closes).
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let odd = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming().take(20) {
+            drop(c);
+        }
+    });
+    let o = Command::new(petrel())
+        .args([
+            "--endpoint",
+            &format!("127.0.0.1:{odd}"),
+            "--timeout",
+            "2s",
+            "topic",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    fails_with(&o, &format!("127.0.0.1:{odd}"));
+    // No error message is empty, whatever the failure.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.trim_end().ends_with(':'), "{err}");
+    dev.stop();
+}
+
+/// `produce` from stdin and `consume` without --max show progress on a
+/// terminal (run here under `script`, which gives them one) and nothing
+/// but records when piped.
+#[test]
+fn long_commands_show_progress_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_block();
+    let dev = Dev::start(dir.path(), port);
+    dev.json(&[
+        "topic",
+        "create",
+        "prog",
+        "--queues",
+        "2",
+        "--replicas",
+        "1",
+    ]);
+    let lines: String = (0..40).map(|i| format!("line {i}\n")).collect();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, &lines).unwrap();
+    // Piped: records only, nothing on stderr.
+    let o = dev.run_stdin(&["produce", "--topic", "prog"], Some(&lines));
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 40);
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // On a terminal: a closing progress line with the count.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("no `script` on this machine: the terminal half is skipped");
+        dev.stop();
+        return;
+    }
+    let cmd = format!(
+        "{} --endpoint {} produce --topic prog < {}",
+        petrel(),
+        dev.endpoint(),
+        input.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert!(tty.contains("-- produced 40 records"), "{tty}");
+    // --json on a terminal: no progress either.
+    let cmd = format!("{cmd} --json")
+        .replace(" produce --topic prog <", " --json produce --topic prog <");
+    let cmd = cmd.trim_end_matches(" --json").to_string();
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert!(!tty.contains("-- produced"), "{tty}");
+    dev.stop();
 }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() {
     let args = BrokerArgs::parse();
     let print = args.print_config;
+    let log_format = args.log_format;
     let config_text = match &args.config {
         Some(p) => match std::fs::read_to_string(p) {
             Ok(t) => Some(t),
@@ -36,7 +37,7 @@ async fn main() {
     let (filter, log_handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(petrel_proto::logging::layer(log_format))
         .init();
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,

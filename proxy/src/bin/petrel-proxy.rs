@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() {
     let (args, explicit) = ProxyArgs::from_env();
     let print = args.print_config;
+    let log_format = args.log_format;
     let text = match &args.config {
         Some(p) => match petrel_proxy::limits::read(p) {
             Ok(t) => Some(t),
@@ -34,7 +35,7 @@ async fn main() {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(petrel_proto::logging::layer(log_format))
         .init();
     // SIGHUP may change the log filter (see `--config`).
     config.set_log = Some(petrel_proxy::config::LogHook(std::sync::Arc::new(
