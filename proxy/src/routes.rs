@@ -123,6 +123,11 @@ impl Router {
         })
     }
 
+    /// The broker addresses the proxy was started with (`--brokers`).
+    pub fn seeds(&self) -> &[String] {
+        &self.seeds
+    }
+
     pub fn table(&self) -> Arc<RouteTable> {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

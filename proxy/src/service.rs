@@ -331,11 +331,41 @@ impl Inner {
             return Ok(t.clone());
         }
         self.router.refresh_now().await;
-        self.router
-            .table()
-            .topic(name)
-            .cloned()
-            .ok_or_else(|| PetrelError::NotFound(format!("topic {name:?} does not exist")))
+        if let Some(t) = self.router.table().topic(name) {
+            return Ok(t.clone());
+        }
+        // "Does not exist" only from a proxy that knows the cluster.
+        self.ready().await?;
+        Err(PetrelError::NotFound(format!(
+            "topic {name:?} does not exist"
+        )))
+    }
+
+    /// `unavailable` (retryable), saying why, while the proxy has no
+    /// cluster map to answer from: no broker answered yet, or none has
+    /// registered (a cluster still electing its meta leader).
+    async fn ready(&self) -> Result<(), PetrelError> {
+        if !self.router.table().brokers.is_empty() {
+            return Ok(());
+        }
+        self.router.refresh_now().await;
+        let t = self.router.table();
+        if !t.brokers.is_empty() {
+            return Ok(());
+        }
+        Err(PetrelError::Unavailable(
+            if t.reachable.values().any(|r| *r) {
+                "the cluster is not ready yet: its brokers answer but none has registered \
+             (the meta group may still be electing a leader); retry in a few seconds"
+                    .to_string()
+            } else {
+                format!(
+                    "the cluster is not ready: this proxy has not reached any broker yet \
+                 (--brokers {}); are they running?",
+                    self.router.seeds().join(",")
+                )
+            },
+        ))
     }
 
     fn group_of(t: &bpb::TopicRoute, queue: u32) -> Result<u64, PetrelError> {
@@ -1939,6 +1969,7 @@ impl Petrel for ProxyService {
         let (who, _call) = Inner::enter(s, &req, &[])?;
         let peer = req.remote_addr();
         s.router.refresh_now().await;
+        s.ready().await?;
         let table = s.router.table();
         // Only the topics the caller may describe.
         let mut names: Vec<&String> = table

@@ -1009,6 +1009,59 @@ fn wrong_endpoints_and_timeouts_say_what_is_wrong() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.trim_end().ends_with(':'), "{err}");
     dev.stop();
+
+    // A proxy whose brokers are not up: "not ready", not an empty topic
+    // list or "topic does not exist".
+    let proxy_port = free_port_block();
+    let mut proxy = Command::new(std::path::Path::new(petrel()).with_file_name("petrel-proxy"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{proxy_port}"),
+            "--brokers",
+            &format!("127.0.0.1:{}", proxy_port + 1),
+            "--receipt-secret",
+            "0123456789abcdef0123",
+            "--allow-anonymous",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = format!("127.0.0.1:{proxy_port}");
+    let mut last = None;
+    for _ in 0..50 {
+        let o = Command::new(petrel())
+            .args(["--endpoint", &endpoint, "--timeout", "2s", "topic", "list"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if err.contains("not ready") {
+            last = None;
+            fails_with(&o, "has not reached any broker");
+            let o = Command::new(petrel())
+                .args([
+                    "--endpoint",
+                    &endpoint,
+                    "--timeout",
+                    "2s",
+                    "produce",
+                    "--topic",
+                    "t",
+                    "--count",
+                    "1",
+                ])
+                .output()
+                .unwrap();
+            fails_with(&o, "not ready");
+            break;
+        }
+        // The proxy may still be starting (connection refused).
+        last = Some(err);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(last.is_none(), "never said not ready: {last:?}");
 }
 
 /// `produce` from stdin and `consume` without --max show progress on a
