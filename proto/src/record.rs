@@ -149,8 +149,6 @@ impl RecordData {
     }
 }
 
-/// Checks the CRC only (used on replication, where the bytes are not needed
-/// decoded).
 /// The store timestamp of an encoded record, without decoding the rest
 /// (retention reads it for many records). `None` if the buffer is too short.
 pub fn store_timestamp_ms(buf: &[u8]) -> Option<i64> {
@@ -205,6 +203,8 @@ pub fn property_of<'a>(buf: &'a [u8], name: &str) -> Option<&'a str> {
     None
 }
 
+/// Checks the CRC only (used on replication, where the bytes are not needed
+/// decoded).
 pub fn verify(buf: &[u8]) -> Result<(), DecodeError> {
     if buf.len() < HEADER {
         return Err(DecodeError::Truncated("header"));

@@ -105,8 +105,6 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
     Guard(Some(f))
 }
 
-/// FNV-1a: stable across builds and processes, so every proxy picks the
-/// same queue for the same request.
 /// Whether a string that is not a Petrel message id may be a RocketMQ
 /// client's: every RocketMQ client makes hexadecimal ids (32 digits, or 34
 /// with the "01" version prefix of 5.x).
@@ -114,6 +112,8 @@ fn is_client_message_id(s: &str) -> bool {
     (16..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// FNV-1a: stable across builds and processes, so every proxy picks the
+/// same queue for the same request.
 fn hash_of(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
@@ -507,10 +507,6 @@ impl Inner {
         })
     }
 
-    /// Stores a queue's dead letters in the consumer group's dead-letter
-    /// topic (created on demand), then tells the queue they are stored.
-    /// Idempotent: each is appended with a producer id and sequence that
-    /// name it, so a retry after a crash stores it once.
     /// `message get` by the id a RocketMQ client gave a message (indexed
     /// by the brokers from property `petrel.rmq.id`): every queue of
     /// `req.topic`, or of every topic the caller may describe when it is
@@ -584,9 +580,20 @@ impl Inner {
                 .buffer_unordered(16)
                 .collect()
                 .await;
+        // A queue that cannot answer (no leader for a moment) does not
+        // hide a match elsewhere; its error is reported only if nothing
+        // matched.
         let mut best: Option<pb::Record> = None;
+        let mut failed = None;
         for (topic, queue, r) in found {
-            for sr in r?.records {
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            for sr in r.records {
                 let rec = self.to_record(&topic, queue, sr.offset, &sr.encoded)?;
                 if best
                     .as_ref()
@@ -597,6 +604,9 @@ impl Inner {
             }
         }
         let Some(record) = best else {
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
             let scope = if req.topic.is_empty() {
                 "any topic you may describe".to_string()
             } else {
@@ -630,6 +640,10 @@ impl Inner {
         })
     }
 
+    /// Stores a queue's dead letters in the consumer group's dead-letter
+    /// topic (created on demand), then tells the queue they are stored.
+    /// Idempotent: each is appended with a producer id and sequence that
+    /// name it, so a retry after a crash stores it once.
     async fn ship_dead_letters(
         &self,
         topic: &str,

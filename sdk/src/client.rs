@@ -462,9 +462,10 @@ impl Client {
                     other => other,
                 },
                 Err(_) => Error::Timeout(format!(
-                    "no answer from {} within the {budget:?} request budget (the cluster \
-                     may be busy or still starting: raise --timeout / request_timeout, \
-                     or check `petrel cluster describe`)",
+                    "{} got no answer from {} within the {budget:?} request budget (the \
+                     cluster may be busy or still starting: raise --timeout / \
+                     request_timeout, or check `petrel cluster describe`)",
+                    call_name::<T>(),
                     proxy.uri
                 )),
             };
@@ -490,6 +491,15 @@ impl Client {
             }
         }
     }
+}
+
+/// The call a response type answers, for messages: `ListTopicsResponse`
+/// → "ListTopics".
+fn call_name<T>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    let short = full.split('<').next().unwrap_or(full);
+    let short = short.rsplit("::").next().unwrap_or(short);
+    short.strip_suffix("Response").unwrap_or(short)
 }
 
 /// `m` and the transport's causes under it (tonic's message is only the
@@ -577,6 +587,12 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_name_the_call() {
+        assert_eq!(call_name::<pb::ListTopicsResponse>(), "ListTopics");
+        assert_eq!(call_name::<pb::AckResponse>(), "Ack");
+    }
 
     #[test]
     fn transport_failures_are_explained_in_words_a_user_can_act_on() {

@@ -347,8 +347,13 @@ async fn push_consumer_bounds_concurrency_and_finishes_in_flight_handlers_on_shu
                 Ok::<(), String>(())
             }
         });
-    // Shut down part-way: every handler that started finishes and is acked.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Shut down part-way (once a few are handled, not after a guessed
+    // sleep): every handler that started finishes and is acked.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.lock().unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "no handler finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let first = push.shutdown().await;
     assert_eq!(running.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
