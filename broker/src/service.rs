@@ -26,7 +26,7 @@ use crate::network::{
 };
 use crate::node::{GroupHandle, Node};
 use crate::queue::{Changes, PopParams, RecordView, RetryPolicy, TxnOpen};
-use crate::storage::CF_RECORDS;
+use crate::storage::{StorageError, CF_RECORDS};
 use crate::types::{AppendPart, Command, Response, META_GROUP};
 
 /// How long a Raft message for a group this broker does not (yet) host
@@ -432,7 +432,7 @@ impl Service {
                     // A gap or an iterator error: fall back to one lookup,
                     // which reports it precisely.
                     if let Err(e) = it.status() {
-                        out.push((off, Err(storage_err(group, off, e.to_string()))));
+                        out.push((off, Err(storage_err(group, off, e.into()))));
                         it.seek(keys::record_key(group, off + 1));
                     } else {
                         out.push((off, self.read_record(group, off)));
@@ -459,7 +459,7 @@ impl Service {
             .node
             .store
             .get(CF_RECORDS, &keys::record_key(group, offset))
-            .map_err(|e| storage_err(group, offset, e.to_string()))?
+            .map_err(|e| storage_err(group, offset, e))?
             .ok_or_else(|| {
                 PetrelError::Internal(format!("group {group} offset {offset} is missing"))
             })?;
@@ -689,12 +689,16 @@ fn validate_address(a: &str) -> Result<(), PetrelError> {
     }
 }
 
-fn storage_err(group: u64, offset: u64, e: String) -> PetrelError {
+/// A failed storage read as the caller sees it: damaged bytes are
+/// `corrupt` (not retried elsewhere as if the broker were busy), anything
+/// else `internal`.
+fn storage_err(group: u64, offset: u64, e: StorageError) -> PetrelError {
     tracing::error!(group, offset, error = %e, "storage read failed");
-    if e.contains("Corruption") {
-        PetrelError::Corrupt(format!("group {group} offset {offset}: {e}"))
+    let m = format!("group {group} offset {offset}: {e}");
+    if e.is_corruption() {
+        PetrelError::Corrupt(m)
     } else {
-        PetrelError::Internal(format!("group {group} offset {offset}: {e}"))
+        PetrelError::Internal(m)
     }
 }
 
@@ -1220,7 +1224,7 @@ impl BrokerData for Service {
             .db()
             .iterator_cf(&cf, IteratorMode::From(&from, Direction::Forward));
         for (expect, kv) in (req.offset..).zip(iter) {
-            let (k, v) = kv.map_err(|e| storage_err(group, expect, e.to_string()))?;
+            let (k, v) = kv.map_err(|e| storage_err(group, expect, e.into()))?;
             let Some((g, off)) = keys::decode_group_u64(&k) else {
                 break;
             };

@@ -68,6 +68,19 @@ pub enum StorageError {
     },
 }
 
+impl StorageError {
+    /// Whether the stored bytes are damaged: RocksDB's own `Corruption`
+    /// (a block checksum, a broken SST) or a record that failed its CRC.
+    /// Typed, so no caller matches on error text.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            Self::Rocks(e) => e.kind() == rocksdb::ErrorKind::Corruption,
+            Self::Corrupt { .. } => true,
+            Self::Io { .. } | Self::Decode { .. } => false,
+        }
+    }
+}
+
 /// Handle to the broker's database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -311,4 +324,53 @@ pub fn stored_offsets_for_test(dir: &Path, group: u64) -> Result<Vec<(u64, bool)
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_damaged_bytes_count_as_corruption() {
+        let crc = StorageError::Corrupt {
+            group: 1,
+            offset: 2,
+            reason: "crc mismatch".into(),
+        };
+        assert!(crc.is_corruption());
+        let io = StorageError::Io {
+            path: "/data".into(),
+            source: std::io::Error::other("disk full"),
+        };
+        assert!(!io.is_corruption());
+
+        // RocksDB's own kind: a data block whose bytes were flipped on disk.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = DB::open_default(dir.path()).unwrap();
+            for i in 0..2000u32 {
+                db.put(i.to_be_bytes(), vec![b'v'; 100]).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let sst = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "sst"))
+            .expect("an SST file");
+        let mut bytes = std::fs::read(&sst).unwrap();
+        for b in &mut bytes[100..4000] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&sst, bytes).unwrap();
+        let err = match DB::open_default(dir.path()) {
+            // Opening may already check the damaged file.
+            Err(e) => e,
+            Ok(db) => (0..2000u32)
+                .find_map(|i| db.get(i.to_be_bytes()).err())
+                .expect("reading a damaged block fails"),
+        };
+        let e = StorageError::from(err);
+        assert!(e.is_corruption(), "{e}");
+    }
 }

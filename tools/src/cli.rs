@@ -1,6 +1,7 @@
 //! Argument parsing (clap derive) and the implementation of every
 //! subcommand. Commands talk to the cluster only through `petrel_sdk`.
 
+#[cfg(feature = "dev")]
 use crate::dev::DevArgs;
 use crate::output::{json_line, line, Table};
 use base64::Engine as _;
@@ -96,6 +97,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an embedded local cluster (brokers + a proxy) for development.
+    #[cfg(feature = "dev")]
     Dev(DevArgs),
     /// Create, list, describe, update and delete topics.
     #[command(subcommand)]
@@ -517,6 +519,7 @@ pub(crate) type CliResult<T = ()> = Result<T, CliError>;
 pub fn init_tracing(cli: &Cli) {
     let default = match cli.command {
         // Petrel's own start/stop lines; openraft's chatter only on request.
+        #[cfg(feature = "dev")]
         Command::Dev(_) => "warn,openraft=error,petrel_proxy=error",
         _ => "warn",
     };
@@ -606,6 +609,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn execute(cli: Cli) -> CliResult {
     let json = cli.json;
     let command = match cli.command {
+        #[cfg(feature = "dev")]
         Command::Dev(args) => return crate::dev::run(args, json).await.map_err(CliError::Other),
         Command::User(cmd) => return crate::users::user(cmd, json),
         Command::Acl(cmd) => return crate::users::acl(cmd, json),
@@ -653,9 +657,9 @@ async fn execute(cli: Cli) -> CliResult {
     }
     let client = builder.build()?;
     match command {
-        Command::Dev(_) | Command::User(_) | Command::Acl(_) | Command::Completions { .. } => {
-            Ok(())
-        }
+        #[cfg(feature = "dev")]
+        Command::Dev(_) => Ok(()),
+        Command::User(_) | Command::Acl(_) | Command::Completions { .. } => Ok(()),
         Command::Topic(cmd) => topic(&client, cmd, json).await,
         Command::Produce(args) => produce(&client, args, json).await,
         Command::Consume(args) => consume(&client, args, json).await,

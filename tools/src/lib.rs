@@ -14,6 +14,7 @@
 //! - A closed stdout (broken pipe) ends the command quietly with exit 0.
 
 pub mod cli;
+#[cfg(feature = "dev")]
 pub mod dev;
 mod output;
 pub mod users;
