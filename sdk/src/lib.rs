@@ -78,11 +78,18 @@ pub use admin::{Admin, TopicSpec};
 pub use client::{Client, ClientBuilder};
 pub use consumer::{PullConsumer, ReadBatch, RetryPolicy, SimpleConsumer, SimpleConsumerBuilder};
 pub use message::{Message, ReceivedMessage, SendReceipt};
-pub use petrel_proto::pb;
 pub use petrel_proto::PetrelError as Error;
 pub use producer::{Producer, ProducerBuilder};
 pub use push::{PushConsumer, PushConsumerBuilder, PushStats};
 pub use transaction::{Transaction, TransactionCheck, TransactionResolution};
+
+/// The client protocol's messages and gRPC client (`petrel.v1`), for the
+/// admin calls that return them and for callers who want the raw API.
+/// Only the client API: the brokers' internal protocol and the RocketMQ
+/// definitions the proxy serves are not part of the SDK.
+pub mod pb {
+    pub use petrel_proto::pb::petrel::v1::*;
+}
 
 /// The result of every SDK call.
 pub type Result<T> = std::result::Result<T, Error>;
