@@ -78,8 +78,8 @@ pub struct PeerPool {
     self_id: Arc<std::sync::atomic::AtomicU64>,
     /// Per peer: the queue of the task that coalesces heartbeats.
     coalescers: Arc<DashMap<u64, (String, tokio::sync::mpsc::UnboundedSender<Pending>)>>,
-    /// Per peer: its current run of failed Raft RPCs, for the log.
-    streaks: Arc<DashMap<u64, FailureStreak>>,
+    /// Per peer: its current run of failed Raft RPCs, if any, for the log.
+    streaks: Arc<DashMap<u64, Option<FailureStreak>>>,
 }
 
 /// How long Raft RPCs to a peer must keep failing before the broker logs
@@ -211,11 +211,12 @@ impl PeerPool {
         let now = Instant::now();
         self.last_ok.insert(peer, now);
         // Only a peer with a failure run takes the map's write path.
-        if self.streaks.contains_key(&peer) {
-            let mut streak = self.streaks.remove(&peer).map(|(_, s)| s);
-            if let Some(StreakLog::Reachable { failed, lasted }) =
-                FailureStreak::on_answer(&mut streak, now)
-            {
+        if self.streaks.get(&peer).is_some_and(|s| s.is_some()) {
+            let log = self
+                .streaks
+                .get_mut(&peer)
+                .and_then(|mut s| FailureStreak::on_answer(&mut s, now));
+            if let Some(StreakLog::Reachable { failed, lasted }) = log {
                 tracing::info!(
                     peer,
                     failed_calls = failed,
@@ -228,19 +229,11 @@ impl PeerPool {
 
     /// A Raft RPC to `peer` failed (timed out, refused, cut off).
     fn failed(&self, peer: u64, error: &str) {
-        let now = Instant::now();
-        let mut entry = self.streaks.entry(peer).or_insert_with(|| FailureStreak {
-            since: now,
-            failed: 0,
-            first_error: error.to_string(),
-            logged: false,
-        });
-        let mut streak = Some(entry.clone());
-        let log = FailureStreak::on_failure(&mut streak, now, error);
-        if let Some(s) = streak {
-            *entry = s;
-        }
-        drop(entry);
+        let log = FailureStreak::on_failure(
+            &mut self.streaks.entry(peer).or_default(),
+            Instant::now(),
+            error,
+        );
         if let Some(StreakLog::Unreachable { failed, error }) = log {
             tracing::warn!(
                 peer,

@@ -510,13 +510,14 @@ impl Inner {
     /// `message get` by the id a RocketMQ client gave a message (indexed
     /// by the brokers from property `petrel.rmq.id`): every queue of
     /// `req.topic`, or of every topic the caller may describe when it is
-    /// empty, a few queues at a time. The oldest match wins.
-    async fn get_by_client_id(
+    /// empty, a few queues at a time. The oldest match wins; its Petrel id
+    /// is returned.
+    async fn find_by_client_id(
         &self,
         who: &Principal,
         peer: Option<std::net::SocketAddr>,
         req: &pb::GetMessageRequest,
-    ) -> Result<pb::GetMessageResponse, Status> {
+    ) -> Result<MessageId, Status> {
         use futures::StreamExt;
         let topics: Vec<bpb::TopicRoute> = if req.topic.is_empty() {
             let table = self.router.table();
@@ -583,7 +584,7 @@ impl Inner {
         // A queue that cannot answer (no leader for a moment) does not
         // hide a match elsewhere; its error is reported only if nothing
         // matched.
-        let mut best: Option<pb::Record> = None;
+        let mut best: Option<(i64, MessageId)> = None;
         let mut failed = None;
         for (topic, queue, r) in found {
             let r = match r {
@@ -594,16 +595,18 @@ impl Inner {
                 }
             };
             for sr in r.records {
-                let rec = self.to_record(&topic, queue, sr.offset, &sr.encoded)?;
-                if best
-                    .as_ref()
-                    .is_none_or(|b| rec.store_timestamp_ms < b.store_timestamp_ms)
-                {
-                    best = Some(rec);
+                let at = petrel_proto::record::store_timestamp_ms(&sr.encoded).unwrap_or(i64::MAX);
+                if best.as_ref().is_none_or(|(b, _)| at < *b) {
+                    let id = MessageId {
+                        topic: topic.clone(),
+                        queue,
+                        offset: sr.offset,
+                    };
+                    best = Some((at, id));
                 }
             }
         }
-        let Some(record) = best else {
+        let Some((_, found)) = best else {
             if let Some(e) = failed {
                 return Err(e.into());
             }
@@ -617,27 +620,7 @@ impl Inner {
             ))
             .into());
         };
-        // Its hold and deliveries, as for a Petrel id.
-        let mid: MessageId = record.message_id.parse()?;
-        let t = self.topic(&mid.topic).await?;
-        let group = Inner::group_of(&t, mid.queue)?;
-        let breq = bpb::LookupRequest {
-            group_id: group,
-            offset: mid.offset,
-        };
-        let resp = self
-            .on_leader(group, |_, _, mut c| async move {
-                c.lookup(breq)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| PetrelError::from_status(&s))
-            })
-            .await?;
-        Ok(pb::GetMessageResponse {
-            record: Some(record),
-            hold: resp.hold,
-            deliveries: resp.deliveries,
-        })
+        Ok(found)
     }
 
     /// Stores a queue's dead letters in the consumer group's dead-letter
@@ -1475,11 +1458,9 @@ impl Petrel for ProxyService {
         let req = req.into_inner();
         let id: MessageId = match req.message_id.parse() {
             Ok(id) => id,
+            // Resolved to Petrel's id, then looked up like one.
             Err(_) if is_client_message_id(&req.message_id) => {
-                return s
-                    .get_by_client_id(&who, peer, &req)
-                    .await
-                    .map(Response::new);
+                s.find_by_client_id(&who, peer, &req).await?
             }
             Err(_) => {
                 return Err(PetrelError::InvalidArgument(format!(
