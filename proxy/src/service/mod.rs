@@ -1,7 +1,11 @@
 //! The client API (`petrel.v1.Petrel`): validation, queue selection, routing
 //! to queue leaders with retries, and receipt handles.
+//!
+//! This file holds the service's shared state and the helpers every call
+//! uses (permission check and call slots, topic lookup, leader routing,
+//! meta writes); the trait impl hands each call to its concern's module.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -25,10 +29,12 @@ use crate::batcher::Batcher;
 use crate::config::ProxyConfig;
 use crate::routes::Router;
 
+mod admin;
 mod lookup;
 mod read;
 mod receive;
 mod send;
+mod txn;
 
 pub use send::{unkeyed_queue, SPREAD_STRIPE};
 
@@ -81,8 +87,6 @@ fn client_key<T>(who: &Principal, req: &Request<T>) -> String {
 }
 
 type CheckSender = mpsc::Sender<Result<pb::TransactionCheck, Status>>;
-/// How often the proxy asks brokers for transactions due for a check.
-const TXN_CHECK_POLL: Duration = Duration::from_secs(1);
 
 type R<T> = Result<Response<T>, Status>;
 
@@ -219,83 +223,6 @@ impl Inner {
                 }
             }
         }))
-    }
-
-    /// Hands each transaction due for a check to one checker of its topic
-    /// connected to this proxy (round robin), every `TXN_CHECK_POLL`.
-    async fn check_transactions(self: Arc<Self>) {
-        let mut n = 0usize;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(TXN_CHECK_POLL) => {}
-                _ = self.shutdown.cancelled() => {
-                    // Dropping the senders ends every check stream.
-                    self.checkers.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                    return;
-                }
-            }
-            let topics: Vec<String> = {
-                let mut m = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
-                m.retain(|_, v| {
-                    v.retain(|tx| !tx.is_closed());
-                    !v.is_empty()
-                });
-                m.keys().cloned().collect()
-            };
-            for topic in topics {
-                let Ok(t) = self.topic(&topic).await else {
-                    continue;
-                };
-                for q in &t.queues {
-                    let req = bpb::StaleTransactionsRequest {
-                        group_id: q.group_id,
-                    };
-                    let stale = self
-                        .on_leader_within(
-                            q.group_id,
-                            Duration::from_secs(2),
-                            |_, _, mut c| async move {
-                                c.stale_transactions(req)
-                                    .await
-                                    .map(|r| r.into_inner())
-                                    .map_err(|s| PetrelError::from_status(&s))
-                            },
-                        )
-                        .await;
-                    let Ok(stale) = stale else { continue };
-                    for st in stale.transactions {
-                        let first = (!st.first_encoded.is_empty())
-                            .then(|| {
-                                self.to_record(&topic, q.queue, st.first_offset, &st.first_encoded)
-                                    .ok()
-                            })
-                            .flatten();
-                        let check = pb::TransactionCheck {
-                            topic: topic.clone(),
-                            transaction_id: st.transaction_id,
-                            opened_ms: st.opened_ms,
-                            check: st.check,
-                            first,
-                        };
-                        let senders: Vec<CheckSender> = self
-                            .checkers
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get(&topic)
-                            .cloned()
-                            .unwrap_or_default();
-                        // Unanswered checks are asked again next interval.
-                        for i in 0..senders.len() {
-                            n = n.wrapping_add(1);
-                            let tx = &senders[(n + i) % senders.len()];
-                            if tx.try_send(Ok(check.clone())).is_ok() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-        }
     }
 
     async fn topic(&self, name: &str) -> Result<bpb::TopicRoute, PetrelError> {
@@ -517,32 +444,6 @@ impl Inner {
         futures::future::join_all(futs).await.into_iter().collect()
     }
 
-    async fn topic_info(&self, t: &bpb::TopicRoute) -> pb::TopicInfo {
-        // Offsets only; the consumer groups that come along are ignored.
-        let stats = self
-            .stats(t.queues.iter().map(|q| q.group_id).collect(), "")
-            .await;
-        let table = self.router.table();
-        pb::TopicInfo {
-            config: t.config.clone(),
-            queues: t
-                .queues
-                .iter()
-                .map(|q| {
-                    let s = stats.get(&q.group_id).and_then(|r| r.as_ref().ok());
-                    pb::QueueInfo {
-                        queue: q.queue,
-                        group_id: q.group_id,
-                        replicas: q.replicas.clone(),
-                        leader: table.leaders.get(&q.group_id).map(|x| x.0).unwrap_or(0),
-                        start_offset: s.map(|s| s.start_offset).unwrap_or(0),
-                        end_offset: s.map(|s| s.end_offset).unwrap_or(0),
-                    }
-                })
-                .collect(),
-        }
-    }
-
     /// After a retried meta write fails with "already exists" (create) or
     /// "not found" (delete), checks whether that is the earlier attempt's
     /// own effect and if so reports success.
@@ -694,41 +595,7 @@ impl Petrel for ProxyService {
         &self,
         req: Request<pb::EndTransactionRequest>,
     ) -> R<pb::EndTransactionResponse> {
-        let s = &self.inner;
-        let _call = Inner::enter(
-            s,
-            &req,
-            &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
-        )?;
-        let req = req.into_inner();
-        validate::transaction_id(&req.transaction_id)?;
-        if req.transaction_id.is_empty() {
-            return Err(PetrelError::InvalidArgument("empty transaction id".into()).into());
-        }
-        let t = s.topic(&req.topic).await?;
-        // A transaction may span queues; every queue ends its own part
-        // (idempotent: a queue without it, or where it ended, does nothing).
-        let futs = t.queues.iter().map(|q| {
-            let breq = bpb::BrokerEndTransactionRequest {
-                group_id: q.group_id,
-                transaction_id: req.transaction_id.clone(),
-                commit: req.commit,
-            };
-            s.on_leader(q.group_id, move |_, _, mut c| {
-                let breq = breq.clone();
-                async move {
-                    c.end_transaction(breq)
-                        .await
-                        .map(|r| r.into_inner().records)
-                        .map_err(|s| PetrelError::from_status(&s))
-                }
-            })
-        });
-        let mut records = 0;
-        for r in futures::future::join_all(futs).await {
-            records += r?;
-        }
-        Ok(Response::new(pb::EndTransactionResponse { records }))
+        txn::end_transaction(&self.inner, req).await
     }
 
     type WatchTransactionsStream = CheckStream;
@@ -737,38 +604,7 @@ impl Petrel for ProxyService {
         &self,
         req: Request<pb::WatchTransactionsRequest>,
     ) -> R<Self::WatchTransactionsStream> {
-        let s = self.inner.clone();
-        let _call = Inner::enter(
-            &s,
-            &req,
-            &[(Resource::Topic(&req.get_ref().topic), Action::Publish)],
-        )?;
-        let req = req.into_inner();
-        let t = s.topic(&req.topic).await?;
-        let mt = t.config.as_ref().map(|c| c.message_type).unwrap_or(0);
-        if mt != pb::MessageType::Transaction as i32 {
-            return Err(PetrelError::WrongMessageType(format!(
-                "topic {:?} is not a TRANSACTION topic",
-                req.topic
-            ))
-            .into());
-        }
-        if s.shutdown.is_cancelled() {
-            return Err(PetrelError::Unavailable("proxy is shutting down".into()).into());
-        }
-        let (tx, rx) = mpsc::channel(64);
-        s.checkers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(req.topic)
-            .or_default()
-            .push(tx);
-        let bg = s.clone();
-        s.checker_loop.call_once(|| {
-            tokio::spawn(bg.check_transactions());
-        });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        Ok(Response::new(Box::pin(stream)))
+        txn::watch_transactions(&self.inner, req).await
     }
 
     async fn nack(&self, req: Request<pb::NackRequest>) -> R<pb::NackResponse> {
@@ -805,341 +641,57 @@ impl Petrel for ProxyService {
     }
 
     async fn create_topic(&self, req: Request<pb::CreateTopicRequest>) -> R<pb::TopicInfo> {
-        let s = &self.inner;
-        let name = req
-            .get_ref()
-            .config
-            .as_ref()
-            .map(|c| c.name.as_str())
-            .unwrap_or("");
-        let _call = Inner::enter(s, &req, &[(Resource::Topic(name), Action::Create)])?;
-        let cfg = req
-            .into_inner()
-            .config
-            .ok_or_else(|| PetrelError::InvalidArgument("missing topic config".into()))?;
-        validate::topic_name(&cfg.name)?;
-        let resp = s
-            .meta_write(bpb::meta_write_request::Op::CreateTopic(cfg))
-            .await?;
-        let route = resp
-            .topic
-            .ok_or_else(|| PetrelError::Internal("meta write returned no topic".into()))?;
-        Ok(Response::new(s.topic_info(&route).await))
+        admin::create_topic(&self.inner, req).await
     }
 
     async fn update_topic(&self, req: Request<pb::UpdateTopicRequest>) -> R<pb::TopicInfo> {
-        let s = &self.inner;
-        let _call = Inner::enter(
-            s,
-            &req,
-            &[(Resource::Topic(&req.get_ref().name), Action::Update)],
-        )?;
-        let r = req.into_inner();
-        validate::topic_name(&r.name)?;
-        let resp = s
-            .meta_write(bpb::meta_write_request::Op::UpdateTopic(bpb::UpdateTopic {
-                name: r.name,
-                queue_count: r.queue_count,
-                retention_ms: r.retention_ms,
-                retention_bytes: r.retention_bytes,
-            }))
-            .await?;
-        let route = resp
-            .topic
-            .ok_or_else(|| PetrelError::Internal("meta write returned no topic".into()))?;
-        Ok(Response::new(s.topic_info(&route).await))
+        admin::update_topic(&self.inner, req).await
     }
 
     async fn delete_topic(
         &self,
         req: Request<pb::DeleteTopicRequest>,
     ) -> R<pb::DeleteTopicResponse> {
-        let s = &self.inner;
-        let _call = Inner::enter(
-            s,
-            &req,
-            &[(Resource::Topic(&req.get_ref().name), Action::Delete)],
-        )?;
-        let name = req.into_inner().name;
-        validate::topic_name(&name)?;
-        s.meta_write(bpb::meta_write_request::Op::DeleteTopic(name))
-            .await?;
-        Ok(Response::new(pb::DeleteTopicResponse {}))
+        admin::delete_topic(&self.inner, req).await
     }
 
     async fn list_topics(&self, req: Request<pb::ListTopicsRequest>) -> R<pb::ListTopicsResponse> {
-        let s = &self.inner;
-        let (who, _call) = Inner::enter(s, &req, &[])?;
-        let peer = req.remote_addr();
-        s.router.refresh_now().await;
-        s.ready().await?;
-        let table = s.router.table();
-        // Only the topics the caller may describe.
-        let mut names: Vec<&String> = table
-            .topics
-            .keys()
-            .filter(|n| {
-                s.auth
-                    .permits(&who, peer, Resource::Topic(n), Action::Describe)
-            })
-            .collect();
-        names.sort();
-        let mut topics = Vec::with_capacity(names.len());
-        for n in names {
-            topics.push(s.topic_info(&table.topics[n]).await);
-        }
-        Ok(Response::new(pb::ListTopicsResponse { topics }))
+        admin::list_topics(&self.inner, req).await
     }
 
     async fn describe_topic(&self, req: Request<pb::DescribeTopicRequest>) -> R<pb::TopicInfo> {
-        let s = &self.inner;
-        let _call = Inner::enter(
-            s,
-            &req,
-            &[(Resource::Topic(&req.get_ref().name), Action::Describe)],
-        )?;
-        let t = s.topic(&req.into_inner().name).await?;
-        Ok(Response::new(s.topic_info(&t).await))
+        admin::describe_topic(&self.inner, req).await
     }
 
     async fn list_groups(&self, req: Request<pb::ListGroupsRequest>) -> R<pb::ListGroupsResponse> {
-        let s = &self.inner;
-        let (who, _call) = Inner::enter(s, &req, &[])?;
-        let peer = req.remote_addr();
-        let table = s.router.table();
-        let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for (name, t) in table.topics.iter() {
-            let stats = s
-                .stats(t.queues.iter().map(|q| q.group_id).collect(), "")
-                .await;
-            for st in stats.values().flatten() {
-                for c in &st.consumer_groups {
-                    groups
-                        .entry(c.name.clone())
-                        .or_default()
-                        .insert(name.clone());
-                }
-            }
-        }
-        // Only the groups the caller may describe.
-        groups.retain(|g, _| {
-            s.auth
-                .permits(&who, peer, Resource::Group(g), Action::Describe)
-        });
-        Ok(Response::new(pb::ListGroupsResponse {
-            groups: groups
-                .into_iter()
-                .map(|(name, topics)| pb::GroupSummary {
-                    name,
-                    topics: topics.into_iter().collect(),
-                })
-                .collect(),
-        }))
+        admin::list_groups(&self.inner, req).await
     }
 
     async fn describe_group(
         &self,
         req: Request<pb::DescribeGroupRequest>,
     ) -> R<pb::DescribeGroupResponse> {
-        let s = &self.inner;
-        let _call = Inner::enter(
-            s,
-            &req,
-            &[(Resource::Group(&req.get_ref().group), Action::Describe)],
-        )?;
-        let group = req.into_inner().group;
-        validate::group_name(&group)?;
-        let table = s.router.table();
-        let mut names: Vec<&String> = table.topics.keys().collect();
-        names.sort();
-        let mut queues = Vec::new();
-        for name in names {
-            let t = &table.topics[name];
-            let stats = s
-                .stats(t.queues.iter().map(|q| q.group_id).collect(), &group)
-                .await;
-            let member = stats
-                .values()
-                .flatten()
-                .any(|st| st.consumer_groups.iter().any(|c| c.name == group));
-            if !member {
-                continue;
-            }
-            // A group that consumes a topic is shown on all its queues; a
-            // queue it never received from counts from the queue's start.
-            for q in &t.queues {
-                let Some(Ok(st)) = stats.get(&q.group_id) else {
-                    continue;
-                };
-                let c = st
-                    .consumer_groups
-                    .iter()
-                    .find(|c| c.name == group)
-                    .cloned()
-                    .unwrap_or(bpb::ConsumerGroupStats {
-                        committed_offset: st.start_offset,
-                        lag_ms: st.start_age_ms,
-                        ..Default::default()
-                    });
-                let (committed, inflight, skipped) = (c.committed_offset, c.inflight, c.skipped);
-                queues.push(pb::GroupQueueState {
-                    topic: name.clone(),
-                    queue: q.queue,
-                    committed_offset: committed,
-                    end_offset: st.end_offset,
-                    lag: st.end_offset.saturating_sub(committed),
-                    inflight,
-                    skipped,
-                    dead_lettered: c.dead_lettered,
-                    filtered: c.filtered,
-                    scheduled: c.scheduled,
-                    uncommitted: c.uncommitted,
-                    lag_ms: c.lag_ms,
-                });
-            }
-        }
-        if queues.is_empty() {
-            return Err(PetrelError::NotFound(format!(
-                "consumer group {group:?} has no state on any queue"
-            ))
-            .into());
-        }
-        Ok(Response::new(pb::DescribeGroupResponse { group, queues }))
+        admin::describe_group(&self.inner, req).await
     }
 
     async fn delete_group(
         &self,
         req: Request<pb::DeleteGroupRequest>,
     ) -> R<pb::DeleteGroupResponse> {
-        let s = &self.inner;
-        let _call = Inner::enter(
-            s,
-            &req,
-            &[(Resource::Group(&req.get_ref().group), Action::Delete)],
-        )?;
-        let req = req.into_inner();
-        validate::group_name(&req.group)?;
-        if !req.topic.is_empty() {
-            s.topic(&req.topic).await?; // not_found for an unknown topic
-        }
-        let table = s.router.table();
-        let mut names: Vec<&String> = table
-            .topics
-            .keys()
-            .filter(|n| req.topic.is_empty() || **n == req.topic)
-            .collect();
-        names.sort();
-        let mut topics = Vec::new();
-        let mut queues = 0u32;
-        for name in names {
-            let t = &table.topics[name];
-            let deletes = t.queues.iter().map(|q| {
-                let breq = bpb::BrokerDeleteConsumerRequest {
-                    group_id: q.group_id,
-                    consumer_group: req.group.clone(),
-                };
-                s.on_leader(q.group_id, move |_, _, mut c| {
-                    let breq = breq.clone();
-                    async move {
-                        c.delete_consumer(breq)
-                            .await
-                            .map(|r| r.into_inner().existed)
-                            .map_err(|s| PetrelError::from_status(&s))
-                    }
-                })
-            });
-            // Every queue must answer: a queue left out would keep the
-            // group's position there.
-            let mut here = 0;
-            for r in futures::future::join_all(deletes).await {
-                here += u32::from(r?);
-            }
-            if here > 0 {
-                topics.push(name.clone());
-                queues += here;
-            }
-        }
-        tracing::info!(group = %req.group, topics = ?topics, queues, "consumer group deleted");
-        Ok(Response::new(pb::DeleteGroupResponse { topics, queues }))
+        admin::delete_group(&self.inner, req).await
     }
 
     async fn describe_cluster(
         &self,
         req: Request<pb::DescribeClusterRequest>,
     ) -> R<pb::ClusterInfo> {
-        let s = &self.inner;
-        let _call = Inner::enter(s, &req, &[(Resource::Cluster, Action::Describe)])?;
-        s.router.refresh_now().await;
-        let t = s.router.table();
-        let mut leaders: HashMap<u64, u32> = HashMap::new();
-        for (b, _) in t.leaders.values() {
-            *leaders.entry(*b).or_default() += 1;
-        }
-        let mut replicas: HashMap<u64, u32> = HashMap::new();
-        let mut queue_count = 0;
-        for tr in t.topics.values() {
-            for q in &tr.queues {
-                queue_count += 1;
-                // Retiring replicas still hold data until the move settles.
-                for r in q.replicas.iter().chain(&q.retiring) {
-                    *replicas.entry(*r).or_default() += 1;
-                }
-            }
-        }
-        let mut brokers: Vec<pb::BrokerInfo> = t
-            .brokers
-            .iter()
-            .map(|(id, a)| pb::BrokerInfo {
-                id: *id,
-                address: a.clone(),
-                reachable: t.reachable.get(id).copied().unwrap_or(false),
-                leader_count: leaders.get(id).copied().unwrap_or(0),
-                replica_count: replicas.get(id).copied().unwrap_or(0),
-                state: if t.draining.contains(id) {
-                    "draining".into()
-                } else {
-                    "active".into()
-                },
-                meta_voter: t.meta_voters.contains(id),
-            })
-            .collect();
-        brokers.sort_by_key(|b| b.id);
-        Ok(Response::new(pb::ClusterInfo {
-            brokers,
-            meta_leader: t.meta_leader,
-            topic_count: t.topics.len() as u32,
-            queue_count,
-            map_version: t.map_version,
-        }))
+        admin::describe_cluster(&self.inner, req).await
     }
 
     async fn admin_cluster(
         &self,
         req: Request<pb::AdminClusterRequest>,
     ) -> R<pb::AdminClusterResponse> {
-        use bpb::meta_write_request::Op as M;
-        use pb::admin_cluster_request::Op as A;
-        let s = &self.inner;
-        let _call = Inner::enter(s, &req, &[(Resource::Cluster, Action::Admin)])?;
-        let op = match req.into_inner().op {
-            None => return Err(PetrelError::InvalidArgument("empty admin request".into()).into()),
-            Some(A::AddBroker(b)) => M::RegisterBroker(bpb::BrokerAddress {
-                id: b.id,
-                address: b.address,
-                draining: false,
-                // Only the broker itself may move its own address.
-                self_register: false,
-            }),
-            Some(A::DrainBroker(id)) => M::DrainBroker(id),
-            Some(A::UndrainBroker(id)) => M::UndrainBroker(id),
-            Some(A::RemoveBroker(id)) => M::RemoveBroker(id),
-            Some(A::Rebalance(_)) => M::Rebalance(true),
-        };
-        let r = s.meta_write(op).await?;
-        s.router.poke();
-        Ok(Response::new(pb::AdminClusterResponse {
-            map_version: r.map_version,
-            moves: r.moves,
-        }))
+        admin::admin_cluster(&self.inner, req).await
     }
 }
