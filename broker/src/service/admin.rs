@@ -38,52 +38,8 @@ impl Service {
         let (cmd, name) = match req.op {
             None => return Err(PetrelError::InvalidArgument("empty meta write".into())),
             Some(bpb::meta_write_request::Op::CreateTopic(c)) => {
-                validate::topic_name(&c.name)?;
-                let configured = self
-                    .node
-                    .config
-                    .peers
-                    .keys()
-                    .filter(|b| !map.removed.contains(b))
-                    .count();
-                if map.brokers.len() < configured {
-                    // Start-up: the controller registers the configured
-                    // brokers within a second; placing replicas before that
-                    // would crowd them onto the first ones. Retryable.
-                    return Err(PetrelError::Unavailable(format!(
-                        "cluster is starting: {} of {configured} brokers registered",
-                        map.brokers.len()
-                    )));
-                }
-                validate::topic_shape(
-                    c.queue_count,
-                    c.replication_factor,
-                    map.active_brokers().count(),
-                )?;
-                let mt = match pb::MessageType::try_from(c.message_type) {
-                    Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => {
-                        pb::MessageType::Normal
-                    }
-                    Ok(t) => t,
-                    Err(_) => {
-                        return Err(PetrelError::InvalidArgument("unknown message type".into()))
-                    }
-                };
-                if map.topics.contains_key(&c.name) {
-                    return Err(PetrelError::AlreadyExists(format!(
-                        "topic {:?} already exists",
-                        c.name
-                    )));
-                }
-                let spec = TopicSpec {
-                    name: c.name.clone(),
-                    queue_count: c.queue_count,
-                    replication_factor: c.replication_factor,
-                    message_type: mt as i32,
-                    retention_ms: c.retention_ms,
-                    retention_bytes: c.retention_bytes,
-                };
-                let placements = map.place(c.queue_count, c.replication_factor);
+                let (spec, placements) =
+                    map.plan_create_topic(&c, self.node.config.peers.keys().copied())?;
                 (
                     Command::CreateTopic {
                         spec,
@@ -94,35 +50,13 @@ impl Service {
                 )
             }
             Some(bpb::meta_write_request::Op::UpdateTopic(u)) => {
-                validate::topic_name(&u.name)?;
-                let Some(t) = map.topics.get(&u.name) else {
-                    return Err(PetrelError::NotFound(format!(
-                        "topic {:?} does not exist",
-                        u.name
-                    )));
-                };
-                let cur = t.queues.len() as u32;
-                let add = if u.queue_count == 0 || u.queue_count == cur {
-                    vec![]
-                } else if u.queue_count < cur {
-                    return Err(PetrelError::InvalidArgument(format!(
-                        "queue count can only grow (topic has {cur}, asked for {})",
-                        u.queue_count
-                    )));
-                } else {
-                    validate::topic_shape(
-                        u.queue_count,
-                        t.spec.replication_factor,
-                        map.active_brokers().count(),
-                    )?;
-                    map.place(u.queue_count - cur, t.spec.replication_factor)
-                };
+                let (target_queue_count, add) = map.plan_topic_growth(&u.name, u.queue_count)?;
                 (
                     Command::UpdateTopic {
                         name: u.name.clone(),
                         retention_ms: u.retention_ms,
                         retention_bytes: u.retention_bytes,
-                        target_queue_count: u.queue_count.max(cur),
+                        target_queue_count,
                         add_queues: add,
                     },
                     u.name,
