@@ -4,6 +4,7 @@
 use std::io::Cursor;
 
 use bytes::Bytes;
+use petrel_proto::PetrelError;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{QueuePlacement, TopicSpec};
@@ -225,4 +226,45 @@ pub enum Response {
     Meta(Result<u64, ApplyError>),
     /// `AppendBatch`: per part, (offset, duplicate) per record.
     AppendedBatch(Vec<Vec<(u64, bool)>>),
+}
+
+/// What each command's caller takes out of its [`Response`]. A response of
+/// another kind is a bug; it becomes the one `internal` error below.
+impl Response {
+    /// `Append` or `AppendBatch`: per part, (offset, duplicate) per record.
+    pub fn into_appended(self) -> Result<Vec<Vec<(u64, bool)>>, PetrelError> {
+        match self {
+            Response::Appended(v) => Ok(vec![v]),
+            Response::AppendedBatch(v) => Ok(v),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// `EndTxn`: the records the transaction end affected.
+    pub fn into_count(self) -> Result<u64, PetrelError> {
+        match self {
+            Response::Count(n) => Ok(n),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// Commands answered `Done` (`Checkpoint`, `CommitOffset`, ...).
+    pub fn into_done(self) -> Result<(), PetrelError> {
+        match self {
+            Response::Done(r) => r.map_err(PetrelError::from),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// Meta-group commands: the map version after the change.
+    pub fn into_meta_version(self) -> Result<u64, PetrelError> {
+        match self {
+            Response::Meta(r) => r.map_err(PetrelError::from),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    fn unexpected(self) -> PetrelError {
+        PetrelError::Internal(format!("unexpected response {self:?}"))
+    }
 }

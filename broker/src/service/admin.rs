@@ -148,20 +148,17 @@ impl Service {
                 });
             }
         };
-        match self.node.write(META_GROUP, &h, cmd).await? {
-            Response::Meta(Ok(version)) => {
-                let map = self.node.map_rx.borrow().clone();
-                Ok(bpb::MetaWriteResponse {
-                    topic: map.topics.get(&name).map(topic_route),
-                    map_version: version,
-                    moves: 0,
-                })
-            }
-            Response::Meta(Err(e)) => Err(e.into()),
-            other => Err(PetrelError::Internal(format!(
-                "unexpected response {other:?}"
-            ))),
-        }
+        let version = self
+            .node
+            .write(META_GROUP, &h, cmd)
+            .await?
+            .into_meta_version()?;
+        let map = self.node.map_rx.borrow().clone();
+        Ok(bpb::MetaWriteResponse {
+            topic: map.topics.get(&name).map(topic_route),
+            map_version: version,
+            moves: 0,
+        })
     }
 
     pub(super) async fn handle_meta_write(&self, req: Request<bpb::MetaWriteRequest>) -> R<bpb::MetaWriteResponse> {

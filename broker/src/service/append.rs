@@ -140,12 +140,10 @@ impl Service {
             id: req.transaction_id,
             commit: req.commit,
         };
-        match self.node.write(req.group_id, &h, cmd).await? {
-            Response::Count(n) => Ok(TResponse::new(bpb::BrokerEndTransactionResponse {
-                records: n,
-            })),
-            other => Err(PetrelError::Internal(format!("unexpected response {other:?}")).into()),
-        }
+        let n = self.node.write(req.group_id, &h, cmd).await?.into_count()?;
+        Ok(TResponse::new(bpb::BrokerEndTransactionResponse {
+            records: n,
+        }))
     }
 
     pub(super) async fn handle_stale_transactions(

@@ -107,15 +107,10 @@ impl Service {
                 let mut backoff = std::time::Duration::from_millis(20);
                 loop {
                     let r = match node.ensure_leader(group) {
-                        Ok(h) => match node.write(group, &h, Command::Checkpoint(cp.clone())).await
-                        {
-                            Ok(Response::Done(Ok(()))) => Ok(()),
-                            Ok(Response::Done(Err(e))) => Err(PetrelError::from(e)),
-                            Ok(other) => Err(PetrelError::Internal(format!(
-                                "unexpected response {other:?}"
-                            ))),
-                            Err(e) => Err(e),
-                        },
+                        Ok(h) => node
+                            .write(group, &h, Command::Checkpoint(cp.clone()))
+                            .await
+                            .and_then(Response::into_done),
                         Err(e) => Err(e),
                     };
                     let still = || {
