@@ -16,6 +16,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod append_lane;
+pub mod apply_error;
 pub mod checkpoint;
 pub mod config;
 pub mod keys;

@@ -12,7 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use petrel_proto::{pb, validate, PetrelError};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{ApplyError, META_GROUP};
+use crate::apply_error::ApplyError;
+
+/// Id of the meta group; queue groups are numbered from 1.
+pub const META_GROUP: u64 = 0;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicSpec {
@@ -70,6 +73,23 @@ pub struct Topic {
     pub spec: TopicSpec,
     pub queues: Vec<QueueAssignment>,
     pub created_ms: i64,
+}
+
+/// The route a client sees for topic `t`: its config and queue replicas.
+pub fn topic_route(t: &Topic) -> pb::broker::TopicRoute {
+    pb::broker::TopicRoute {
+        config: Some(t.spec.to_pb()),
+        queues: t
+            .queues
+            .iter()
+            .map(|q| pb::broker::QueueAssignment {
+                queue: q.queue,
+                group_id: q.group_id,
+                replicas: q.replicas.clone(),
+                retiring: q.retiring.clone(),
+            })
+            .collect(),
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

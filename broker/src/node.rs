@@ -1699,7 +1699,7 @@ impl Node {
             topics: map
                 .topics
                 .values()
-                .map(crate::service::topic_route)
+                .map(crate::meta::topic_route)
                 .collect(),
             leading,
             meta_leader,

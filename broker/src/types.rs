@@ -7,7 +7,10 @@ use bytes::Bytes;
 use petrel_proto::PetrelError;
 use serde::{Deserialize, Serialize};
 
+pub use crate::apply_error::ApplyError;
 use crate::meta::{QueuePlacement, TopicSpec};
+pub use crate::meta::META_GROUP;
+pub use crate::queue::LeaseInfo;
 use crate::queue::{PopOutcome, RetryPolicy, TxnOpen};
 
 openraft::declare_raft_types!(
@@ -29,9 +32,6 @@ pub type Entry = openraft::Entry<TypeConfig>;
 pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<u64, openraft::BasicNode>;
 pub type RaftStorageError = openraft::StorageError<u64>;
-
-/// Id of the meta group; queue groups are numbered from 1.
-pub const META_GROUP: u64 = 0;
 
 /// A replicated command. Time-dependent commands carry the leader's clock so
 /// that every replica applies them identically.
@@ -169,43 +169,6 @@ pub struct AppendPart {
     pub records: Vec<(u64, Bytes)>,
     pub deliver_at: Vec<i64>,
     pub txn: Option<TxnOpen>,
-}
-
-/// A lease handed out by `Pop` or `ChangeInvisible`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseInfo {
-    pub offset: u64,
-    pub attempt: u32,
-    pub lease_id: u64,
-    pub deadline_ms: i64,
-}
-
-/// An error decided by applying a command (deterministic on every replica).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ApplyError {
-    NotFound(String),
-    AlreadyExists(String),
-    InvalidArgument(String),
-    ReceiptExpired(String),
-    WrongGroupKind,
-    /// A checkpoint of a leadership term that is over (not applied).
-    StaleTerm(String),
-}
-
-impl From<ApplyError> for petrel_proto::PetrelError {
-    fn from(e: ApplyError) -> Self {
-        use petrel_proto::PetrelError as P;
-        match e {
-            ApplyError::NotFound(m) => P::NotFound(m),
-            ApplyError::AlreadyExists(m) => P::AlreadyExists(m),
-            ApplyError::InvalidArgument(m) => P::InvalidArgument(m),
-            ApplyError::ReceiptExpired(m) => P::ReceiptExpired(m),
-            ApplyError::StaleTerm(m) => P::Unavailable(m),
-            ApplyError::WrongGroupKind => {
-                P::Internal("command sent to the wrong kind of group".into())
-            }
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

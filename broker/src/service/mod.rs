@@ -40,13 +40,13 @@ mod raft;
 mod scan;
 
 pub use admin::MAX_BROKER_ID;
+pub use crate::meta::topic_route;
+pub use crate::network::MAX_DATA_MESSAGE;
 
 /// Most record bytes one pop returns (records and dead letters).
 pub const POP_MAX_BYTES: usize = 16 << 20;
 /// Most record bytes one find-by-key answer carries.
 pub const FIND_MAX_BYTES: usize = 16 << 20;
-/// Largest gRPC message a proxy may send to a broker.
-pub const MAX_DATA_MESSAGE: usize = 64 << 20;
 
 pub async fn serve(
     node: Arc<Node>,
@@ -160,22 +160,6 @@ impl Service {
             .find(|t| t.queues.iter().any(|q| q.group_id == group))
             .and_then(|t| pb::MessageType::try_from(t.spec.message_type).ok())
             .unwrap_or(pb::MessageType::Normal)
-    }
-}
-
-pub fn topic_route(t: &crate::meta::Topic) -> bpb::TopicRoute {
-    bpb::TopicRoute {
-        config: Some(t.spec.to_pb()),
-        queues: t
-            .queues
-            .iter()
-            .map(|q| bpb::QueueAssignment {
-                queue: q.queue,
-                group_id: q.group_id,
-                replicas: q.replicas.clone(),
-                retiring: q.retiring.clone(),
-            })
-            .collect(),
     }
 }
 
