@@ -8,8 +8,8 @@ use petrel_proto::PetrelError;
 use serde::{Deserialize, Serialize};
 
 pub use crate::apply_error::ApplyError;
-use crate::meta::{QueuePlacement, TopicSpec};
 pub use crate::meta::META_GROUP;
+use crate::meta::{QueuePlacement, TopicSpec};
 pub use crate::queue::LeaseInfo;
 use crate::queue::{PopOutcome, RetryPolicy, TxnOpen};
 

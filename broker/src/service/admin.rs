@@ -2,25 +2,15 @@
 //! forwarded to the meta leader when this broker is not it), routes and
 //! fault injection.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use bytes::Bytes;
-use petrel_proto::pb;
 use petrel_proto::pb::broker as bpb;
 use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
-use petrel_proto::record::RecordData;
 use petrel_proto::{validate, PetrelError};
-use rocksdb::{Direction, IteratorMode};
-use tonic::{Request, Response as TResponse, Status};
+use tonic::{Request, Response as TResponse};
 
-use super::{queue_of, topic_route, Service, FIND_MAX_BYTES, POP_MAX_BYTES, R};
-use crate::keys;
-use crate::meta::TopicSpec;
+use super::{Service, R};
+use crate::meta::topic_route;
 use crate::node::{GroupHandle, Node};
-use crate::queue::{Changes, PopParams, RecordView, RetryPolicy, TxnOpen};
-use crate::storage::{StorageError, CF_RECORDS};
-use crate::types::{AppendPart, Command, Response, META_GROUP};
+use crate::types::{Command, META_GROUP};
 
 const FORWARDED: &str = "x-petrel-forwarded";
 
@@ -161,7 +151,10 @@ impl Service {
         })
     }
 
-    pub(super) async fn handle_meta_write(&self, req: Request<bpb::MetaWriteRequest>) -> R<bpb::MetaWriteResponse> {
+    pub(super) async fn handle_meta_write(
+        &self,
+        req: Request<bpb::MetaWriteRequest>,
+    ) -> R<bpb::MetaWriteResponse> {
         let forwarded = req.metadata().get(FORWARDED).is_some();
         let req = req.into_inner();
         let meta = self.node.meta();
@@ -185,7 +178,10 @@ impl Service {
         }
     }
 
-    pub(super) async fn handle_routes(&self, req: Request<bpb::RoutesRequest>) -> R<bpb::RoutesResponse> {
+    pub(super) async fn handle_routes(
+        &self,
+        req: Request<bpb::RoutesRequest>,
+    ) -> R<bpb::RoutesResponse> {
         let known = req.into_inner().known_map_version;
         let map = self.node.map_rx.borrow().clone();
         let mut r = self.node.routes_response(&map);

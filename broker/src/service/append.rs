@@ -2,25 +2,14 @@
 //! handed to the group's append lane) and the transaction calls that end
 //! or check a transaction's records.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use bytes::Bytes;
-use petrel_proto::pb;
 use petrel_proto::pb::broker as bpb;
-use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
 use petrel_proto::record::RecordData;
 use petrel_proto::{validate, PetrelError};
-use rocksdb::{Direction, IteratorMode};
-use tonic::{Request, Response as TResponse, Status};
+use tonic::{Request, Response as TResponse};
 
-use super::{queue_of, topic_route, Service, FIND_MAX_BYTES, POP_MAX_BYTES, R};
-use crate::keys;
-use crate::meta::TopicSpec;
-use crate::node::{GroupHandle, Node};
-use crate::queue::{Changes, PopParams, RecordView, RetryPolicy, TxnOpen};
-use crate::storage::{StorageError, CF_RECORDS};
-use crate::types::{AppendPart, Command, Response, META_GROUP};
+use super::{queue_of, Service, POP_MAX_BYTES, R};
+use crate::queue::TxnOpen;
+use crate::types::{AppendPart, Command};
 
 impl Service {
     async fn append_one(&self, g: bpb::AppendRecords) -> bpb::AppendedOffsets {
@@ -122,7 +111,10 @@ impl Service {
         Ok(v)
     }
 
-    pub(super) async fn handle_append(&self, req: Request<bpb::AppendRequest>) -> R<bpb::AppendResponse> {
+    pub(super) async fn handle_append(
+        &self,
+        req: Request<bpb::AppendRequest>,
+    ) -> R<bpb::AppendResponse> {
         let req = req.into_inner();
         let futs = req.groups.into_iter().map(|g| self.append_one(g));
         let groups = futures::future::join_all(futs).await;

@@ -9,19 +9,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use petrel_proto::pb;
 use petrel_proto::pb::broker as bpb;
-use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
 use petrel_proto::record::RecordData;
 use petrel_proto::{validate, PetrelError};
-use rocksdb::{Direction, IteratorMode};
-use tonic::{Request, Response as TResponse, Status};
+use tonic::{Request, Response as TResponse};
 
-use super::{queue_of, topic_route, Service, FIND_MAX_BYTES, POP_MAX_BYTES, R};
-use crate::keys;
-use crate::meta::TopicSpec;
-use crate::node::{GroupHandle, Node};
-use crate::queue::{Changes, PopParams, RecordView, RetryPolicy, TxnOpen};
-use crate::storage::{StorageError, CF_RECORDS};
-use crate::types::{AppendPart, Command, Response, META_GROUP};
+use super::{Service, POP_MAX_BYTES, R};
+use crate::queue::{Changes, PopParams, RecordView, RetryPolicy};
+use crate::types::{Command, Response};
 
 /// Longest nack reason kept (longer ones are cut).
 const MAX_REASON: usize = 512;
@@ -277,7 +271,10 @@ impl Service {
         }))
     }
 
-    pub(super) async fn handle_wait_ready(&self, req: Request<bpb::WaitReadyRequest>) -> R<bpb::WaitReadyResponse> {
+    pub(super) async fn handle_wait_ready(
+        &self,
+        req: Request<bpb::WaitReadyRequest>,
+    ) -> R<bpb::WaitReadyResponse> {
         let req = req.into_inner();
         if req.queues.len() > MAX_WAIT_QUEUES {
             return Err(PetrelError::InvalidArgument(format!(
@@ -294,7 +291,10 @@ impl Service {
         }))
     }
 
-    pub(super) async fn handle_nack(&self, req: Request<bpb::BrokerNackRequest>) -> R<bpb::BrokerNackResponse> {
+    pub(super) async fn handle_nack(
+        &self,
+        req: Request<bpb::BrokerNackRequest>,
+    ) -> R<bpb::BrokerNackResponse> {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
         let lease = req
@@ -384,7 +384,10 @@ impl Service {
         Ok(TResponse::new(bpb::DeadLetteredResponse {}))
     }
 
-    pub(super) async fn handle_ack(&self, req: Request<bpb::BrokerAckRequest>) -> R<bpb::BrokerAckResponse> {
+    pub(super) async fn handle_ack(
+        &self,
+        req: Request<bpb::BrokerAckRequest>,
+    ) -> R<bpb::BrokerAckResponse> {
         let req = req.into_inner();
         validate::group_name(&req.consumer_group)?;
         let labels = [

@@ -6,32 +6,20 @@
 //! `BrokerData` impl below only routes each call to its module by kind
 //! (`append`, `consume`, `scan`, `admin`); the Raft entry point is `raft`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use petrel_proto::pb;
 use petrel_proto::pb::broker as bpb;
-use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
 use petrel_proto::pb::broker::broker_data_server::{BrokerData, BrokerDataServer};
-use petrel_proto::pb::broker::raft_transport_server::{RaftTransport, RaftTransportServer};
-use petrel_proto::record::RecordData;
-use petrel_proto::{validate, PetrelError};
-use rocksdb::{Direction, IteratorMode};
+use petrel_proto::pb::broker::raft_transport_server::RaftTransportServer;
+use petrel_proto::PetrelError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response as TResponse, Status};
 
-use crate::keys;
-use crate::meta::TopicSpec;
-use crate::network::{
-    encode_result, KIND_APPEND, KIND_ELECT, KIND_PING, KIND_QUIET, KIND_SNAPSHOT, KIND_TRANSFER,
-    KIND_VOTE, MAX_RAFT_MESSAGE,
-};
+use crate::network::MAX_RAFT_MESSAGE;
 use crate::node::{GroupHandle, Node};
-use crate::queue::{Changes, PopParams, RecordView, RetryPolicy, TxnOpen};
-use crate::storage::{StorageError, CF_RECORDS};
-use crate::types::{AppendPart, Command, Response, META_GROUP};
+use crate::types::META_GROUP;
 
 mod admin;
 mod append;
@@ -39,9 +27,9 @@ mod consume;
 mod raft;
 mod scan;
 
-pub use admin::MAX_BROKER_ID;
 pub use crate::meta::topic_route;
 pub use crate::network::MAX_DATA_MESSAGE;
+pub use admin::MAX_BROKER_ID;
 
 /// Most record bytes one pop returns (records and dead letters).
 pub const POP_MAX_BYTES: usize = 16 << 20;

@@ -2,30 +2,17 @@
 //! call: ping, quiet, elect, transfer) is decoded and handed to the local
 //! replica of its group.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use bytes::Bytes;
-use petrel_proto::pb;
 use petrel_proto::pb::broker as bpb;
-use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
 use petrel_proto::pb::broker::raft_transport_server::RaftTransport;
-use petrel_proto::record::RecordData;
-use petrel_proto::{validate, PetrelError};
-use rocksdb::{Direction, IteratorMode};
+use petrel_proto::PetrelError;
 use tonic::{Request, Response as TResponse, Status};
 
-use super::{queue_of, topic_route, Service, FIND_MAX_BYTES, POP_MAX_BYTES, R};
-use crate::keys;
+use super::{Service, R};
 use crate::network::{
     encode_result, KIND_APPEND, KIND_ELECT, KIND_PING, KIND_QUIET, KIND_SNAPSHOT, KIND_TRANSFER,
     KIND_VOTE,
 };
-use crate::meta::TopicSpec;
-use crate::node::{GroupHandle, Node};
-use crate::queue::{Changes, PopParams, RecordView, RetryPolicy, TxnOpen};
-use crate::storage::{StorageError, CF_RECORDS};
-use crate::types::{AppendPart, Command, Response, META_GROUP};
 
 /// How long a Raft message for a group this broker does not (yet) host
 /// waits for the group to be started.

@@ -2,25 +2,16 @@
 //! or time, and queue statistics. They read RocksDB directly (CRC-checked)
 //! and write nothing.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use bytes::Bytes;
 use petrel_proto::pb;
 use petrel_proto::pb::broker as bpb;
-use petrel_proto::pb::broker::broker_data_client::BrokerDataClient;
-use petrel_proto::record::RecordData;
 use petrel_proto::{validate, PetrelError};
 use rocksdb::{Direction, IteratorMode};
-use tonic::{Request, Response as TResponse, Status};
+use tonic::{Request, Response as TResponse};
 
-use super::{queue_of, topic_route, Service, FIND_MAX_BYTES, POP_MAX_BYTES, R};
+use super::{queue_of, Service, FIND_MAX_BYTES, R};
 use crate::keys;
-use crate::meta::TopicSpec;
-use crate::node::{GroupHandle, Node};
-use crate::queue::{Changes, PopParams, RecordView, RetryPolicy, TxnOpen};
 use crate::storage::{StorageError, CF_RECORDS};
-use crate::types::{AppendPart, Command, Response, META_GROUP};
 
 impl Service {
     /// Reads `offsets` (ascending runs are read with one iterator seek
@@ -117,7 +108,10 @@ impl Service {
         Self::checked(group, offset, v)
     }
 
-    pub(super) async fn handle_lookup(&self, req: Request<bpb::LookupRequest>) -> R<bpb::LookupResponse> {
+    pub(super) async fn handle_lookup(
+        &self,
+        req: Request<bpb::LookupRequest>,
+    ) -> R<bpb::LookupResponse> {
         let req = req.into_inner();
         let h = self.leader(req.group_id)?;
         let q = queue_of(&h, req.group_id)?;
@@ -150,7 +144,10 @@ impl Service {
         }))
     }
 
-    pub(super) async fn handle_find_by_key(&self, req: Request<bpb::FindByKeyRequest>) -> R<bpb::FindByKeyResponse> {
+    pub(super) async fn handle_find_by_key(
+        &self,
+        req: Request<bpb::FindByKeyRequest>,
+    ) -> R<bpb::FindByKeyResponse> {
         let req = req.into_inner();
         if req.key.is_empty() || req.key.len() > validate::MAX_KEY_LEN {
             return Err(PetrelError::InvalidArgument(format!(
@@ -200,7 +197,10 @@ impl Service {
         Ok(TResponse::new(bpb::FindByKeyResponse { records }))
     }
 
-    pub(super) async fn handle_read(&self, req: Request<bpb::BrokerReadRequest>) -> R<bpb::BrokerReadResponse> {
+    pub(super) async fn handle_read(
+        &self,
+        req: Request<bpb::BrokerReadRequest>,
+    ) -> R<bpb::BrokerReadResponse> {
         let req = req.into_inner();
         let group = req.group_id;
         let h = self.leader(group)?;
