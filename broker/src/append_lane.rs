@@ -19,7 +19,7 @@ use petrel_proto::PetrelError;
 use tokio::sync::oneshot;
 
 use crate::node::{GroupHandle, Node};
-use crate::types::{AppendPart, Command, Response};
+use crate::types::{AppendPart, Command};
 
 /// Raft writes of appends in flight per queue before appends coalesce.
 pub const LANE_DEPTH: usize = 1;
@@ -166,15 +166,7 @@ impl Node {
         } else {
             Command::AppendBatch(parts)
         };
-        let results = match self.write(group, h, cmd).await? {
-            Response::Appended(v) => vec![v],
-            Response::AppendedBatch(v) => v,
-            other => {
-                return Err(PetrelError::Internal(format!(
-                    "unexpected response {other:?}"
-                )))
-            }
-        };
+        let results = self.write(group, h, cmd).await?.into_appended()?;
         if results.len() != n {
             return Err(PetrelError::Internal(format!(
                 "append of {n} requests answered {} of them",

@@ -1,8 +1,8 @@
 //! Petrel broker: a storage node with no master role.
 //!
 //! ```text
-//!            proxies ──BrokerData──▶ service.rs ──client_write──▶ queue group (Raft)
-//!  peer brokers ──RaftTransport──▶ service.rs ──────────────────▶ any group by id
+//!            proxies ──BrokerData──▶ service/   ──client_write──▶ queue group (Raft)
+//!  peer brokers ──RaftTransport──▶ service/   ──────────────────▶ any group by id
 //!                                     node.rs: group registry, reconciler, controller
 //!                                     sm.rs / log_store.rs ──▶ storage.rs (RocksDB)
 //! ```
@@ -16,6 +16,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod append_lane;
+pub mod apply_error;
 pub mod checkpoint;
 pub mod config;
 pub mod keys;

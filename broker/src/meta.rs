@@ -9,10 +9,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use petrel_proto::pb;
+use petrel_proto::{pb, validate, PetrelError};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{ApplyError, META_GROUP};
+use crate::apply_error::ApplyError;
+
+/// Id of the meta group; queue groups are numbered from 1.
+pub const META_GROUP: u64 = 0;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicSpec {
@@ -70,6 +73,23 @@ pub struct Topic {
     pub spec: TopicSpec,
     pub queues: Vec<QueueAssignment>,
     pub created_ms: i64,
+}
+
+/// The route a client sees for topic `t`: its config and queue replicas.
+pub fn topic_route(t: &Topic) -> pb::broker::TopicRoute {
+    pb::broker::TopicRoute {
+        config: Some(t.spec.to_pb()),
+        queues: t
+            .queues
+            .iter()
+            .map(|q| pb::broker::QueueAssignment {
+                queue: q.queue,
+                group_id: q.group_id,
+                replicas: q.replicas.clone(),
+                retiring: q.retiring.clone(),
+            })
+            .collect(),
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -405,6 +425,90 @@ impl ClusterMap {
         out
     }
 
+    /// Plans topic `c` from an admin request: the spec to store and where
+    /// its queues go, or why it cannot be created now. `configured` are the
+    /// brokers of the static configuration (`--peers`).
+    pub fn plan_create_topic(
+        &self,
+        c: &pb::TopicConfig,
+        configured: impl IntoIterator<Item = u64>,
+    ) -> Result<(TopicSpec, Vec<QueuePlacement>), PetrelError> {
+        validate::topic_name(&c.name)?;
+        let configured = configured
+            .into_iter()
+            .filter(|b| !self.removed.contains(b))
+            .count();
+        if self.brokers.len() < configured {
+            // Start-up: the controller registers the configured
+            // brokers within a second; placing replicas before that
+            // would crowd them onto the first ones. Retryable.
+            return Err(PetrelError::Unavailable(format!(
+                "cluster is starting: {} of {configured} brokers registered",
+                self.brokers.len()
+            )));
+        }
+        validate::topic_shape(
+            c.queue_count,
+            c.replication_factor,
+            self.active_brokers().count(),
+        )?;
+        let mt = match pb::MessageType::try_from(c.message_type) {
+            Ok(pb::MessageType::Unspecified) | Ok(pb::MessageType::Normal) => {
+                pb::MessageType::Normal
+            }
+            Ok(t) => t,
+            Err(_) => return Err(PetrelError::InvalidArgument("unknown message type".into())),
+        };
+        if self.topics.contains_key(&c.name) {
+            return Err(PetrelError::AlreadyExists(format!(
+                "topic {:?} already exists",
+                c.name
+            )));
+        }
+        let spec = TopicSpec {
+            name: c.name.clone(),
+            queue_count: c.queue_count,
+            replication_factor: c.replication_factor,
+            message_type: mt as i32,
+            retention_ms: c.retention_ms,
+            retention_bytes: c.retention_bytes,
+        };
+        let placements = self.place(c.queue_count, c.replication_factor);
+        Ok((spec, placements))
+    }
+
+    /// Plans growing topic `name` to `queue_count` queues (0 or its current
+    /// count: none added): the queue count to reach and where the queues
+    /// to add go. Queues are never removed.
+    pub fn plan_topic_growth(
+        &self,
+        name: &str,
+        queue_count: u32,
+    ) -> Result<(u32, Vec<QueuePlacement>), PetrelError> {
+        validate::topic_name(name)?;
+        let Some(t) = self.topics.get(name) else {
+            return Err(PetrelError::NotFound(format!(
+                "topic {name:?} does not exist"
+            )));
+        };
+        let cur = t.queues.len() as u32;
+        let add = if queue_count == 0 || queue_count == cur {
+            vec![]
+        } else if queue_count < cur {
+            return Err(PetrelError::InvalidArgument(format!(
+                "queue count can only grow (topic has {cur}, asked for {queue_count})"
+            )));
+        } else {
+            validate::topic_shape(
+                queue_count,
+                t.spec.replication_factor,
+                self.active_brokers().count(),
+            )?;
+            self.place(queue_count - cur, t.spec.replication_factor)
+        };
+        Ok((queue_count.max(cur), add))
+    }
+
     /// Chooses replicas for `count` new queues: each queue's replicas are the
     /// brokers with the fewest replicas so far (ties: fewest preferred
     /// leaderships, then lowest id), and its preferred leader is the chosen
@@ -579,6 +683,40 @@ mod tests {
             retention_ms: 0,
             retention_bytes: 0,
         }
+    }
+
+    #[test]
+    fn topic_plans_check_the_map_and_place_queues() {
+        let cfg = |name: &str, q: u32, rf: u32| pb::TopicConfig {
+            name: name.into(),
+            queue_count: q,
+            replication_factor: rf,
+            ..Default::default()
+        };
+        let mut m = map(3);
+        // Configured brokers still registering: retryable.
+        let r = m.plan_create_topic(&cfg("a", 4, 3), 1..=4);
+        assert!(matches!(r, Err(PetrelError::Unavailable(_))), "{r:?}");
+        let r = m.plan_create_topic(&cfg("a", 4, 4), 1..=3);
+        assert!(matches!(r, Err(PetrelError::InvalidArgument(_))), "{r:?}");
+        let (s, p) = m.plan_create_topic(&cfg("a", 4, 3), 1..=3).unwrap();
+        assert_eq!(s.message_type, pb::MessageType::Normal as i32);
+        assert_eq!(p.len(), 4);
+        assert!(p.iter().all(|q| q.replicas.len() == 3));
+        m.create_topic(&s, &p, 0).unwrap();
+        let r = m.plan_create_topic(&cfg("a", 4, 3), 1..=3);
+        assert!(matches!(r, Err(PetrelError::AlreadyExists(_))), "{r:?}");
+
+        assert_eq!(m.plan_topic_growth("a", 0).unwrap(), (4, vec![]));
+        assert_eq!(m.plan_topic_growth("a", 4).unwrap(), (4, vec![]));
+        let r = m.plan_topic_growth("a", 3);
+        assert!(matches!(r, Err(PetrelError::InvalidArgument(_))), "{r:?}");
+        let (target, add) = m.plan_topic_growth("a", 6).unwrap();
+        assert_eq!(target, 6);
+        assert_eq!(add.len(), 2);
+        assert!(add.iter().all(|q| q.replicas.len() == 3));
+        let r = m.plan_topic_growth("b", 6);
+        assert!(matches!(r, Err(PetrelError::NotFound(_))), "{r:?}");
     }
 
     #[test]

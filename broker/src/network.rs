@@ -37,12 +37,14 @@ pub const KIND_PING: u32 = 6;
 /// your timers off (`quiet.rs`).
 pub const KIND_QUIET: u32 = 7;
 
+/// Largest gRPC message a proxy may send to a broker (`BrokerData`).
+pub const MAX_DATA_MESSAGE: usize = 64 << 20;
 /// Raft RPCs larger than this are refused by the transport: the largest
 /// real message is one AppendEntries of a single entry as big as a data
 /// call may be (one proxy append, `MAX_DATA_MESSAGE`), plus framing.
 /// AppendEntries of several entries are cut at `APPEND_BUDGET` bytes, and
 /// snapshots travel in openraft's chunks (3 MiB).
-pub const MAX_RAFT_MESSAGE: usize = crate::service::MAX_DATA_MESSAGE + (8 << 20);
+pub const MAX_RAFT_MESSAGE: usize = MAX_DATA_MESSAGE + (8 << 20);
 /// Most entry bytes one AppendEntries of several entries carries; the rest
 /// follow in the next one (openraft's `PartialSuccess`).
 pub const APPEND_BUDGET: u64 = 16 << 20;

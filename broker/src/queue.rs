@@ -14,7 +14,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{ApplyError, LeaseInfo};
+use crate::apply_error::ApplyError;
+
+/// A lease handed out by `Pop` or `ChangeInvisible`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    pub offset: u64,
+    pub attempt: u32,
+    pub lease_id: u64,
+    pub deadline_ms: i64,
+}
 
 /// Sequences remembered per producer per queue for de-duplication.
 pub const DEDUP_WINDOW: usize = 4096;

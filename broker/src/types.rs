@@ -4,9 +4,13 @@
 use std::io::Cursor;
 
 use bytes::Bytes;
+use petrel_proto::PetrelError;
 use serde::{Deserialize, Serialize};
 
+pub use crate::apply_error::ApplyError;
+pub use crate::meta::META_GROUP;
 use crate::meta::{QueuePlacement, TopicSpec};
+pub use crate::queue::LeaseInfo;
 use crate::queue::{PopOutcome, RetryPolicy, TxnOpen};
 
 openraft::declare_raft_types!(
@@ -28,9 +32,6 @@ pub type Entry = openraft::Entry<TypeConfig>;
 pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<u64, openraft::BasicNode>;
 pub type RaftStorageError = openraft::StorageError<u64>;
-
-/// Id of the meta group; queue groups are numbered from 1.
-pub const META_GROUP: u64 = 0;
 
 /// A replicated command. Time-dependent commands carry the leader's clock so
 /// that every replica applies them identically.
@@ -170,43 +171,6 @@ pub struct AppendPart {
     pub txn: Option<TxnOpen>,
 }
 
-/// A lease handed out by `Pop` or `ChangeInvisible`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseInfo {
-    pub offset: u64,
-    pub attempt: u32,
-    pub lease_id: u64,
-    pub deadline_ms: i64,
-}
-
-/// An error decided by applying a command (deterministic on every replica).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ApplyError {
-    NotFound(String),
-    AlreadyExists(String),
-    InvalidArgument(String),
-    ReceiptExpired(String),
-    WrongGroupKind,
-    /// A checkpoint of a leadership term that is over (not applied).
-    StaleTerm(String),
-}
-
-impl From<ApplyError> for petrel_proto::PetrelError {
-    fn from(e: ApplyError) -> Self {
-        use petrel_proto::PetrelError as P;
-        match e {
-            ApplyError::NotFound(m) => P::NotFound(m),
-            ApplyError::AlreadyExists(m) => P::AlreadyExists(m),
-            ApplyError::InvalidArgument(m) => P::InvalidArgument(m),
-            ApplyError::ReceiptExpired(m) => P::ReceiptExpired(m),
-            ApplyError::StaleTerm(m) => P::Unavailable(m),
-            ApplyError::WrongGroupKind => {
-                P::Internal("command sent to the wrong kind of group".into())
-            }
-        }
-    }
-}
-
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub enum Response {
     /// Membership changes and blank entries.
@@ -225,4 +189,45 @@ pub enum Response {
     Meta(Result<u64, ApplyError>),
     /// `AppendBatch`: per part, (offset, duplicate) per record.
     AppendedBatch(Vec<Vec<(u64, bool)>>),
+}
+
+/// What each command's caller takes out of its [`Response`]. A response of
+/// another kind is a bug; it becomes the one `internal` error below.
+impl Response {
+    /// `Append` or `AppendBatch`: per part, (offset, duplicate) per record.
+    pub fn into_appended(self) -> Result<Vec<Vec<(u64, bool)>>, PetrelError> {
+        match self {
+            Response::Appended(v) => Ok(vec![v]),
+            Response::AppendedBatch(v) => Ok(v),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// `EndTxn`: the records the transaction end affected.
+    pub fn into_count(self) -> Result<u64, PetrelError> {
+        match self {
+            Response::Count(n) => Ok(n),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// Commands answered `Done` (`Checkpoint`, `CommitOffset`, ...).
+    pub fn into_done(self) -> Result<(), PetrelError> {
+        match self {
+            Response::Done(r) => r.map_err(PetrelError::from),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// Meta-group commands: the map version after the change.
+    pub fn into_meta_version(self) -> Result<u64, PetrelError> {
+        match self {
+            Response::Meta(r) => r.map_err(PetrelError::from),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    fn unexpected(self) -> PetrelError {
+        PetrelError::Internal(format!("unexpected response {self:?}"))
+    }
 }
