@@ -120,7 +120,7 @@ pub struct BrokerArgs {
     /// `json` (one object per line, for log collectors). Flag or
     /// environment only, not in the config file.
     #[arg(long, env = "PETREL_LOG_FORMAT", default_value = "text")]
-    pub log_format: petrel_proto::logging::LogFormat,
+    pub log_format: petrel_admin::logging::LogFormat,
     /// Print the effective configuration (flags, environment and file) as
     /// TOML, in the `--config` file's keys, and exit.
     #[arg(long)]

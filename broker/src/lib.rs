@@ -75,7 +75,7 @@ pub async fn spawn_with(
 ) -> anyhow::Result<(Arc<Node>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     // Bind first, so a taken port fails the start with a clear error.
     let admin = match config.admin_listen {
-        Some(a) => Some(petrel_proto::admin::bind(a).await?),
+        Some(a) => Some(petrel_admin::bind(a).await?),
         None => None,
     };
     let admin_tls = match &config.admin_tls {
@@ -90,20 +90,15 @@ pub async fn spawn_with(
         // Weak: an open scrape connection must not keep the node (and its
         // database) alive after the broker stopped.
         let n = Arc::downgrade(&node);
-        let ready: petrel_proto::admin::Readiness = Arc::new(move || match n.upgrade() {
+        let ready: petrel_admin::Readiness = Arc::new(move || match n.upgrade() {
             Some(n) => n.readiness(),
             None => Err("stopped".into()),
         });
         let stop = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                petrel_proto::admin::serve(
-                    l,
-                    ready,
-                    admin_tls,
-                    async move { stop.cancelled().await },
-                )
-                .await
+                petrel_admin::serve(l, ready, admin_tls, async move { stop.cancelled().await })
+                    .await
             {
                 tracing::error!(error = %e, "admin endpoint failed");
             }

@@ -15,14 +15,10 @@
 //! - A record's encoding is CRC-checked on every decode; a mismatch is
 //!   [`PetrelError::Corrupt`], never silently returned.
 
-#[cfg(feature = "admin")]
-pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod filter;
 pub mod ids;
-#[cfg(feature = "admin")]
-pub mod logging;
 pub mod receipt;
 pub mod record;
 pub mod rmq_auth;

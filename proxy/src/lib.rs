@@ -56,10 +56,10 @@ pub async fn run(
     });
     if let config::AuthMode::File { path, text } = &config.auth {
         let (a, stop) = (auth.clone(), shutdown.child_token());
-        tokio::spawn(petrel_proto::admin::watch_config(
+        tokio::spawn(petrel_admin::watch_config(
             path.clone(),
             Some(text.clone()),
-            petrel_proto::admin::CONFIG_POLL,
+            petrel_admin::CONFIG_POLL,
             "petrel_proxy_auth",
             async move { stop.cancelled().await },
             move |text, _| a.reload(text),
@@ -87,7 +87,7 @@ pub async fn run(
     );
     let draining = Arc::new(AtomicBool::new(false));
     if let Some(a) = config.admin_listen {
-        let l = petrel_proto::admin::bind(a).await?;
+        let l = petrel_admin::bind(a).await?;
         let admin_tls = match &config.admin_tls {
             Some((cert, key)) => Some(
                 petrel_proto::tls::ServerTls::load_http1(cert.clone(), key.clone())
@@ -96,7 +96,7 @@ pub async fn run(
             None => None,
         };
         let (r, d) = (router.clone(), draining.clone());
-        let ready: petrel_proto::admin::Readiness = Arc::new(move || {
+        let ready: petrel_admin::Readiness = Arc::new(move || {
             if d.load(Ordering::Acquire) {
                 return Err("draining".into());
             }
@@ -106,7 +106,7 @@ pub async fn run(
         tokio::spawn(async move {
             // The admin endpoint outlives the drain by the grace period at
             // most (the process exits after it).
-            if let Err(e) = petrel_proto::admin::serve(l, ready, admin_tls, async move {
+            if let Err(e) = petrel_admin::serve(l, ready, admin_tls, async move {
                 stop.cancelled().await;
                 std::future::pending::<()>().await
             })
@@ -136,10 +136,10 @@ pub async fn run(
             config.file_static.clone(),
         );
         let stop = shutdown.child_token();
-        tokio::spawn(petrel_proto::admin::watch_config(
+        tokio::spawn(petrel_admin::watch_config(
             path,
             config.config_text.clone(),
-            petrel_proto::admin::CONFIG_POLL,
+            petrel_admin::CONFIG_POLL,
             "petrel_proxy",
             async move { stop.cancelled().await },
             move |text, _| apply_runtime(text, &l, hook.as_ref(), flag_log.as_deref(), &started),
@@ -260,7 +260,7 @@ where
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .initial_stream_window_size(Some(petrel_proto::transport::STREAM_WINDOW))
         .initial_connection_window_size(Some(petrel_proto::transport::CONNECTION_WINDOW))
-        .layer(petrel_proto::admin::RpcMetricsLayer {
+        .layer(petrel_admin::RpcMetricsLayer {
             prefix: "petrel_proxy",
         })
         .add_service(
@@ -304,7 +304,7 @@ where
 /// settings (rate limits, log filter) at once, without touching any
 /// connection, and names changed static settings as waiting for a restart;
 /// an invalid one is refused with the reason (and
-/// [`petrel_proto::admin::watch_config`] logs it and keeps the running
+/// [`petrel_admin::watch_config`] logs it and keeps the running
 /// settings).
 fn apply_runtime(
     text: &str,

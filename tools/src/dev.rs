@@ -154,15 +154,13 @@ impl LocalCluster {
     /// Serves the admin endpoint for the whole cluster on `port`
     /// (127.0.0.1) until the cluster stops.
     pub async fn serve_admin(&self, port: u16) -> anyhow::Result<()> {
-        let l = petrel_proto::admin::bind(([127, 0, 0, 1], port).into()).await?;
+        let l = petrel_admin::bind(([127, 0, 0, 1], port).into()).await?;
         let nodes = self.nodes.clone();
-        let ready: petrel_proto::admin::Readiness =
-            std::sync::Arc::new(move || nodes_ready(&nodes));
+        let ready: petrel_admin::Readiness = std::sync::Arc::new(move || nodes_ready(&nodes));
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                petrel_proto::admin::serve(l, ready, None, async move { stop.cancelled().await })
-                    .await
+                petrel_admin::serve(l, ready, None, async move { stop.cancelled().await }).await
             {
                 tracing::error!(error = %e, "admin endpoint failed");
             }
@@ -233,7 +231,7 @@ pub async fn run(args: DevArgs, json: bool) -> anyhow::Result<()> {
     };
     if args.admin_port.is_some() {
         // Before the brokers start, so no metric recorded at start is lost.
-        petrel_proto::admin::recorder();
+        petrel_admin::recorder();
     }
     let cluster = LocalCluster::start(opts).await?;
     if let Some(p) = args.admin_port {

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+mod common;
+
 /// A fresh dev cluster elects its leaders within this.
 const READY: Duration = Duration::from_secs(60);
 /// A graceful stop finishes within this.
@@ -22,22 +24,10 @@ fn petrel() -> &'static str {
     env!("CARGO_BIN_EXE_petrel")
 }
 
-/// A base port with the next three free as well (brokers use port + i).
+/// A base port with the next three free and reserved as well (the
+/// brokers of `petrel dev` use port + i).
 fn free_port_block() -> u16 {
-    for _ in 0..50 {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = l.local_addr().unwrap().port();
-        if base > 65000 {
-            continue;
-        }
-        let others: Vec<_> = (1..=3)
-            .filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if others.len() == 3 {
-            return base;
-        }
-    }
-    panic!("no free port block");
+    common::free_port_block(4)
 }
 
 /// `petrel dev` running as a child process; killed by PID on drop.
@@ -467,8 +457,31 @@ fn record_with_flipped_bytes_on_disk_is_reported_corrupt_not_served() {
     // An ack means a quorum stored the records; the third replica learns
     // the commit index with the next heartbeat (500 ms) and only then
     // applies them to its records column family, which this test reads.
-    std::thread::sleep(Duration::from_millis(1500));
-    dev.stop();
+    // A database can only be read stopped: stop, and if a broker lacks a
+    // record, run the cluster again (its new leader commits, and so the
+    // straggler applies) until every broker holds all five.
+    let mut dev = dev;
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        dev.stop();
+        let lacking: Vec<u64> = (1..=3)
+            .filter(|b| {
+                let bdir = dir.path().join(format!("broker-{b}"));
+                petrel_broker::storage::stored_offsets_for_test(&bdir, group_id)
+                    .unwrap()
+                    .len()
+                    < 5
+            })
+            .collect();
+        if lacking.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "brokers {lacking:?} never applied the five records"
+        );
+        dev = Dev::start(dir.path(), port);
+    }
 
     for b in 1..=3 {
         let bdir = dir.path().join(format!("broker-{b}"));
@@ -964,10 +977,7 @@ fn wrong_endpoints_and_timeouts_say_what_is_wrong() {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(err.contains("broker"), "{err}");
     // Nothing listening.
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let closed = common::free_port();
     let o = Command::new(petrel())
         .args([
             "--endpoint",

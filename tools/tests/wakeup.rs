@@ -12,7 +12,7 @@ use petrel_tools::dev::{ClusterOptions, LocalCluster};
 
 /// Pops served by the brokers of this process so far.
 fn pops() -> u64 {
-    petrel_proto::admin::recorder()
+    petrel_admin::recorder()
         .render()
         .lines()
         .filter(|l| l.starts_with("petrel_broker_rpc_duration_seconds_count{rpc=\"Pop\"}"))
@@ -23,7 +23,7 @@ fn pops() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_receive_waits_instead_of_polling_and_an_append_wakes_it() {
     // Installed before the brokers start, so every RPC is counted.
-    petrel_proto::admin::recorder();
+    petrel_admin::recorder();
     let dir = tempfile::tempdir().unwrap();
     let c = LocalCluster::start(ClusterOptions::new(dir.path()))
         .await

@@ -37,7 +37,7 @@ async fn main() {
     let (filter, log_handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(petrel_proto::logging::layer(log_format))
+        .with(petrel_admin::logging::layer(log_format))
         .init();
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
@@ -67,10 +67,10 @@ async fn main() {
         // still win over it, exactly as at start.
         let weak = std::sync::Arc::downgrade(&node);
         let stop = shutdown.clone();
-        tokio::spawn(petrel_proto::admin::watch_config(
+        tokio::spawn(petrel_admin::watch_config(
             path,
             config_text,
-            petrel_proto::admin::CONFIG_POLL,
+            petrel_admin::CONFIG_POLL,
             "petrel_broker",
             async move { stop.cancelled().await },
             move |text, _| {

@@ -77,7 +77,7 @@ where
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(petrel_proto::transport::STREAM_WINDOW))
         .initial_connection_window_size(Some(petrel_proto::transport::CONNECTION_WINDOW))
-        .layer(petrel_proto::admin::RpcMetricsLayer {
+        .layer(petrel_admin::RpcMetricsLayer {
             prefix: "petrel_broker",
         })
         .add_service(

@@ -35,7 +35,7 @@ async fn main() {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
-        .with(petrel_proto::logging::layer(log_format))
+        .with(petrel_admin::logging::layer(log_format))
         .init();
     // SIGHUP may change the log filter (see `--config`).
     config.set_log = Some(petrel_proxy::config::LogHook(std::sync::Arc::new(

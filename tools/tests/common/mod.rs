@@ -22,12 +22,109 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A port on 127.0.0.1 for a server a test starts (usually a child
+/// process given `--listen`), which no other test will be handed while
+/// this test process lives.
+///
+/// The OS picks the port (a bind to port 0), and the listener is dropped so
+/// the server can bind it. Left there, that is a race: a test binary
+/// running in parallel binds port 0 too, may be given the same free port,
+/// and one of the two servers fails to listen. So every port handed out is
+/// also reserved: an exclusive `flock` on `PORT.lock` in
+/// `$TMPDIR/petrel-test-ports/`, held open until the test process exits
+/// (the kernel releases it then, however the process ends), plus a set of
+/// the ports handed out in this process (for its parallel tests). A port
+/// someone else reserved is passed over. The reservation lasts for the
+/// whole process rather than one test because servers are restarted on
+/// their old ports (peers know brokers by address), and a port never goes
+/// back to the pool mid-process.
+///
+/// Retrying a child that found its port taken was the alternative; it does
+/// not cover a restart on the same port, and every spawning helper would
+/// need it. What is left is a process outside the tests binding the port
+/// in the moment between the check and the server's bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if ports::reserve(port) {
+            return port;
+        }
+    }
+    panic!("no free port could be reserved");
+}
+
+/// `n` consecutive ports, each free and reserved as by [`free_port`]: for
+/// `petrel dev --port BASE`, whose brokers listen on BASE + 1, BASE + 2...
+/// Returns the first.
+pub fn free_port_block(n: u16) -> u16 {
+    for _ in 0..1000 {
+        let base = free_port();
+        if base.checked_add(n).is_none() {
+            continue; // `base` stays reserved; it is only one port
+        }
+        let mut taken = Vec::new();
+        for p in base + 1..base + n {
+            if TcpListener::bind(("127.0.0.1", p)).is_ok() && ports::reserve(p) {
+                taken.push(p);
+            } else {
+                break;
+            }
+        }
+        if taken.len() == usize::from(n - 1) {
+            return base;
+        }
+        for p in taken.into_iter().chain([base]) {
+            ports::release(p);
+        }
+    }
+    panic!("no block of {n} free ports could be reserved");
+}
+
+/// The reservations behind [`free_port`].
+mod ports {
+    use std::collections::HashMap;
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex;
+
+    /// Ports this process reserved, each with its open (locked) file.
+    static HELD: Mutex<Option<HashMap<u16, File>>> = Mutex::new(None);
+
+    /// Reserves `port` for this process: false if this process or another
+    /// one already holds it.
+    pub fn reserve(port: u16) -> bool {
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        let held = held.get_or_insert_with(HashMap::new);
+        if held.contains_key(&port) {
+            return false;
+        }
+        let dir = std::env::temp_dir().join("petrel-test-ports");
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{port}.lock")))
+            .unwrap();
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return false;
+        }
+        held.insert(port, f);
+        true
+    }
+
+    /// Gives a reservation back (closing the file releases the lock).
+    pub fn release(port: u16) {
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = held.as_mut() {
+            held.remove(&port);
+        }
+    }
 }
 
 /// Child processes, killed (SIGKILL) and reaped on drop.

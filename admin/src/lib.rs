@@ -1,11 +1,17 @@
-//! The admin HTTP endpoint every Petrel process serves on its own port
-//! (behind the `admin` feature: the rest of this crate does no I/O).
+//! What the Petrel servers (broker, proxy, `petrel dev`) run besides their
+//! RPC services: the admin HTTP endpoint every process serves on its own
+//! port, the per-RPC metrics behind it, the config file watcher, and the
+//! log output ([`logging`]).
 //!
 //! ```text
 //!  GET /metrics  Prometheus text format (the process-wide `metrics` recorder)
 //!  GET /healthz  200 "ok" while the process runs
 //!  GET /readyz   200 "ready", or 503 with the reason it is not
 //! ```
+//!
+//! A crate of its own rather than a feature of `petrel-proto`: it is
+//! server I/O (an HTTP server, signals, file polling, a log subscriber),
+//! and the protocol crate the SDK links stays a codec.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -16,6 +22,8 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+
+pub mod logging;
 
 /// Why a process is not ready, or `Ok` when it is.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -58,7 +66,7 @@ struct AdminState {
 pub async fn serve(
     listener: TcpListener,
     ready: Readiness,
-    tls: Option<Arc<crate::tls::ServerTls>>,
+    tls: Option<Arc<petrel_proto::tls::ServerTls>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = AdminState {
@@ -217,7 +225,7 @@ impl CallMetrics {
             .record(self.start.elapsed().as_secs_f64());
         if let Some(s) = self.failed.take() {
             let code = format!("{:?}", s.code());
-            let petrel = crate::PetrelError::from_status(&s).code_name();
+            let petrel = petrel_proto::PetrelError::from_status(&s).code_name();
             metrics::counter!(
                 format!("{prefix}_rpc_errors_total"),
                 "rpc" => self.rpc.clone(),
