@@ -3,7 +3,8 @@
 //! ```text
 //!            proxies ──BrokerData──▶ service/   ──client_write──▶ queue group (Raft)
 //!  peer brokers ──RaftTransport──▶ service/   ──────────────────▶ any group by id
-//!                                     node.rs: group registry, reconciler, controller
+//!                                     node/: group registry, write path, reconciler (mod.rs),
+//!                                       controller.rs, leadership.rs (failover), queue_tasks.rs
 //!                                     sm.rs / log_store.rs ──▶ storage.rs (RocksDB)
 //! ```
 //!
