@@ -647,7 +647,8 @@ mod tests {
     #[test]
     fn the_designated_follower_is_the_first_other_voter_in_replica_order() {
         // (replica order, voters, leader, designated)
-        let cases: &[(&[u64], &[u64], Option<u64>, Option<u64>)] = &[
+        type Case = (&'static [u64], &'static [u64], Option<u64>, Option<u64>);
+        let cases: &[Case] = &[
             (&[1, 2, 3], &[1, 2, 3], Some(1), Some(2)),
             (&[1, 2, 3], &[1, 2, 3], Some(2), Some(1)),
             (&[3, 1, 2], &[1, 2, 3], Some(1), Some(3)),
@@ -748,7 +749,8 @@ mod tests {
         let t0 = Instant::now();
         let mut f = Failover::new(t0);
         // (tick ms, when peers 2 and 3 were last heard (None: never), back, scan)
-        let cases: &[(u64, [Option<u64>; 2], &[u64], bool)] = &[
+        type Case = (u64, [Option<u64>; 2], &'static [u64], bool);
+        let cases: &[Case] = &[
             // Just started: nobody is silent yet, nothing to scan.
             (100, [None, None], &[], false),
             // Peer 3 was never heard and the silence has passed.
