@@ -640,11 +640,7 @@ impl Node {
                     self_register: false,
                 })
                 .collect(),
-            topics: map
-                .topics
-                .values()
-                .map(crate::meta::topic_route)
-                .collect(),
+            topics: map.topics.values().map(crate::meta::topic_route).collect(),
             leading,
             meta_leader,
             hosting,
