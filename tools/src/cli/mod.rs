@@ -214,8 +214,8 @@ impl CliError {
 
 pub(crate) type CliResult<T = ()> = Result<T, CliError>;
 
-/// Installs the log subscriber on stderr: `RUST_LOG` if set, else `info` for
-/// `petrel dev` and `warn` otherwise. Safe to call once more (later calls do
+/// Installs the log subscriber on stderr: `RUST_LOG` if set, else `warn`
+/// (for `petrel dev` also without openraft's and the proxy's warnings). Safe to call once more (later calls do
 /// nothing), so `dev` code must not rely on installing its own.
 pub fn init_tracing(cli: &Cli) {
     let default = match cli.command {
