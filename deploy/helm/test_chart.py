@@ -348,7 +348,7 @@ def main(bin_dir):
     root = CHART.parent.parent.parent
     dash = (root / "deploy" / "grafana" / "petrel-dashboard.json").read_text()
     sources = "".join(
-        p.read_text() for d in ("broker", "proxy", "proto") for p in (root / d / "src").rglob("*.rs")
+        p.read_text() for d in ("broker", "proxy", "proto", "admin") for p in (root / d / "src").rglob("*.rs")
     )
     for m in sorted(set(re.findall(r"petrel_[a-z_]+", dash))):
         base = re.sub(r"_(bucket|count|sum)$", "", m)
