@@ -296,9 +296,19 @@ async fn a_hostile_clients_floods_get_typed_errors_while_others_are_served() {
     for i in 0..40 {
         sends.send(Message::new(format!("r{i}"))).await.unwrap();
     }
+    let reloads = metric(admin, "petrel_proxy_config_reloads_total");
     std::fs::write(&config, "[receive_limits.clients]\n\"alice\" = 5\n").unwrap();
     assert!(procs.signal(proxy, "-HUP"));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Applied once the reload counter moves (it counts after the apply;
+    // the file watcher may beat the signal to it, with the same text).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(admin, "petrel_proxy_config_reloads_total") <= reloads {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never reloaded its config"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let first = receive(flood.clone(), receive_req("rl", "ra", 1_000)).await;
     assert!(matches!(first, Ok(1..=5)), "{first:?}");
     let second = receive(flood.clone(), receive_req("rl", "ra", 1_000)).await;
@@ -352,12 +362,13 @@ async fn one_clients_open_receives_are_capped_and_others_are_served() {
         "*",
     ]);
     let (mut procs, ports) = common::spawn_brokers(3, dir.path(), &[]);
-    let port = free_port();
+    let (port, admin) = (free_port(), free_port());
     let mut pc = proxy_command(port, &common::broker_list(&ports));
     pc.env_remove("PETREL_ALLOW_ANONYMOUS")
         .arg("--auth-file")
         .arg(&users)
-        .args(["--max-receives-per-client", "4"]);
+        .args(["--max-receives-per-client", "4"])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")]);
     procs.push(pc.spawn().unwrap());
     let alice = client(port, Some(("alice", &alice_secret)));
     let bob = client(port, Some(("bob", &bob_secret)));
@@ -376,7 +387,15 @@ async fn one_clients_open_receives_are_capped_and_others_are_served() {
             .build();
         holders.push(tokio::spawn(async move { c.receive(1).await }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Until the proxy holds all four (nobody else receives here).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(admin, "petrel_proxy_open_streams") < 4.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the four receives never reached the proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let fifth = Client::builder([format!("127.0.0.1:{port}")])
         .credentials("alice", alice_secret.clone())
         .request_timeout(Duration::from_secs(1))

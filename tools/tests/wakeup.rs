@@ -58,6 +58,7 @@ async fn an_idle_receive_waits_instead_of_polling_and_an_append_wakes_it() {
     );
 
     // A waiting receive gets a record sent while it waits.
+    let swept = pops() + queues;
     let waiting = {
         let consumer = consumer.clone();
         tokio::spawn(async move {
@@ -66,7 +67,15 @@ async fn an_idle_receive_waits_instead_of_polling_and_an_append_wakes_it() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once it has swept every queue and found nothing, it waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pops() < swept {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the receive never swept the queues"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let producer = client.producer("wake").build();
     producer.send(Message::new("wake up")).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(15), waiting)
